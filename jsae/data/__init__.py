@@ -1,0 +1,1 @@
+"""Activation data: the source contract, synthetic ground truth, shards on disk, text."""
