@@ -1,0 +1,25 @@
+"""jsae: JumpReLU sparse autoencoders in JAX.
+
+    import jsae
+    f = jsae.jumprelu(z, threshold, bandwidth)         # straight-through JumpReLU
+    params = jsae.saes.get("jumprelu").init(key, d_in=2304, d_sae=16384)
+    f = jsae.encode(params, x); x_hat = jsae.decode(params, f)
+"""
+
+from jsae import saes
+from jsae.jumprelu import jumprelu, step
+
+__version__ = "0.1.0"
+
+
+def encode(params, x, **kw):
+  """Latents `[..., d_sae]` of `x: [..., d_in]` for any family's params (jit/vmap-able)."""
+  return saes.family_of(params).encode(params, x, **kw)
+
+
+def decode(params, f, **kw):
+  """Reconstruction `[..., d_in]` of latents `f: [..., d_sae]` for any family's params."""
+  return saes.family_of(params).decode(params, f, **kw)
+
+
+__all__ = ["jumprelu", "step", "encode", "decode", "saes", "__version__"]

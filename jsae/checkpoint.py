@@ -1,0 +1,75 @@
+"""One Orbax CheckpointManager factory: save every N steps, keep the last K, auto-resume.
+
+A checkpoint holds the `TrainState` (params, optimizer state, step, firing
+counters) and a JSON `meta` item (shapes, family, normalisation constant, data
+seed, the whole config). Batches are a function of (seed, step), so the step is
+the whole data position: resuming needs no iterator state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(workdir: str | os.PathLike, *, max_to_keep: int = 2,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """The run's CheckpointManager over `workdir/checkpoints` (created if missing)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True,
+      enable_async_checkpointing=async_save)
+  path = Path(workdir).absolute() / "checkpoints"
+  return ocp.CheckpointManager(path, options=options,
+                               item_names=("state", "meta"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  """Saves `state` and the JSON-serialisable `meta` as checkpoint `step`."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
+  """The `meta` item of the latest checkpoint, or None when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  return dict(restored.meta)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any,
+            step: int | None = None) -> tuple[Any, dict]:
+  """Restores (state, meta) of `step` (default: latest) into `abstract_state`'s structure.
+
+  `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (e.g. from
+  `jax.eval_shape`); shardings on its leaves decide where arrays land.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      meta=ocp.args.JsonRestore()))
+  return restored.state, dict(restored.meta)
+
+
+def abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings, where set) of a pytree of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON atomically (temporary file + rename)."""
+  path = Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)

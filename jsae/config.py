@@ -1,0 +1,66 @@
+"""Config validation and derived quantities, checked once at the boundary."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jsae import saes
+
+
+class ConfigError(ValueError):
+  """A config field has a value jsae cannot use; the message names field and fix."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+_CHOICES = {
+    "sae.threshold_param": ("raw", "log"),
+    "sae.compute_dtype": ("float32", "bfloat16"),
+    "loss.sparsity": ("step", "tanh", "quadratic"),
+    "optim.decay": ("none", "linear", "cosine"),
+    "data.source": ("synthetic", "shards"),
+}
+
+
+def _get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the field and the fix for any unusable value."""
+  for field, choices in _CHOICES.items():
+    value = _get(config, field)
+    _require(value in choices, field, f"{value!r} is not one of {choices}.")
+  _require(config.sae.family in saes.names(), "sae.family",
+           f"unknown family {config.sae.family!r}; known: {saes.names()}.")
+  for field in ("sae.d_in", "sae.d_sae", "data.batch_size", "train.num_tokens",
+                "train.log_every", "ckpt.every_steps", "ckpt.max_to_keep"):
+    value = _get(config, field)
+    _require(isinstance(value, int) and value > 0, field,
+             f"must be a positive integer; got {value!r}.")
+  for field in ("sae.bandwidth", "sae.init_threshold", "optim.lr"):
+    value = _get(config, field)
+    _require(value > 0, field, f"must be > 0; got {value!r}.")
+  for field in ("loss.sparsity_coeff", "loss.pre_act_coeff", "optim.clip_grad_norm",
+                "loss.sparsity_warmup_steps", "optim.warmup_steps"):
+    value = _get(config, field)
+    _require(value >= 0, field, f"must be >= 0; got {value!r}.")
+  _require(0 <= config.optim.b1 < 1 and 0 < config.optim.b2 < 1, "optim.b1/b2",
+           "Adam betas must lie in [0, 1).")
+  _require(config.loss.target_l0 > 0, "loss.target_l0", "must be > 0.")
+  _require(total_steps(config) >= 1, "train.num_tokens",
+           f"{config.train.num_tokens} tokens is less than one batch of"
+           f" {config.data.batch_size}.")
+  if config.data.source == "shards":
+    _require(bool(config.data.shards_dir), "data.shards_dir",
+             "set it to a directory written by `jsae harvest` (with manifest.json).")
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """Training steps: the token budget divided by the global batch size."""
+  return int(config.train.num_tokens // config.data.batch_size)

@@ -1,0 +1,324 @@
+"""Training: the TrainState pytree, a pure jitted train_step, and train(config, workdir).
+
+`train` runs in fixed sections: validate -> data -> model/optimizer -> restore
+or init -> compile -> loop (metrics, checkpoints) -> final checkpoint. Running
+it again on the same workdir resumes from the latest checkpoint; because
+batches are a function of (seed, step), N steps + restart + N steps equals 2N
+uninterrupted steps bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from jsae import checkpoint, data, losses, optim, saes
+from jsae import config as config_lib
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that changes during training.
+
+  Attributes:
+    step: `[]` int32, number of updates applied; the next batch is batch(step).
+    params: the SAE family's parameter pytree.
+    opt_state: optimizer state (float32, following its parameter).
+    steps_since_fired: `[d_sae]` int32 steps since each latent last fired.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  steps_since_fired: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static (hashable) settings of `train_step`, derived once from the config."""
+
+  family: str
+  loss: saes.LossSettings
+  sparsity_coeff: float
+  sparsity_warmup_steps: int
+  dead_window_steps: int
+  dense_threshold: float
+  decoder_unit_norm: bool
+  norm_scale: float
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, norm_scale: float
+                  ) -> "StepSettings":
+    """Reads the step's settings from `config`; `norm_scale` is the data's C."""
+    s, l = config.sae, config.loss
+    return cls(
+        family=s.family,
+        loss=saes.LossSettings(
+            bandwidth=float(s.bandwidth), ste_to_input=bool(s.ste_to_input),
+            sparsity=l.sparsity, tanh_scale=float(l.tanh_scale),
+            target_l0=float(l.target_l0), pre_act_coeff=float(l.pre_act_coeff),
+            pre_act_dead_only=bool(l.pre_act_dead_only),
+            compute_dtype=s.compute_dtype),
+        sparsity_coeff=float(l.sparsity_coeff),
+        sparsity_warmup_steps=int(l.sparsity_warmup_steps),
+        dead_window_steps=int(l.dead_window_steps),
+        dense_threshold=float(config.train.dense_threshold),
+        decoder_unit_norm=bool(config.optim.decoder_unit_norm),
+        norm_scale=float(norm_scale))
+
+
+def init_params(key: jax.Array, config: ml_collections.ConfigDict):
+  """Fresh SAE parameters for `config.sae`."""
+  s = config.sae
+  return saes.get(s.family).init(
+      key, d_in=s.d_in, d_sae=s.d_sae, init_threshold=s.init_threshold,
+      log_threshold=s.threshold_param == "log", pre_encoder_bias=s.pre_encoder_bias)
+
+
+def create_state(key: jax.Array, config: ml_collections.ConfigDict,
+                 optimizer: optax.GradientTransformation) -> TrainState:
+  """The TrainState at step 0."""
+  params = init_params(key, config)
+  return TrainState(
+      step=jnp.zeros([], jnp.int32), params=params,
+      opt_state=optimizer.init(params),
+      steps_since_fired=jnp.zeros([config.sae.d_sae], jnp.int32))
+
+
+def train_step(state: TrainState, batch: jax.Array, *, settings: StepSettings,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One update on `batch: [batch, d_in]` (raw LM units); returns (state, metrics).
+
+  Metrics are float32 scalars measured on the parameters *before* the update.
+  """
+  family = saes.get(settings.family)
+  x = batch.astype(jnp.float32) / settings.norm_scale
+  coeff = optim.sparsity_coeff(state.step, coeff=settings.sparsity_coeff,
+                               warmup_steps=settings.sparsity_warmup_steps)
+  dead = state.steps_since_fired >= settings.dead_window_steps
+
+  def loss_fn(params):
+    return family.loss(params, x, settings=settings.loss, sparsity_coeff=coeff,
+                       dead=dead)
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optim.apply_updates(state.params, updates, family=family,
+                               decoder_unit_norm=settings.decoder_unit_norm)
+
+  fires = aux["f"] != 0  # [batch, d_sae]
+  fired = jnp.any(fires, axis=0)
+  steps_since_fired = jnp.where(fired, 0, state.steps_since_fired + 1)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         steps_since_fired=steps_since_fired)
+  metrics = _step_metrics(loss, aux, x, fires, steps_since_fired, grads, coeff,
+                          settings)
+  return new_state, metrics
+
+
+def _step_metrics(loss, aux, x, fires, steps_since_fired, grads, coeff, settings):
+  """Loss parts, sparsity, fidelity, latent health and threshold health."""
+  theta = aux["theta"]
+  half_window = settings.loss.bandwidth / 2
+  in_window = jnp.abs(aux["pre"] - theta) < half_window
+  firing_rate = jnp.mean(fires.astype(jnp.float32), axis=0)
+  q10, q50, q90 = jnp.quantile(theta, jnp.array([0.1, 0.5, 0.9]))
+  return dict(
+      loss=loss, reconstruction=aux["reconstruction"], sparsity=aux["sparsity"],
+      pre_act=aux["pre_act"], sparsity_coeff=coeff,
+      l0=jnp.mean(jnp.sum(fires.astype(jnp.float32), axis=-1)),
+      fvu=losses.fvu(x, aux["x_hat"]),
+      dead_frac=jnp.mean((steps_since_fired >= settings.dead_window_steps
+                          ).astype(jnp.float32)),
+      dense_frac=jnp.mean((firing_rate > settings.dense_threshold).astype(jnp.float32)),
+      window_frac=jnp.mean(in_window.astype(jnp.float32)),
+      theta_p10=q10, theta_p50=q50, theta_p90=q90,
+      grad_norm=optax.global_norm(grads))
+
+
+class TrainingDivergedError(RuntimeError):
+  """Loss or parameters became NaN/Inf; the message names the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns: the final state and the last logged metrics."""
+
+  state: TrainState
+  metrics: dict
+  steps: int
+  workdir: Path
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+  """Creates `workdir` and checks it is writable, with a clear error otherwise."""
+  path = Path(workdir).expanduser().absolute()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise OSError(f"workdir {path} is not writable ({e.strerror}); pass a"
+                  " --workdir you can write to.") from e
+  return path
+
+
+_SHAPE_KEYS = ("family", "d_in", "d_sae", "threshold_param", "pre_encoder_bias")
+
+
+def _shape_meta(config) -> dict:
+  s = config.sae
+  return dict(family=s.family, d_in=s.d_in, d_sae=s.d_sae,
+              threshold_param=s.threshold_param, pre_encoder_bias=s.pre_encoder_bias)
+
+
+def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
+  """Raises if the checkpoint in `ckpt_dir` was made for a different SAE shape."""
+  expected = _shape_meta(config)
+  diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}"
+           for k in _SHAPE_KEYS if meta.get(k) != expected[k]]
+  if diffs:
+    raise config_lib.ConfigError(
+        f"the checkpoint in {ckpt_dir} does not match the config ("
+        + "; ".join(diffs) + "). Use a new --workdir, or set the config fields"
+        " to the checkpoint's values to resume it.")
+
+
+def _metrics_log(workdir: Path, resume_step: int):
+  """Opens metrics.jsonl for appending, dropping lines past `resume_step`.
+
+  Lines logged after the last checkpoint of an interrupted run are redone on
+  resume, so they are removed to keep one line per step.
+  """
+  path = workdir / "metrics.jsonl"
+  if path.exists():
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))
+  return path.open("a")
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          progress: bool = True, source=None) -> TrainResult:
+  """Trains an SAE as `config` says, in `workdir`; resumes if it holds a checkpoint.
+
+  Args:
+    config: a config derived from `configs/default.py`.
+    workdir: run directory (checkpoints, config.json, metrics.jsonl).
+    progress: show a progress bar.
+    source: an `ActivationSource` to use instead of the one the config names.
+
+  Returns:
+    A TrainResult with the final state and last metrics.
+  """
+  # -- Validate, before any compilation.
+  config_lib.validate(config)
+  workdir = prepare_workdir(workdir)
+  num_steps = config_lib.total_steps(config)
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.ckpt.max_to_keep,
+                                    async_save=config.ckpt.async_save)
+  meta = checkpoint.latest_meta(manager)
+  if meta is not None:
+    check_resume_compatible(meta, config, manager.directory)
+
+  # -- Data.
+  own_source = source is None
+  source = data.make_source(config) if own_source else source
+  if source.d_in != config.sae.d_in:
+    raise config_lib.ConfigError(
+        f"config.sae.d_in: the data has rows of width {source.d_in} but the config"
+        f" says {config.sae.d_in}; set --config.sae.d_in={source.d_in}.")
+  settings = StepSettings.from_config(config, source.norm_scale)
+
+  # -- Model and optimizer; restore or init.
+  optimizer = optim.make_optimizer(config.optim, total_steps=num_steps)
+  init = functools.partial(create_state, config=config, optimizer=optimizer)
+  key = jax.random.key(config.seed)
+  if meta is not None:
+    state, meta = checkpoint.restore(manager, jax.eval_shape(init, key))
+  else:
+    state = jax.jit(init)(key)
+  start = int(state.step)
+  if jax.process_index() == 0:
+    checkpoint.write_json(workdir / "config.json", config.to_dict())
+
+  step_fn = jax.jit(functools.partial(train_step, settings=settings, optimizer=optimizer),
+                    donate_argnums=0)
+  meta = dict(_shape_meta(config), norm_scale=source.norm_scale,
+              data_seed=config.data.seed, batch_size=config.data.batch_size,
+              config=config.to_dict())
+
+  # -- Loop.
+  log = _metrics_log(workdir, start) if jax.process_index() == 0 else None
+  bar = tqdm(total=num_steps, initial=start, disable=not progress, unit="step",
+             dynamic_ncols=True, desc="train", mininterval=1.0)
+  last_good = manager.latest_step()
+  metrics_host: dict = {}
+  t0, tokens_per_step = time.perf_counter(), config.data.batch_size
+  try:
+    for step in range(start, num_steps):
+      batch = jnp.asarray(source.batch(step))
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      is_log = done % config.train.log_every == 0 or done == num_steps
+      is_ckpt = done % config.ckpt.every_steps == 0 or done == num_steps
+      if is_log or is_ckpt:
+        metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = [k for k, v in metrics_host.items() if not math.isfinite(v)]
+        if bad or (is_ckpt and not bool(_all_finite(state.params))):
+          raise TrainingDivergedError(
+              f"non-finite {', '.join(bad) or 'parameters'} at step {step}. The last"
+              f" good checkpoint is step {last_good} in {manager.directory}"
+              " (kept; training stops). Lower config.optim.lr, enable"
+              " config.optim.clip_grad_norm, or check the data for NaN/Inf.")
+        elapsed = time.perf_counter() - t0
+        metrics_host.update(step=done, tokens=done * tokens_per_step,
+                            lr=float(optim_lr(config, num_steps, step)),
+                            tokens_per_s=(done - start) * tokens_per_step / elapsed)
+        if log is not None:
+          log.write(json.dumps(metrics_host) + "\n")
+          log.flush()
+        bar.set_postfix(loss=f"{metrics_host['loss']:.4g}",
+                        L0=f"{metrics_host['l0']:.1f}", FVU=f"{metrics_host['fvu']:.3f}",
+                        dead=f"{metrics_host['dead_frac']:.2f}", refresh=False)
+      if is_ckpt:
+        checkpoint.save(manager, done, state, meta)
+        last_good = done
+      bar.update(1)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    if log is not None:
+      log.close()
+    if own_source:
+      source.close()
+  return TrainResult(state=state, metrics=metrics_host, steps=num_steps, workdir=workdir)
+
+
+def optim_lr(config, num_steps: int, step: int) -> float:
+  """The learning rate used at `step` (for logging)."""
+  o = config.optim
+  return float(optim.lr_schedule(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=num_steps,
+                                 decay=o.decay, decay_start_frac=o.decay_start_frac,
+                                 final_lr_frac=o.final_lr_frac)(step))
+
