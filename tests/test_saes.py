@@ -1,0 +1,170 @@
+"""The JumpReLU family, loss terms and optimizer against closed forms and numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+import jsae
+from jsae import losses, optim, saes
+
+FAMILY = saes.get("jumprelu")
+
+
+def _params(d_in=16, d_sae=32, seed=0, **kw):
+  params = FAMILY.init(jax.random.key(seed), d_in=d_in, d_sae=d_sae, **kw)
+  rng = np.random.default_rng(seed)  # non-trivial biases and thresholds
+  return params.replace(
+      b_enc=jnp.asarray(rng.normal(0, 0.1, d_sae), jnp.float32),
+      b_dec=jnp.asarray(rng.normal(0, 0.1, d_in), jnp.float32),
+      threshold=jnp.asarray(rng.uniform(0.05, 0.2, d_sae), jnp.float32))
+
+
+def test_gemma_scope_init():
+  p = FAMILY.init(jax.random.key(0), d_in=24, d_sae=96)
+  np.testing.assert_allclose(np.linalg.norm(p.W_dec, axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(p.W_enc, p.W_dec.T)
+  assert not np.any(p.b_enc) and not np.any(p.b_dec)
+  np.testing.assert_allclose(p.threshold, 0.001)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+  log_p = FAMILY.init(jax.random.key(0), d_in=24, d_sae=96, log_threshold=True)
+  np.testing.assert_allclose(log_p.theta(), 0.001, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pre_encoder_bias", [True, False])
+def test_encode_decode_match_numpy(pre_encoder_bias):
+  p = _params(pre_encoder_bias=pre_encoder_bias)
+  x = np.random.default_rng(1).normal(0, 0.3, (10, 16)).astype(np.float32)
+  W_enc, b_enc, W_dec, b_dec, th = map(np.asarray, (p.W_enc, p.b_enc, p.W_dec, p.b_dec, p.threshold))
+  pre = ((x - b_dec) if pre_encoder_bias else x) @ W_enc + b_enc
+  f = pre * (pre > th)
+  np.testing.assert_allclose(jsae.encode(p, x), f, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jsae.decode(p, f), f @ W_dec + b_dec, rtol=1e-5, atol=1e-6)
+  assert 0 < (f != 0).mean() < 1  # the test exercises both sides of the threshold
+
+
+def test_encode_works_under_jit_vmap_and_bfloat16():
+  p = _params()
+  x = jax.random.normal(jax.random.key(2), (3, 5, 16)) * 0.3
+  f = jax.jit(jsae.encode)(p, x)
+  assert f.shape == (3, 5, 32)
+  np.testing.assert_allclose(jax.vmap(jsae.encode, in_axes=(None, 0))(p, x), f, rtol=1e-6)
+  f16 = jsae.encode(p, x, compute_dtype="bfloat16")
+  assert f16.dtype == jnp.float32
+  np.testing.assert_allclose(f16, f, atol=0.03)
+  # Sweeps: a stack of parameter sets vmapped together.
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), p, _params(seed=3))
+  assert jax.vmap(jsae.encode, in_axes=(0, None))(stacked, x).shape == (2, 3, 5, 32)
+
+
+def test_wrong_input_width_is_a_clear_error():
+  with pytest.raises(ValueError, match="expects d_in=16"):
+    jsae.encode(_params(), jnp.ones((2, 17)))
+
+
+def test_unknown_family_and_foreign_params():
+  with pytest.raises(ValueError, match="known families"):
+    saes.get("nope")
+  with pytest.raises(TypeError, match="not the parameter type"):
+    jsae.encode({"W_enc": 1}, jnp.ones(3))
+
+
+def test_scale_invariance_of_mask_and_losses():
+  """x -> s x with theta, eps and biases -> s (.): same mask, s^2 losses, grads / s."""
+  s = 7.0
+  p = _params()
+  x = jax.random.normal(jax.random.key(4), (64, 16)) * 0.3
+  ps = p.replace(b_enc=s * p.b_enc, b_dec=s * p.b_dec, threshold=s * p.threshold)
+  settings = saes.LossSettings(bandwidth=0.05)
+  settings_s = saes.LossSettings(bandwidth=0.05 * s)
+  dead = jnp.zeros(32, bool)
+  (l1, a1), g1 = jax.value_and_grad(FAMILY.loss, has_aux=True)(
+      p, x, settings=settings, sparsity_coeff=0.0, dead=dead)
+  (l2, a2), g2 = jax.value_and_grad(FAMILY.loss, has_aux=True)(
+      ps, s * x, settings=settings_s, sparsity_coeff=0.0, dead=dead)
+  np.testing.assert_array_equal(a1["f"] != 0, a2["f"] != 0)
+  np.testing.assert_allclose(a2["reconstruction"], s**2 * a1["reconstruction"], rtol=1e-4)
+  np.testing.assert_allclose(a2["sparsity"], a1["sparsity"])  # L0 is scale-free
+  np.testing.assert_allclose(g2.threshold, s * g1.threshold, rtol=1e-3, atol=1e-6)
+  # The L0 term's threshold gradient (Step estimator, 1/eps) scales as 1/s.
+  step_grad = lambda p, x, st: jax.grad(lambda p: FAMILY.loss(
+      p, x, settings=st, sparsity_coeff=1.0, dead=dead)[1]["sparsity"])(p).threshold
+  np.testing.assert_allclose(step_grad(ps, s * x, settings_s), step_grad(p, x, settings) / s,
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_loss_terms_closed_forms():
+  x = jnp.array([[1.0, 2.0], [3.0, 5.0]])
+  x_hat = jnp.array([[1.0, 1.0], [2.0, 5.0]])
+  assert float(losses.reconstruction(x, x_hat)) == pytest.approx((1 + 1) / 2)
+  # FVU: sum err^2 / sum ||x - mean||^2 = 2 / (2*1 + 2*2.25) ; mean=(2, 3.5)
+  assert float(losses.fvu(x, x_hat)) == pytest.approx(2 / (1 + 1 + 2.25 + 2.25))
+  gates = jnp.array([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+  assert float(losses.step_l0(gates)) == pytest.approx(2.5)
+  assert float(losses.quadratic_l0(gates, 5.0)) == pytest.approx((2.5 / 5 - 1) ** 2)
+  f = jnp.array([[0.5, 0.0, -1.0]])
+  norms = jnp.array([1.0, 2.0, 0.5])
+  assert float(losses.tanh_penalty(f, norms, 4.0)) == pytest.approx(np.tanh(2.0) + np.tanh(2.0))
+  pre = jnp.array([[0.1, 0.5, -0.2]])
+  theta = jnp.array([0.3, 0.3, 0.3])
+  assert float(losses.pre_activation(pre, theta, norms)) == pytest.approx(0.2 * 1 + 0.5 * 0.5)
+  mask = jnp.array([False, True, True])
+  assert float(losses.pre_activation(pre, theta, norms, mask)) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("sparsity", ["step", "tanh", "quadratic"])
+def test_sparsity_penalties_train_the_threshold(sparsity):
+  p = _params()
+  x = jax.random.normal(jax.random.key(5), (256, 16)) * 0.3
+  settings = saes.LossSettings(bandwidth=0.2, sparsity=sparsity, target_l0=1.0)
+  grad = jax.grad(lambda p: FAMILY.loss(p, x, settings=settings, sparsity_coeff=1.0,
+                                        dead=jnp.zeros(32, bool))[1]["sparsity"])(p)
+  assert np.abs(np.asarray(grad.threshold)).max() > 0
+  if sparsity != "tanh":  # step-based penalties train theta only
+    assert not np.any(grad.W_enc) and not np.any(grad.b_enc)
+
+
+def test_lr_schedule_shape():
+  sched = optim.lr_schedule(lr=1.0, warmup_steps=100, total_steps=1000, decay="linear",
+                            decay_start_frac=0.8)
+  assert float(sched(0)) == pytest.approx(0.1)
+  assert float(sched(50)) == pytest.approx(0.55)  # half-cosine midpoint
+  assert float(sched(100)) == pytest.approx(1.0)
+  assert float(sched(500)) == pytest.approx(1.0)
+  assert float(sched(900)) == pytest.approx(0.5)
+  assert float(sched(1000)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sparsity_coeff_warmup():
+  f = lambda t: float(optim.sparsity_coeff(jnp.asarray(t), coeff=2.0, warmup_steps=10))
+  assert (f(0), f(5), f(10), f(20)) == (0.0, 1.0, 2.0, 2.0)
+
+
+def test_adam_without_momentum_equals_optax_adam_b1_zero():
+  params = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(4)}
+  ours, ref = optim.scale_by_adam_no_momentum(), optax.scale_by_adam(b1=0.0)
+  s1, s2 = ours.init(params), ref.init(params)
+  for i in range(5):
+    g = jax.tree.map(lambda p: jnp.sin(p * (i + 1)), params)
+    u1, s1 = ours.update(g, s1)
+    u2, s2 = ref.update(g, s2)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert len(jax.tree.leaves(s1)) < len(jax.tree.leaves(s2))  # no momentum buffer
+
+
+def test_decoder_constraint():
+  p = _params()
+  g = jax.tree.map(lambda x: jnp.ones_like(x), p)
+  projected, _ = optim.project_decoder_gradient().update(g, optax.EmptyState(), p)
+  np.testing.assert_allclose(jnp.sum(projected.W_dec * p.W_dec, axis=1), 0.0, atol=1e-5)
+  config = ConfigDict(dict(lr=0.1, b1=0.0, b2=0.999, eps=1e-8, warmup_steps=0, decay="none",
+                           decay_start_frac=0.8, final_lr_frac=0.0, clip_grad_norm=1.0,
+                           decoder_unit_norm=True))
+  opt = optim.make_optimizer(config, total_steps=10)
+  updates, _ = opt.update(g, opt.init(p), p)
+  new = optim.apply_updates(p, updates, family=FAMILY, decoder_unit_norm=True)
+  np.testing.assert_allclose(np.linalg.norm(new.W_dec, axis=1), 1.0, rtol=1e-6)
+  assert float(jnp.min(new.threshold)) >= 0.0  # raw theta stays non-negative
