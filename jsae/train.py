@@ -99,10 +99,14 @@ def create_state(key: jax.Array, config: ml_collections.ConfigDict,
 
 
 def train_step(state: TrainState, batch: jax.Array, *, settings: StepSettings,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               optimizer: optax.GradientTransformation, with_metrics: bool = True
+               ) -> tuple[TrainState, dict]:
   """One update on `batch: [batch, d_in]` (raw LM units); returns (state, metrics).
 
   Metrics are float32 scalars measured on the parameters *before* the update.
+  With `with_metrics=False` (static) only the loss is returned: the other
+  metrics are extra passes over `[batch, d_sae]` that the trainer needs only on
+  logging steps, so it compiles both variants.
   """
   family = saes.get(settings.family)
   x = batch.astype(jnp.float32) / settings.norm_scale
@@ -124,6 +128,8 @@ def train_step(state: TrainState, batch: jax.Array, *, settings: StepSettings,
   steps_since_fired = jnp.where(fired, 0, state.steps_since_fired + 1)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          steps_since_fired=steps_since_fired)
+  if not with_metrics:
+    return new_state, dict(loss=loss)
   metrics = _step_metrics(loss, aux, x, fires, steps_since_fired, grads, coeff,
                           settings)
   return new_state, metrics
@@ -261,8 +267,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if jax.process_index() == 0:
     checkpoint.write_json(workdir / "config.json", config.to_dict())
 
-  step_fn = jax.jit(functools.partial(train_step, settings=settings, optimizer=optimizer),
-                    donate_argnums=0)
+  step_fns = {
+      with_metrics: jax.jit(functools.partial(
+          train_step, settings=settings, optimizer=optimizer, with_metrics=with_metrics),
+          donate_argnums=0)
+      for with_metrics in (False, True)}
   meta = dict(_shape_meta(config), norm_scale=source.norm_scale,
               data_seed=config.data.seed, batch_size=config.data.batch_size,
               config=config.to_dict())
@@ -277,10 +286,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   try:
     for step in range(start, num_steps):
       batch = jnp.asarray(source.batch(step))
-      state, metrics = step_fn(state, batch)
       done = step + 1
       is_log = done % config.train.log_every == 0 or done == num_steps
       is_ckpt = done % config.ckpt.every_steps == 0 or done == num_steps
+      state, metrics = step_fns[is_log or is_ckpt](state, batch)
       if is_log or is_ckpt:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = [k for k, v in metrics_host.items() if not math.isfinite(v)]

@@ -1,0 +1,79 @@
+"""Train-step throughput against the machine's own matmul rate, measured in the same run.
+
+    python bench/train_step.py [--shapes 512x8192x2048,640x16384x4096] [--dtype float32]
+
+For each (d_in, d_sae, batch): tokens/s of the jitted JumpReLU train step, and
+the FLOP rate of a jitted `[batch, d_in] @ [d_in, d_sae]` matmul. A step counts
+10 * batch * d_in * d_sae FLOPs (2 forward and 3 backward matmuls); the printed
+ratio is the step's FLOP rate over the matmul's. Target on CPU: >= 0.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default
+from jsae import optim, train
+
+
+def _time(fn, *args, repeats: int) -> float:
+  """Median seconds of `fn(*args)` after one warm-up call (compilation)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int) -> dict:
+  """Measures one shape; returns the figures as a dict."""
+  config = default.get_config()
+  config.sae.d_in, config.sae.d_sae, config.sae.compute_dtype = d_in, d_sae, dtype
+  config.data.batch_size = batch
+  optimizer = optim.make_optimizer(config.optim, total_steps=10**6)
+  settings = train.StepSettings.from_config(config, norm_scale=1.0)
+  state = jax.jit(functools.partial(train.create_state, config=config, optimizer=optimizer))(
+      jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (batch, d_in)) / np.sqrt(d_in)
+  step = jax.jit(functools.partial(train.train_step, settings=settings, optimizer=optimizer,
+                                   with_metrics=False))  # what the trainer runs between log steps
+  # No donation here so the same state can be reused across repeats.
+  step_s = _time(lambda s, b: step(s, b)[0].params.W_enc, state, x, repeats=repeats)
+
+  a = jax.random.normal(jax.random.key(2), (batch, d_in), dtype)
+  w = jax.random.normal(jax.random.key(3), (d_in, d_sae), dtype)
+  mm = jax.jit(lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.float32))
+  mm_s = _time(mm, a, w, repeats=repeats)
+  mm_flops = 2 * batch * d_in * d_sae / mm_s
+  step_flops = 10 * batch * d_in * d_sae / step_s
+  return dict(shape=f"{d_in}x{d_sae}x{batch}", step_ms=1e3 * step_s,
+              tokens_per_s=batch / step_s, step_gflops=step_flops / 1e9,
+              matmul_gflops=mm_flops / 1e9, ratio=step_flops / mm_flops)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", default="512x8192x2048,640x16384x4096")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), dtype {args.dtype}")
+  print(f"{'d_in x d_sae x batch':>22} {'step ms':>9} {'tokens/s':>10} {'step GF/s':>10}"
+        f" {'matmul GF/s':>12} {'ratio':>6}")
+  for spec in args.shapes.split(","):
+    d_in, d_sae, batch = map(int, spec.split("x"))
+    r = bench_shape(d_in, d_sae, batch, args.dtype, args.repeats)
+    print(f"{r['shape']:>22} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f}"
+          f" {r['step_gflops']:10.1f} {r['matmul_gflops']:12.1f} {r['ratio']:6.2f}")
+
+
+if __name__ == "__main__":
+  main()
