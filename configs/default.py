@@ -67,6 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 100  # steps between metric lines (metrics.jsonl, progress bar)
   c.train.dense_threshold = 0.1  # a latent firing on more tokens than this is 'dense'
 
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices along the batch axis (-1: all devices not used by 'model')
+  c.mesh.model = 1  # devices along the latent axis (Megatron-style SAE sharding)
+
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 5000  # steps between checkpoints (and one at the end)
   c.ckpt.max_to_keep = 2  # checkpoints kept on disk

@@ -88,9 +88,17 @@ def cmd_train(args: list[str]) -> int:
   if "--help" in args or "-h" in args:
     print("usage: jsae train --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]")
     return 0
+  from jsae import sharding
+  sharding.initialize_distributed()  # multi-process runs; before JAX touches devices
+  import jax
   from jsae import train
   config, workdir = parse_config_flags("jsae train", args)
   result = train.train(config, workdir)
+  if jax.process_index() != 0:
+    return 0
+  if result.preempted:
+    print(f"stopped by SIGTERM at step {result.steps}; checkpoint saved in {result.workdir}")
+    return 0
   m = result.metrics
   print(f"trained {result.steps} steps in {result.workdir}: loss {m.get('loss', float('nan')):.4g},"
         f" L0 {m.get('l0', float('nan')):.1f}, FVU {m.get('fvu', float('nan')):.3f},"

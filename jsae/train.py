@@ -14,6 +14,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from jsae import checkpoint, data, losses, optim, saes
+from jsae import checkpoint, data, losses, optim, saes, sharding
 from jsae import config as config_lib
 
 
@@ -161,12 +163,51 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-  """What `train` returns: the final state and the last logged metrics."""
+  """What `train` returns: the final state and the last logged metrics.
+
+  Attributes:
+    state: the TrainState after the last step run.
+    metrics: the last logged metrics.
+    steps: the step reached (== total steps unless preempted).
+    workdir: the run directory.
+    preempted: True when SIGTERM stopped the run early (after a checkpoint).
+  """
 
   state: TrainState
   metrics: dict
   steps: int
   workdir: Path
+  preempted: bool = False
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (main thread only).
+
+  Multi-process runs use JAX's preemption sync point instead, so that every
+  process stops after the same step.
+  """
+
+  def __init__(self, manager):
+    self.manager, self.flag, self._previous = manager, False, None
+    self.multiprocess = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self.multiprocess and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if self.multiprocess:
+      return bool(self.manager.reached_preemption(step))
+    return self.flag
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
@@ -218,6 +259,7 @@ def _metrics_log(workdir: Path, resume_step: int):
   return path.open("a")
 
 
+@jax.jit
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
                             if jnp.issubdtype(x.dtype, jnp.floating)]))
@@ -255,22 +297,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         f" says {config.sae.d_in}; set --config.sae.d_in={source.d_in}.")
   settings = StepSettings.from_config(config, source.norm_scale)
 
-  # -- Model and optimizer; restore or init.
+  # -- Mesh, model and optimizer; restore or init, already sharded.
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_divisible(mesh, d_sae=config.sae.d_sae, batch_size=config.data.batch_size)
   optimizer = optim.make_optimizer(config.optim, total_steps=num_steps)
   init = functools.partial(create_state, config=config, optimizer=optimizer)
   key = jax.random.key(config.seed)
+  abstract = jax.eval_shape(init, key)
+  state_sharding = sharding.named(
+      mesh, sharding.state_specs(abstract, saes.get(config.sae.family).params_type))
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
   if meta is not None:
-    state, meta = checkpoint.restore(manager, jax.eval_shape(init, key))
+    # Restoring onto this run's mesh works whatever mesh saved the checkpoint.
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+    state, meta = checkpoint.restore(manager, target)
   else:
-    state = jax.jit(init)(key)
+    state = jax.jit(init, out_shardings=state_sharding)(key)
   start = int(state.step)
   if jax.process_index() == 0:
     checkpoint.write_json(workdir / "config.json", config.to_dict())
 
   step_fns = {
-      with_metrics: jax.jit(functools.partial(
-          train_step, settings=settings, optimizer=optimizer, with_metrics=with_metrics),
-          donate_argnums=0)
+      with_metrics: jax.jit(
+          functools.partial(train_step, settings=settings, optimizer=optimizer,
+                            with_metrics=with_metrics),
+          in_shardings=(state_sharding, batch_sharding),
+          out_shardings=(state_sharding, None), donate_argnums=0)
       for with_metrics in (False, True)}
   meta = dict(_shape_meta(config), norm_scale=source.norm_scale,
               data_seed=config.data.seed, batch_size=config.data.batch_size,
@@ -278,14 +331,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   # -- Loop.
   log = _metrics_log(workdir, start) if jax.process_index() == 0 else None
-  bar = tqdm(total=num_steps, initial=start, disable=not progress, unit="step",
+  bar = tqdm(total=num_steps, initial=start, unit="step",
+             disable=not progress or jax.process_index() != 0,
              dynamic_ncols=True, desc="train", mininterval=1.0)
   last_good = manager.latest_step()
   metrics_host: dict = {}
   t0, tokens_per_step = time.perf_counter(), config.data.batch_size
+  preemption = _Preemption(manager)
+  done, preempted = start, False
   try:
+    preemption.__enter__()
     for step in range(start, num_steps):
-      batch = jnp.asarray(source.batch(step))
+      batch = sharding.global_batch(source.batch(step), batch_sharding, config.data.batch_size)
       done = step + 1
       is_log = done % config.train.log_every == 0 or done == num_steps
       is_ckpt = done % config.ckpt.every_steps == 0 or done == num_steps
@@ -309,11 +366,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         bar.set_postfix(loss=f"{metrics_host['loss']:.4g}",
                         L0=f"{metrics_host['l0']:.1f}", FVU=f"{metrics_host['fvu']:.3f}",
                         dead=f"{metrics_host['dead_frac']:.2f}", refresh=False)
-      if is_ckpt:
+      preempted = preemption.reached(done) and done < num_steps
+      if is_ckpt or preempted:
         checkpoint.save(manager, done, state, meta)
         last_good = done
       bar.update(1)
+      if preempted:
+        tqdm.write(f"preempted (SIGTERM): saved checkpoint {done} in {manager.directory};"
+                   " run the same command again to resume.")
+        break
   finally:
+    preemption.__exit__()
     bar.close()
     manager.wait_until_finished()
     manager.close()
@@ -321,7 +384,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       log.close()
     if own_source:
       source.close()
-  return TrainResult(state=state, metrics=metrics_host, steps=num_steps, workdir=workdir)
+  return TrainResult(state=state, metrics=metrics_host, steps=done, workdir=workdir,
+                     preempted=preempted)
 
 
 def optim_lr(config, num_steps: int, step: int) -> float:

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _tiny(**overrides):
   c = tiny.get_config()
+  c.mesh.data = c.mesh.model = 1  # one device: sharding has its own tests
   for dotted, value in overrides.items():
     node = c
     *parents, leaf = dotted.split("__")

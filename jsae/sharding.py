@@ -1,0 +1,148 @@
+"""Device mesh, parameter shardings and multi-host initialisation.
+
+Mesh axes are `data` (batch) and `model` (latents). The SAE is sharded
+Megatron-style along its latent axis, as Gemma Scope trained its wide SAEs:
+
+  W_enc [d_in, d_sae]  -> P(None, "model")   encoder matmul is local
+  W_dec [d_sae, d_in]  -> P("model", None)   decoder output needs one psum
+  b_enc, threshold     -> P("model")
+  b_dec [d_in]         -> P()
+  batch [B, d_in]      -> P("data", None)
+
+Optimizer state follows its parameter; XLA (GSPMD) inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jsae.config import ConfigError
+
+# Field name -> spec. Families name their fields alike, so one table serves all.
+PARAM_SPECS = {
+    "W_enc": P(None, "model"),
+    "W_dec": P("model", None),
+    "b_enc": P("model"),
+    "threshold": P("model"),
+    "b_dec": P(),
+}
+BATCH_SPEC = P("data", None)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+  """(data, model) sizes from `config.mesh`, resolving one -1 to 'the rest'."""
+  data, model = int(mesh_config.data), int(mesh_config.model)
+  if data == -1 and model == -1:
+    raise ConfigError("config.mesh: only one of data/model may be -1.")
+  if data == -1:
+    data = num_devices // model if model > 0 and num_devices % model == 0 else 0
+  if model == -1:
+    model = num_devices // data if data > 0 and num_devices % data == 0 else 0
+  if data <= 0 or model <= 0 or data * model != num_devices:
+    raise ConfigError(
+        f"config.mesh: data={mesh_config.data} x model={mesh_config.model} does not"
+        f" use the {num_devices} available devices; choose sizes whose product is"
+        f" {num_devices} (or -1 for one of them).")
+  return data, model
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """A 2-D ('data', 'model') mesh over `devices` (default: all) from `config.mesh`.
+
+  An explicit mesh smaller than the device count uses the first devices
+  (single-process runs only; useful for debugging and tests).
+  """
+  devices = jax.devices() if devices is None else devices
+  wanted = int(mesh_config.data) * int(mesh_config.model)
+  if wanted > 0 and wanted < len(devices) and jax.process_count() == 1:
+    devices = devices[:wanted]
+  data, model = mesh_shape(mesh_config, len(devices))
+  grid = np.asarray(devices).reshape(data, model)
+  return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def check_divisible(mesh: Mesh, *, d_sae: int, batch_size: int) -> None:
+  """Raises ConfigError when the latents or the batch do not split over the mesh."""
+  data, model = mesh.shape["data"], mesh.shape["model"]
+  if d_sae % model:
+    raise ConfigError(f"config.sae.d_sae={d_sae} is not divisible by the mesh's model"
+                      f" axis ({model}); pick a d_sae that is a multiple of {model}.")
+  if batch_size % data:
+    raise ConfigError(f"config.data.batch_size={batch_size} is not divisible by the mesh's"
+                      f" data axis ({data}); pick a multiple of {data}.")
+
+
+def param_specs(params: Any) -> Any:
+  """A pytree of PartitionSpecs shaped like `params` (unknown fields replicated)."""
+  fields = {name: PARAM_SPECS.get(name, P()) for name in _field_names(params)}
+  return params.replace(**fields)
+
+
+def _field_names(params) -> list[str]:
+  return [f for f in params.__dataclass_fields__
+          if params.__dataclass_fields__[f].metadata.get("pytree_node", True)]
+
+
+def state_specs(state: Any, params_type: type) -> Any:
+  """PartitionSpecs for a TrainState: params and anything shaped like them sharded.
+
+  Optimizer states hold trees of the params' type (e.g. Adam's second moment);
+  those follow the parameter table. Scalars (step, counters) are replicated;
+  `steps_since_fired` is per latent.
+  """
+  def spec(node):
+    if isinstance(node, params_type):
+      return param_specs(node)
+    return P()
+
+  specs = jax.tree.map(spec, state, is_leaf=lambda n: isinstance(n, params_type))
+  return specs.replace(steps_since_fired=P("model"))
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+  """NamedShardings on `mesh` for a pytree of PartitionSpecs."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def global_batch(local_rows, sharding: NamedSharding, global_rows: int) -> jax.Array:
+  """This process's rows `[global_rows / processes, d_in]` -> the global `[global_rows, d_in]` array."""
+  local_rows = np.asarray(local_rows) if not isinstance(local_rows, jax.Array) else local_rows
+  return jax.make_array_from_process_local_data(
+      sharding, local_rows, (global_rows, local_rows.shape[-1]))
+
+
+def initialize_distributed(*, coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Starts `jax.distributed` when this is a multi-process run; returns whether it did.
+
+  Explicit arguments win; then the JSAE_COORDINATOR / JSAE_NUM_PROCESSES /
+  JSAE_PROCESS_ID environment variables (used by launch/local.sh); then JAX's own
+  cluster detection (TPU pods, SLURM) when `JSAE_DISTRIBUTED=auto`. Single-process
+  runs need nothing.
+  """
+  env = os.environ
+  coordinator = coordinator or env.get("JSAE_COORDINATOR")
+  if num_processes is None and "JSAE_NUM_PROCESSES" in env:
+    num_processes = int(env["JSAE_NUM_PROCESSES"])
+  if process_id is None and "JSAE_PROCESS_ID" in env:
+    process_id = int(env["JSAE_PROCESS_ID"])
+  if coordinator:
+    if num_processes is None or process_id is None:
+      raise ConfigError("a coordinator address needs the number of processes and this"
+                        " process's id (JSAE_NUM_PROCESSES, JSAE_PROCESS_ID).")
+    # CPU devices need a collectives implementation across processes; this
+    # setting affects only the CPU backend, and must precede backend start-up.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=num_processes, process_id=process_id)
+    return True
+  if env.get("JSAE_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()  # TPU pod / SLURM / other detected clusters
+    return True
+  return False

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Several JAX processes on this machine, each with its own fake CPU devices,
+# forming one global mesh over localhost (gloo collectives). The tests use it to
+# check multi-process training; it is also the quickest way to debug a pod
+# launch without a pod.
+#
+#   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh \
+#       --config=configs/tiny.py --workdir=/tmp/jsae_mp --config.mesh.data=8
+#
+# Extra arguments go to `jsae train`. Each process logs to WORKDIR_LOGS/proc_i.log
+# (default: ./local_logs). Exits non-zero if any process fails.
+set -euo pipefail
+: "${NUM_PROCESSES:=2}"
+: "${DEVICES_PER_PROCESS:=4}"
+: "${PORT:=$(( 20000 + RANDOM % 20000 ))}"
+: "${LOG_DIR:=local_logs}"
+: "${PYTHON:=python}"
+mkdir -p "$LOG_DIR"
+
+pids=()
+for (( i = 0; i < NUM_PROCESSES; i++ )); do
+  JSAE_COORDINATOR="127.0.0.1:$PORT" JSAE_NUM_PROCESSES="$NUM_PROCESSES" JSAE_PROCESS_ID="$i" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS" \
+    "$PYTHON" -m jsae.cli train "$@" >"$LOG_DIR/proc_$i.log" 2>&1 &
+  pids+=($!)
+done
+
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "process $i failed; last lines of $LOG_DIR/proc_$i.log:" >&2
+    tail -n 20 "$LOG_DIR/proc_$i.log" >&2
+    status=1
+  fi
+done
+exit $status
