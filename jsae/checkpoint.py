@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def make_manager(workdir: str | os.PathLike, *, max_to_keep: int = 2,
@@ -23,7 +24,8 @@ def make_manager(workdir: str | os.PathLike, *, max_to_keep: int = 2,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
       enable_async_checkpointing=async_save)
-  path = Path(workdir).absolute() / "checkpoints"
+  path = (epath.Path(workdir) if "://" in str(workdir)
+          else epath.Path(Path(workdir).absolute())) / "checkpoints"
   return ocp.CheckpointManager(path, options=options,
                                item_names=("state", "meta"))
 
@@ -67,9 +69,13 @@ def abstract(tree: Any) -> Any:
       tree)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON atomically (temporary file + rename)."""
-  path = Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+def write_json(path, obj: Any) -> None:
+  """Writes JSON (atomically on local disks: temporary file + rename)."""
+  text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+  path = epath.Path(path)
+  if "://" in str(path):  # object stores write whole objects atomically
+    path.write_text(text)
+    return
+  tmp = Path(str(path) + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, Path(str(path)))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
 from flax import struct
 from tqdm.auto import tqdm
 
@@ -176,7 +177,7 @@ class TrainResult:
   state: TrainState
   metrics: dict
   steps: int
-  workdir: Path
+  workdir: epath.Path
   preempted: bool = False
 
 
@@ -210,9 +211,10 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def prepare_workdir(workdir: str | os.PathLike) -> Path:
-  """Creates `workdir` and checks it is writable, with a clear error otherwise."""
-  path = Path(workdir).expanduser().absolute()
+def prepare_workdir(workdir: str | os.PathLike):
+  """Creates `workdir` (local or e.g. gs://) and checks it is writable."""
+  path = (epath.Path(workdir) if "://" in str(workdir)
+          else epath.Path(Path(workdir).expanduser().absolute()))
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / ".write_test"
@@ -245,18 +247,34 @@ def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
         " to the checkpoint's values to resume it.")
 
 
-def _metrics_log(workdir: Path, resume_step: int):
-  """Opens metrics.jsonl for appending, dropping lines past `resume_step`.
+class _MetricsLog:
+  """metrics.jsonl: one JSON line per logged step, written by process 0.
 
   Lines logged after the last checkpoint of an interrupted run are redone on
-  resume, so they are removed to keep one line per step.
+  resume, so they are dropped at start to keep one line per step. Object
+  stores (gs://) cannot append, so there the file is rewritten at each flush.
   """
-  path = workdir / "metrics.jsonl"
-  if path.exists():
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= resume_step]
-    path.write_text("".join(line + "\n" for line in kept))
-  return path.open("a")
+
+  def __init__(self, workdir, resume_step: int):
+    self.path = workdir / "metrics.jsonl"
+    self.lines = []
+    if self.path.exists():
+      self.lines = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+    self.path.write_text("".join(line + "\n" for line in self.lines))
+    self._local = "://" not in str(self.path)
+
+  def write(self, record: dict) -> None:
+    line = json.dumps(record)
+    self.lines.append(line)
+    if self._local:
+      with open(self.path, "a") as f:
+        f.write(line + "\n")
+    else:
+      self.path.write_text("".join(l + "\n" for l in self.lines))
+
+  def close(self) -> None:
+    pass
 
 
 @jax.jit
@@ -330,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               config=config.to_dict())
 
   # -- Loop.
-  log = _metrics_log(workdir, start) if jax.process_index() == 0 else None
+  log = _MetricsLog(workdir, start) if jax.process_index() == 0 else None
   bar = tqdm(total=num_steps, initial=start, unit="step",
              disable=not progress or jax.process_index() != 0,
              dynamic_ncols=True, desc="train", mininterval=1.0)
@@ -361,8 +379,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                             lr=float(optim_lr(config, num_steps, step)),
                             tokens_per_s=(done - start) * tokens_per_step / elapsed)
         if log is not None:
-          log.write(json.dumps(metrics_host) + "\n")
-          log.flush()
+          log.write(metrics_host)
         bar.set_postfix(loss=f"{metrics_host['loss']:.4g}",
                         L0=f"{metrics_host['l0']:.1f}", FVU=f"{metrics_host['fvu']:.3f}",
                         dead=f"{metrics_host['dead_frac']:.2f}", refresh=False)
