@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.seed = 0  # seed of the data order: batch = f(seed, step)
   c.data.shards_dir = ""  # directory with manifest.json, for source='shards'
   c.data.prefetch = 4  # batches prepared ahead by a background thread
+  c.data.verify = "first_open"  # shard checksums: 'first_open', 'all' (at start) or 'none' (huge data)
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n_features = 4096  # planted dictionary size
   c.data.synthetic.l0 = 32.0  # expected active features per row

@@ -22,6 +22,7 @@ _CHOICES = {
     "loss.sparsity": ("step", "tanh", "quadratic"),
     "optim.decay": ("none", "linear", "cosine"),
     "data.source": ("synthetic", "shards"),
+    "data.verify": ("first_open", "all", "none"),
 }
 
 

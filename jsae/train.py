@@ -313,6 +313,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     raise config_lib.ConfigError(
         f"config.sae.d_in: the data has rows of width {source.d_in} but the config"
         f" says {config.sae.d_in}; set --config.sae.d_in={source.d_in}.")
+  fingerprint = getattr(source, "fingerprint", None)
+  if meta is not None and meta.get("data_fingerprint") != fingerprint:
+    raise config_lib.ConfigError(
+        f"config.data: the checkpoint in {manager.directory} was trained on data with"
+        f" fingerprint {meta.get('data_fingerprint')!r}, this run reads {fingerprint!r};"
+        " resuming on other data would not continue the same run. Use a new --workdir.")
   settings = StepSettings.from_config(config, source.norm_scale)
 
   # -- Mesh, model and optimizer; restore or init, already sharded.
@@ -343,7 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           in_shardings=(state_sharding, batch_sharding),
           out_shardings=(state_sharding, None), donate_argnums=0)
       for with_metrics in (False, True)}
-  meta = dict(_shape_meta(config), norm_scale=source.norm_scale,
+  meta = dict(_shape_meta(config), norm_scale=source.norm_scale, data_fingerprint=fingerprint,
               data_seed=config.data.seed, batch_size=config.data.batch_size,
               config=config.to_dict())
 

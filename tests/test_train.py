@@ -153,3 +153,33 @@ def test_cli_train_runs_and_reports_bad_flags(tmp_path):
   assert bad.returncode == 2 and "Did you mean" in bad.stderr and "Traceback" not in bad.stderr
   missing = _jsae("train", "--config=configs/nope.py", "--workdir=x", cwd=tmp_path)
   assert missing.returncode == 2 and "config file 'configs/nope.py' not found" in missing.stderr
+
+
+def _write_planted_shards(directory, config, rows=8192):
+  from jsae.data.shards import ShardWriter
+  source = data.make_source(config)
+  with ShardWriter(directory, d_in=config.sae.d_in, rows_per_shard=1000) as writer:
+    for step in range(rows // config.data.batch_size):
+      writer.write(np.asarray(source.batch(50_000 + step)))
+  return source
+
+
+def test_trains_from_shards_with_manifest_normalisation(tmp_path):
+  config = _tiny(train__num_tokens=40 * 512, ckpt__every_steps=40)
+  source = _write_planted_shards(tmp_path / "acts", config)
+  from jsae.data.shards import load_manifest
+  manifest = load_manifest(tmp_path / "acts")
+  config.data.source, config.data.shards_dir = "shards", str(tmp_path / "acts")
+  result = train.train(config, tmp_path / "run", progress=False)
+  assert result.metrics["fvu"] < 1.0
+  from jsae import checkpoint
+  manager = checkpoint.make_manager(tmp_path / "run")
+  meta = checkpoint.latest_meta(manager)
+  manager.close()
+  assert meta["norm_scale"] == pytest.approx(manifest.norm_scale)
+  assert meta["norm_scale"] == pytest.approx(source.norm_scale, rel=0.05)  # same distribution
+  assert meta["data_fingerprint"] == manifest.fingerprint()
+  # Shards of another width are refused before compiling.
+  config.sae.d_in = 32
+  with pytest.raises(ValueError, match="d_in"):
+    train.train(config, tmp_path / "other", progress=False)

@@ -23,7 +23,7 @@ def make_source(config) -> ActivationSource:
     return ShardLoader(
         d.shards_dir, batch_size=d.batch_size, seed=d.seed,
         expected_d_in=config.sae.d_in, process_index=jax.process_index(),
-        process_count=jax.process_count(), prefetch=d.prefetch)
+        process_count=jax.process_count(), prefetch=d.prefetch, verify=d.verify)
   raise ValueError(f"config.data.source: unknown source {d.source!r};"
                    " use 'synthetic' or 'shards'.")
 
