@@ -112,8 +112,9 @@ def cmd_shards(args: list[str]) -> int:
     raise UsageError("usage: jsae shards info DIR | jsae shards verify DIR")
   from jsae.data import shards
   if args[0] == "info":
-    print(shards.info(args[1]))
-    return 0
+    text = shards.info(args[1])
+    print(text)
+    return 1 if "INVALID" in text else 0
   problems = shards.verify(args[1])
   for p in problems:
     print(f"PROBLEM: {p}")
