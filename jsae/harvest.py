@@ -1,0 +1,153 @@
+"""Harvest LM activations into shard directories: LM -> `jsae.data.shards`.
+
+One jitted forward per batch of contexts captures every requested site (and
+stops after the last layer needed); rows at BOS/EOS/pad positions are dropped;
+each site's rows go to its own shard directory (`OUT/<site>/`). Contexts are
+processed in a fixed order, so an interrupted harvest resumes: each site's
+writer knows how many rows it committed, and the harvester skips exactly those
+rows (per site, since a crash can fall between two sites' shard commits). A
+finished directory is reused as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jsae.data import shards as shards_lib
+from jsae.data.text import TokenContexts
+from jsae.lm import gemma
+
+
+@dataclasses.dataclass
+class HarvestResult:
+  """What `harvest` did: one shard directory per site.
+
+  Attributes:
+    directories: {site: shard directory}.
+    reused: sites whose directory was already complete (nothing recomputed).
+    tokens_per_s: harvested rows per second of this call (0 if all reused).
+    forward_s, write_s: time in the LM forward (incl. device->host) and in writing.
+  """
+
+  directories: dict[str, Path]
+  reused: list[str]
+  tokens_per_s: float = 0.0
+  forward_s: float = 0.0
+  write_s: float = 0.0
+
+
+def site_directory(out_dir: str | os.PathLike, site: str) -> Path:
+  """The shard directory of `site` under `out_dir`."""
+  return Path(out_dir) / site
+
+
+def _capture_fn(lm_config: gemma.GemmaConfig, sites: tuple[str, ...]):
+  last = max(gemma.parse_site(s, lm_config)[1] for s in sites)
+  fn = functools.partial(gemma.forward, config=lm_config, capture=sites, stop_at_layer=last + 1)
+  return jax.jit(lambda params, tokens: fn(params, tokens)[1])
+
+
+def _rows_before(contexts: TokenContexts) -> np.ndarray:
+  """`[n_contexts + 1]` cumulative count of kept rows before each context."""
+  return np.concatenate([[0], np.cumsum(contexts.mask.sum(axis=1))])
+
+
+def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
+            sites: list[str] | tuple[str, ...], out_dir: str | os.PathLike,
+            batch_size: int = 4, rows_per_shard: int = 65536, dtype: str = "float32",
+            provenance: dict | None = None, progress: bool = True) -> HarvestResult:
+  """Runs the LM over `contexts` and writes each site's activations to shards.
+
+  Args:
+    lm_params, lm_config: the LM (params passed to jit as arguments).
+    contexts: packed token contexts; `mask` False rows are not written.
+    sites: hook sites, e.g. ["resid_post.9", "mlp_out.9"].
+    out_dir: parent directory; site s goes to `out_dir/s/`.
+    batch_size: contexts per forward (the last batch is padded, not recompiled).
+    rows_per_shard: rows per shard file.
+    dtype: stored dtype, 'float32' or 'bfloat16'.
+    provenance: fields of `shards.Provenance` shared by all sites (model,
+      tokenizer, text_source, ...); hook site, layer, context length and the
+      excluded tokens are filled in here.
+  """
+  sites = tuple(sites)
+  if not sites:
+    raise ValueError("harvest needs at least one hook site (e.g. resid_post.9).")
+  for s in sites:
+    gemma.parse_site(s, lm_config)  # validates name and layer
+  if contexts.n_tokens == 0:
+    raise ValueError("no tokens to harvest: every context position is masked (empty corpus?).")
+  if contexts.seq_len > lm_config.max_seq_len:
+    raise ValueError(f"context length {contexts.seq_len} exceeds {lm_config.name}'s"
+                     f" maximum {lm_config.max_seq_len}; use a shorter text.seq_len.")
+
+  directories = {s: site_directory(out_dir, s) for s in sites}
+  reused = [s for s, d in directories.items() if _complete(d)]
+  todo = [s for s in sites if s not in reused]
+  if not todo:
+    return HarvestResult(directories, reused)
+  writers = {}
+  for s in todo:
+    kind, layer = gemma.parse_site(s, lm_config)
+    prov = dict(provenance or {})
+    prov.update(hook_site=kind, layer=layer, context_length=contexts.seq_len,
+                excluded_tokens=["<bos>", "<eos>", "<pad>"])
+    prov.setdefault("model", lm_config.name)
+    width = lm_config.n_heads * lm_config.head_dim if kind == "attn_z" else lm_config.d_model
+    writers[s] = shards_lib.ShardWriter(directories[s], d_in=width, rows_per_shard=rows_per_shard,
+                                        dtype=dtype, provenance=prov)
+
+  before = _rows_before(contexts)
+  committed = {s: writers[s].rows_committed for s in todo}
+  first = int(np.searchsorted(before, min(committed.values()), side="right") - 1)
+  capture = _capture_fn(lm_config, tuple(todo))
+  n = contexts.n_contexts
+  bar = tqdm(total=int(before[-1]), initial=int(before[first]), unit="tok", desc="harvest",
+             disable=not progress, dynamic_ncols=True, mininterval=1.0)
+  t_start, t_forward, t_write, done_rows = time.perf_counter(), 0.0, 0.0, 0
+  try:
+    for start in range(first, n, batch_size):
+      idx = np.arange(start, start + batch_size)
+      real = idx < n
+      t = time.perf_counter()
+      acts = capture(lm_params, jnp.asarray(contexts.tokens[np.minimum(idx, n - 1)]))
+      acts = {s: np.asarray(jax.device_get(a), np.float32) for s, a in acts.items()}
+      t_forward += time.perf_counter() - t
+      t = time.perf_counter()
+      for s in todo:
+        for j, c in enumerate(idx[real]):
+          rows = acts[s][j][contexts.mask[c]]
+          skip = max(0, committed[s] - int(before[c]))  # rows this site already has
+          if skip < len(rows):
+            writers[s].write(rows[skip:])
+      t_write += time.perf_counter() - t
+      batch_rows = int(contexts.mask[idx[real]].sum())
+      done_rows += batch_rows
+      bar.update(batch_rows)
+      bar.set_postfix(tok_s=f"{done_rows / (time.perf_counter() - t_start):.0f}", refresh=False)
+    for w in writers.values():
+      w.finalize()
+  except BaseException:
+    for w in writers.values():
+      w.abort()  # keeps every committed shard; the next call resumes
+    raise
+  finally:
+    bar.close()
+  elapsed = time.perf_counter() - t_start
+  return HarvestResult(directories, reused, tokens_per_s=done_rows / max(elapsed, 1e-9),
+                       forward_s=t_forward, write_s=t_write)
+
+
+def _complete(directory: Path) -> bool:
+  if not shards_lib.manifest_path(directory).exists():
+    return False
+  return shards_lib.load_manifest(directory).complete
