@@ -8,6 +8,8 @@
 
 from jsae import saes
 from jsae.jumprelu import jumprelu, step
+from jsae.sae import SAE
+from jsae.interop import load, save
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,5 @@ def decode(params, f, **kw):
   return saes.family_of(params).decode(params, f, **kw)
 
 
-__all__ = ["jumprelu", "step", "encode", "decode", "saes", "__version__"]
+__all__ = ["jumprelu", "step", "encode", "decode", "saes", "SAE", "load", "save",
+           "__version__"]
