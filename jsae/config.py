@@ -19,6 +19,7 @@ def _require(ok: bool, field: str, message: str) -> None:
 _CHOICES = {
     "sae.threshold_param": ("raw", "log"),
     "sae.compute_dtype": ("float32", "bfloat16"),
+    "sae.init_b_dec": ("zeros", "mean"),
     "loss.sparsity": ("step", "tanh", "quadratic"),
     "optim.decay": ("none", "linear", "cosine"),
     "data.source": ("synthetic", "shards"),

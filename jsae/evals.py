@@ -8,12 +8,14 @@ BOS/EOS/pad positions excluded, by jitted, batched passes:
   cosine         mean over tokens of cos(x, x_hat)
   rel. bias      gamma = sum ||x_hat||^2 / sum <x, x_hat> (1: unbiased, < 1: shrinkage)
   density        per-latent firing frequency; dead = never fires, dense > 10%
-  delta LM loss  CE with x_hat spliced in at the hook site at every position
-                 minus the clean CE (next-token targets, special tokens masked),
-                 with the zero-ablation delta and KL(clean || spliced) beside it
+  delta LM loss  CE with x_hat spliced in at the hook site at every text position
+                 (BOS/EOS/pad keep their own activations, as they were excluded
+                 from training) minus the clean CE (next-token targets, special
+                 tokens masked), with the zero-ablation delta (same positions)
+                 and KL(clean || spliced) beside it
 
 An `sae` is any pytree with `encode(x) -> f` and `decode(f) -> x_hat` in the
-LM's units (e.g. `jsae.SAE`, or `NormalizedSAE` for training-time params).
+LM's units (e.g. `jsae.SAE`; `jsae.SAE.from_training` wraps training-time params).
 It is passed to jitted functions as an argument, never baked in as a constant.
 """
 
@@ -26,33 +28,12 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from tqdm.auto import tqdm
 
-from jsae import saes
 from jsae.lm import gemma
 
 DENSE_THRESHOLD = 0.1
 MIN_DENSITY_TOKENS = 100_000
-
-
-@struct.dataclass
-class NormalizedSAE:
-  """Training-time params (which expect x / C) wrapped to take raw LM activations.
-
-  Latents are those of training (on x / C); reconstructions are in raw units.
-  """
-
-  params: Any
-  norm_scale: jax.Array  # [] the data's constant C
-
-  def encode(self, x: jax.Array) -> jax.Array:
-    """Latents `[..., d_sae]` of raw activations `x: [..., d_in]`."""
-    return saes.family_of(self.params).encode(self.params, x / self.norm_scale)
-
-  def decode(self, f: jax.Array) -> jax.Array:
-    """Raw-unit reconstruction `[..., d_in]` of latents `f`."""
-    return saes.family_of(self.params).decode(self.params, f) * self.norm_scale
 
 
 # ---------------------------------------------------------------- accumulators
@@ -122,6 +103,28 @@ def activation_metrics(sae, batches: Iterable[tuple[Any, Any]], *, d_in: int, d_
   return _finish(stats)
 
 
+def shard_batches(directory, batch_rows: int = 8192):
+  """`(rows [n, d_in] float32, ones [n])` batches over every row of a shard directory, in order."""
+  from jsae.data import shards as shards_lib
+  manifest = shards_lib.load_manifest(directory)
+  dtype = shards_lib.storage_dtype(manifest.dtype)
+  for i, entry in enumerate(manifest.shards):
+    problem = shards_lib.check_shard_file(directory, manifest, i, checksum=True)
+    if problem:
+      raise shards_lib.ShardError(problem)
+    rows = np.memmap(f"{directory}/{entry.file}", dtype=dtype, mode="r",
+                     shape=(entry.rows, manifest.d_in))
+    for start in range(0, entry.rows, batch_rows):
+      chunk = np.asarray(rows[start:start + batch_rows], np.float32)
+      if len(chunk) < batch_rows:  # pad to one compiled shape; padding has weight 0
+        weight = np.concatenate([np.ones(len(chunk)), np.zeros(batch_rows - len(chunk))])
+        chunk = np.concatenate([chunk, np.zeros((batch_rows - len(chunk), manifest.d_in),
+                                                np.float32)])
+      else:
+        weight = np.ones(batch_rows)
+      yield chunk, weight.astype(np.float32)
+
+
 # ---------------------------------------------------------------- LM splicing
 
 
@@ -134,9 +137,14 @@ def _lm_eval_fn(lm_config: gemma.GemmaConfig, site: str):
     flat = x.reshape(-1, x.shape[-1])
     f = sae.encode(flat)
     stats = _accumulate(stats, flat, f, sae.decode(f), mask.reshape(-1))
-    reconstruct = lambda a: sae.decode(sae.encode(a)).astype(a.dtype)
+    # Splice only where the SAE was trained (mask True): BOS/EOS/pad keep their
+    # own activations. The BOS residual is huge (an attention sink) and never
+    # in the training data; replacing it would measure that, not the SAE.
+    keep = mask[..., None]
+    reconstruct = lambda a: jnp.where(keep, sae.decode(sae.encode(a)).astype(a.dtype), a)
+    zero = lambda a: jnp.where(keep, jnp.zeros_like(a), a)
     spliced, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: reconstruct})
-    zeroed, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: jnp.zeros_like})
+    zeroed, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: zero})
     nll_clean, w = gemma.token_nll(clean, tokens, mask)
     nll_spliced, _ = gemma.token_nll(spliced, tokens, mask)
     nll_zero, _ = gemma.token_nll(zeroed, tokens, mask)
@@ -159,7 +167,7 @@ def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, context
       has fewer than `min_density_tokens` tokens (too few for the density
       statistics; pass a smaller `min_density_tokens` to accept that).
   """
-  d_in = _site_width(lm_config, site)
+  d_in = site_width(lm_config, site)
   probe = jax.eval_shape(sae.encode, jax.ShapeDtypeStruct((1, d_in), jnp.float32))
   d_sae = probe.shape[-1]
   if contexts.n_tokens < min_density_tokens:
@@ -192,14 +200,15 @@ def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, context
   return out
 
 
-def _site_width(lm_config: gemma.GemmaConfig, site: str) -> int:
+def site_width(lm_config: gemma.GemmaConfig, site: str) -> int:
+  """Width of the activations at `site` (d_model, or n_heads * head_dim for attn_z)."""
   kind, _ = gemma.parse_site(site, lm_config)
   return lm_config.n_heads * lm_config.head_dim if kind == "attn_z" else lm_config.d_model
 
 
 def check_sae_matches_site(sae_d_in: int, lm_config: gemma.GemmaConfig, site: str) -> None:
   """Raises when an SAE of width `sae_d_in` cannot read `site` of the LM."""
-  width = _site_width(lm_config, site)
+  width = site_width(lm_config, site)
   if sae_d_in != width:
     raise ValueError(f"the SAE has d_in={sae_d_in} but {lm_config.name} site {site} has width"
                      f" {width}; evaluate it on the site it was trained on.")

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 from flax import struct
@@ -92,9 +93,11 @@ def init_params(key: jax.Array, config: ml_collections.ConfigDict):
 
 
 def create_state(key: jax.Array, config: ml_collections.ConfigDict,
-                 optimizer: optax.GradientTransformation) -> TrainState:
-  """The TrainState at step 0."""
+                 optimizer: optax.GradientTransformation, b_dec=None) -> TrainState:
+  """The TrainState at step 0; `b_dec: [d_in]` (normalised units) overrides the zero init."""
   params = init_params(key, config)
+  if b_dec is not None:
+    params = params.replace(b_dec=jnp.asarray(b_dec, jnp.float32))
   return TrainState(
       step=jnp.zeros([], jnp.int32), params=params,
       opt_state=optimizer.init(params),
@@ -156,6 +159,26 @@ def _step_metrics(loss, aux, x, fires, steps_since_fired, grads, coeff, settings
       window_frac=jnp.mean(in_window.astype(jnp.float32)),
       theta_p10=q10, theta_p50=q50, theta_p90=q90,
       grad_norm=optax.global_norm(grads))
+
+
+def initial_b_dec(config, source) -> np.ndarray:
+  """Mean of the first `init_b_dec_batches` batches, in normalised units: `[d_in]`.
+
+  Residual streams with massive constant dimensions (Gemma) put most of E||x||^2
+  in the mean; starting b_dec there saves the many Adam steps (~lr each) it
+  would otherwise take to get there. A function of (seed, steps), so exact.
+  """
+  total = np.zeros(config.sae.d_in, np.float64)
+  rows = 0
+  for step in range(config.sae.init_b_dec_batches):
+    batch = np.asarray(source.batch(step), np.float64)
+    total += batch.sum(0)
+    rows += len(batch)
+  if jax.process_count() > 1:  # every process must start from the same mean
+    from jax.experimental import multihost_utils
+    total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+    rows *= jax.process_count()
+  return (total / rows / source.norm_scale).astype(np.float32)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -337,7 +360,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                           abstract, state_sharding)
     state, meta = checkpoint.restore(manager, target)
   else:
-    state = jax.jit(init, out_shardings=state_sharding)(key)
+    b_dec = initial_b_dec(config, source) if config.sae.init_b_dec == "mean" else None
+    state = jax.jit(init, out_shardings=state_sharding)(key, b_dec=b_dec)
   start = int(state.step)
   if jax.process_index() == 0:
     checkpoint.write_json(workdir / "config.json", config.to_dict())

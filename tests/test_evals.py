@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import struct
 
+import jsae
 from jsae import evals, saes
 from jsae.data.text import TokenContexts
 from jsae.lm import gemma
@@ -89,7 +90,8 @@ def test_identity_sae_has_zero_delta_lm_loss(tiny_lm):
   c = _contexts(config)
   tokens, mask = jnp.asarray(c.tokens), jnp.asarray(c.mask)
   logits, _ = gemma.forward(params, tokens, config)
-  zeroed, _ = gemma.forward(params, tokens, config, splice={site: jnp.zeros_like})
+  zeroed, _ = gemma.forward(params, tokens, config,
+                            splice={site: lambda a: jnp.where(mask[..., None], 0.0, a)})
   assert m["ce_clean"] == pytest.approx(float(gemma.mean_nll(logits, tokens, mask)), rel=1e-5)
   assert m["ce_zero_ablation"] == pytest.approx(float(gemma.mean_nll(zeroed, tokens, mask)),
                                                 rel=1e-5)
@@ -99,9 +101,9 @@ def test_identity_sae_has_zero_delta_lm_loss(tiny_lm):
 
 def test_trained_style_sae_delta_between_zero_and_ablation(tiny_lm):
   params, config = tiny_lm
-  sae = evals.NormalizedSAE(
+  sae = jsae.SAE.from_training(
       saes.get("jumprelu").init(jax.random.key(1), d_in=config.d_model, d_sae=4 * config.d_model),
-      jnp.float32(3.0))
+      3.0)
   m = evals.evaluate(params, config, sae, site="mlp_out.1", contexts=_contexts(config),
                      batch_size=3, min_density_tokens=0, progress=False)
   assert m["d_sae"] == 4 * config.d_model and m["d_in"] == config.d_model
@@ -115,3 +117,14 @@ def test_small_eval_set_and_wrong_width_are_clear_errors(tiny_lm):
                    contexts=_contexts(config), progress=False)
   with pytest.raises(ValueError, match="has width"):
     evals.check_sae_matches_site(7, config, "resid_post.0")
+
+
+def test_shard_batches_cover_every_row_once(tmp_path):
+  from jsae.data.shards import ShardWriter
+  x = _planted(n=1000)
+  with ShardWriter(tmp_path, d_in=8, rows_per_shard=300) as w:
+    w.write(x)
+  batches = list(evals.shard_batches(tmp_path, batch_rows=128))
+  rows = np.concatenate([b[b_w == 1] for b, b_w in batches])
+  np.testing.assert_array_equal(rows, x)
+  assert {b.shape for b, _ in batches} == {(128, 8)}  # one compiled shape

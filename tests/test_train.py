@@ -183,3 +183,13 @@ def test_trains_from_shards_with_manifest_normalisation(tmp_path):
   config.sae.d_in = 32
   with pytest.raises(ValueError, match="d_in"):
     train.train(config, tmp_path / "other", progress=False)
+
+
+def test_init_b_dec_mean_is_the_data_mean(tmp_path):
+  config = _tiny(train__num_tokens=512, ckpt__every_steps=1, sae__init_b_dec="mean",
+                 sae__init_b_dec_batches=3, optim__lr=1e-12)
+  source = data.make_source(config)
+  expected = np.concatenate([np.asarray(source.batch(s)) for s in range(3)]).mean(0)
+  result = train.train(config, tmp_path, progress=False)
+  np.testing.assert_allclose(result.state.params.b_dec, expected / source.norm_scale,
+                             rtol=1e-4, atol=1e-6)

@@ -1,0 +1,45 @@
+"""The main job: Gemma 3 270M -> residual stream of layer 6 on Shakespeare -> a
+JumpReLU SAE (4096 latents, the Gemma Scope recipe scaled down) -> evaluation
+and report. Everything installs offline from PyPI; about 10 minutes on 2 CPU cores.
+
+  jsae demo                                   # this config, workdir runs/demo
+  jsae demo --config.loss.sparsity_coeff=2e-3 --workdir=runs/demo_l2
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  """default.py with a small LM, a short harvest and a short, wider-window training run."""
+  c = default.get_config(arg)
+  c.lm.model = "gemma3_270m"
+  c.lm.site = "resid_post.6"  # a third of the way up: stops the LM after 7 of 18 blocks
+  c.text.source = "shakespeare"
+  c.text.seq_len = 1024
+  c.text.max_train_tokens = 80_000
+  c.text.max_eval_tokens = 100_000
+  c.harvest.batch_size = 2
+  c.eval.lm_contexts = 4
+  c.eval.min_density_tokens = 100_000
+
+  c.data.source = "shards"  # the pipeline points data.shards_dir at the harvested shards
+  c.data.batch_size = 1024
+  c.sae.d_in = 640  # Gemma 3 270M residual width
+  c.sae.d_sae = 4096
+  c.sae.init_b_dec = "mean"  # Gemma's massive dimensions: start b_dec at the data mean
+  # A few thousand steps instead of a million: a wider straight-through window
+  # and a faster learning rate, as short GDM-style runs need (see README).
+  c.sae.bandwidth = 0.02
+  c.sae.init_threshold = 0.02
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.decay = "cosine"
+  c.loss.sparsity_coeff = 1e-3
+  c.loss.sparsity_warmup_steps = 300
+  c.loss.dead_window_steps = 500
+  c.train.num_tokens = 600 * 1024  # ~8 epochs over the harvested tokens
+  c.train.log_every = 50
+  c.ckpt.every_steps = 200
+  c.mesh.data = 1
+  c.mesh.model = 1
+  return c

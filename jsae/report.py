@@ -1,0 +1,185 @@
+"""Reports: PNG plots and a static index.html over one or more run directories.
+
+A run directory is a training workdir (config.json, metrics.jsonl) with an
+optional eval.json (+ eval_firing_frequency.npy) from `jsae eval`/`jsae demo`.
+
+  jsae report runs/demo/sae runs/sweep/* --out=runs/report
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CURVES = (("loss", "loss"), ("l0", "L0"), ("fvu", "FVU (train batch)"), ("dead_frac", "dead fraction"))
+
+
+def load_run(run_dir: str | Path) -> dict:
+  """Config, metrics lines and evaluation of a run directory (clear error if not one)."""
+  run_dir = Path(run_dir)
+  config_file, metrics_file = run_dir / "config.json", run_dir / "metrics.jsonl"
+  if not config_file.exists() or not metrics_file.exists():
+    raise FileNotFoundError(
+        f"{run_dir} is not a jsae run directory (expected config.json and metrics.jsonl"
+        " written by `jsae train`/`jsae demo`).")
+  lines = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
+  eval_file = run_dir / "eval.json"
+  evaluation = json.loads(eval_file.read_text()) if eval_file.exists() else None
+  freq_file = run_dir / "eval_firing_frequency.npy"
+  freq = np.load(freq_file) if freq_file.exists() else None
+  name = run_dir.name if run_dir.name not in ("sae", "") else run_dir.parent.name
+  return dict(name=name, dir=run_dir, config=json.loads(config_file.read_text()),
+              metrics=lines, eval=evaluation, freq=freq)
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+  """Training curves (loss, L0, FVU, dead fraction vs step), one line per run."""
+  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+  for ax, (key, label) in zip(axes.flat, CURVES):
+    for run in runs:
+      pts = [(m["step"], m[key]) for m in run["metrics"] if key in m]
+      if pts:
+        ax.plot(*zip(*pts), label=run["name"])
+    ax.set_title(label)
+    ax.set_xlabel("step")
+    if key in ("loss", "fvu"):
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_density(run: dict, path: Path) -> None:
+  """Histogram of log10 firing frequency on held-out tokens; dead latents noted."""
+  freq = np.asarray(run["freq"], np.float64)
+  alive = freq[freq > 0]
+  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  if alive.size:
+    ax.hist(np.log10(alive), bins=60, color="tab:blue", alpha=0.85)
+  ax.axvline(np.log10(0.1), color="tab:red", ls="--", label="dense (10%)")
+  ax.set_xlabel("log10 firing frequency (held-out tokens)")
+  ax.set_ylabel("latents")
+  ax.set_title(f"{run['name']}: latent density ({int((freq == 0).sum())} dead of {freq.size})")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  """The points not dominated in (lower x, lower y), sorted by x."""
+  front, best = [], float("inf")
+  for x, y in sorted(points):
+    if y < best:
+      front.append((x, y))
+      best = y
+  return front
+
+
+def plot_pareto(runs: list[dict], key: str, label: str, path: Path) -> None:
+  """`key` vs L0 across runs: one marker per run, the Pareto frontier per family."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  families: dict[str, list] = {}
+  for run in runs:
+    if run["eval"] and key in run["eval"]:
+      family = run["config"]["sae"]["family"]
+      point = (run["eval"]["l0"], run["eval"][key])
+      families.setdefault(family, []).append(point)
+      ax.scatter(*point, s=40, zorder=3)
+      ax.annotate(run["name"], point, fontsize=7, xytext=(4, 4), textcoords="offset points")
+  for family, points in families.items():
+    front = pareto_front(points)
+    ax.plot(*zip(*front), "-", alpha=0.6, label=f"{family} frontier")
+  ax.set_xlabel("L0")
+  ax.set_ylabel(label)
+  ax.set_xscale("log")
+  ax.grid(alpha=0.3)
+  if families:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _fmt(v, spec=".3g"):
+  return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else html.escape(str(v))
+
+
+def _row(run: dict) -> str:
+  c, e = run["config"], run["eval"] or {}
+  last = run["metrics"][-1] if run["metrics"] else {}
+  cells = [run["name"], c["sae"]["family"], c["sae"]["d_sae"], c["loss"]["sparsity_coeff"],
+           last.get("step"), e.get("l0"), e.get("fvu"), e.get("delta_lm_loss"),
+           e.get("delta_lm_loss_zero"), e.get("dead_frac"), e.get("dense_frac")]
+  return "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in cells) + "</tr>"
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>jsae report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }}
+pre {{ background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 12px; }}
+</style></head><body>
+<h1>jsae report</h1>
+<p>{n} run(s). Metrics on held-out tokens; delta LM loss in nats per token.</p>
+<table><tr><th>run</th><th>family</th><th>d_sae</th><th>&lambda;</th><th>steps</th><th>L0</th>
+<th>FVU</th><th>&Delta; LM loss</th><th>zero-abl. &Delta;</th><th>dead</th><th>dense</th></tr>
+{rows}</table>
+<h2>Sparsity-fidelity trade-off</h2>
+<img src="pareto_delta_loss.png" alt="delta LM loss vs L0"> <img src="pareto_fvu.png" alt="FVU vs L0">
+<h2>Training curves</h2>
+<img src="curves.png" alt="training curves">
+<h2>Latent density</h2>
+{density}
+<h2>Configs</h2>
+{configs}
+<script>
+// Lets a headless browser (and the tests) confirm every plot decoded.
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.title = `jsae report: ${{ok}}/${{imgs.length}} images`;
+  document.body.setAttribute("data-images-ok", `${{ok}}/${{imgs.length}}`);
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+  """Writes the plots and index.html for `run_dirs` into `out_dir`; returns index.html."""
+  if not run_dirs:
+    raise ValueError("no run directories given; pass one or more training workdirs.")
+  runs = [load_run(d) for d in run_dirs]
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  plot_curves(runs, out / "curves.png")
+  plot_pareto(runs, "delta_lm_loss", "delta LM loss (nats)", out / "pareto_delta_loss.png")
+  plot_pareto(runs, "fvu", "FVU", out / "pareto_fvu.png")
+  density = []
+  for i, run in enumerate(runs):
+    if run["freq"] is not None:
+      plot_density(run, out / f"density_{i}.png")
+      density.append(f'<img src="density_{i}.png" alt="density of {html.escape(run["name"])}">')
+  configs = "".join(
+      f"<details><summary>{html.escape(r['name'])} ({html.escape(str(r['dir']))})</summary>"
+      f"<pre>{html.escape(json.dumps(r['config'], indent=2))}</pre></details>" for r in runs)
+  index = out / "index.html"
+  index.write_text(_PAGE.format(
+      n=len(runs), rows="\n".join(_row(r) for r in runs),
+      density="\n".join(density) or "<p>No evaluation yet (run <code>jsae eval</code>).</p>",
+      configs=configs))
+  return index

@@ -1,0 +1,70 @@
+"""Reports: Pareto frontier logic, and the HTML rendering in a real headless browser."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from jsae import report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_pareto_front():
+  points = [(10, 0.5), (20, 0.3), (15, 0.6), (40, 0.31), (80, 0.1)]
+  assert report.pareto_front(points) == [(10, 0.5), (20, 0.3), (80, 0.1)]
+
+
+def _fake_run(root: Path, name: str, l0: float, delta: float, seed: int) -> Path:
+  run = root / name
+  run.mkdir(parents=True)
+  c = tiny.get_config()
+  c.loss.sparsity_coeff = 1.0 / l0
+  (run / "config.json").write_text(json.dumps(c.to_dict()))
+  rng = np.random.default_rng(seed)
+  lines = [dict(step=s, loss=1 / s, l0=l0 + 100 / s, fvu=0.5 / np.sqrt(s), dead_frac=0.01)
+           for s in range(10, 210, 10)]
+  (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  (run / "eval.json").write_text(json.dumps(dict(l0=l0, fvu=0.1 + 1 / l0, delta_lm_loss=delta,
+                                                 delta_lm_loss_zero=5.0, dead_frac=0.02,
+                                                 dense_frac=0.0)))
+  freq = np.where(rng.random(256) < 0.05, 0.0, 10 ** rng.uniform(-5, -0.5, 256))
+  np.save(run / "eval_firing_frequency.npy", freq)
+  return run
+
+
+def test_report_files_and_table(tmp_path):
+  runs = [_fake_run(tmp_path, f"lam{i}", l0, d, i) for i, (l0, d) in
+          enumerate([(20, 0.9), (50, 0.4), (120, 0.2)])]
+  index = report.write_report(runs, tmp_path / "report")
+  page = index.read_text()
+  for img in re.findall(r'src="([^"]+\.png)"', page):
+    assert (index.parent / img).stat().st_size > 5000, img  # a real plot, not an empty file
+  assert page.count("<tr>") == 1 + 3 and "lam1" in page
+  with pytest.raises(FileNotFoundError, match="not a jsae run directory"):
+    report.write_report([tmp_path / "nope"], tmp_path / "r2")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("JSAE_REQUIRE_CHROMIUM"),
+                    reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(tmp_path):
+  assert CHROMIUM, "JSAE_REQUIRE_CHROMIUM is set but no chromium is on PATH"
+  runs = [_fake_run(tmp_path, f"lam{i}", l0, d, i) for i, (l0, d) in enumerate([(30, 0.5), (90, 0.2)])]
+  index = report.write_report(runs, tmp_path / "report")
+  flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}"]
+  dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom",
+                        index.as_uri()], capture_output=True, text=True, timeout=120)
+  n_images = len(re.findall(r"<img ", index.read_text()))
+  assert f'data-images-ok="{n_images}/{n_images}"' in dom.stdout, dom.stderr[-2000:]
+  shot = tmp_path / "report.png"
+  subprocess.run([CHROMIUM, *flags, "--window-size=1200,2400", f"--screenshot={shot}",
+                  index.as_uri()], capture_output=True, timeout=120)
+  assert shot.stat().st_size > 20000  # a rendered page with plots, not a blank one
