@@ -240,7 +240,7 @@ def prepare_workdir(workdir: str | os.PathLike):
           else epath.Path(Path(workdir).expanduser().absolute()))
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
+    probe = path / f".write_test.{os.getpid()}"  # unique: several processes share a workdir
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
