@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.batch_size = 4096  # global batch in tokens (Gemma Scope: 4096)
   c.data.seed = 0  # seed of the data order: batch = f(seed, step)
   c.data.shards_dir = ""  # directory with manifest.json, for source='shards'
+  c.data.eval_shards_dir = ""  # held-out shards for eval.every_steps ('' = none for 'shards')
   c.data.prefetch = 4  # batches prepared ahead by a background thread
   c.data.verify = "first_open"  # shard checksums: 'first_open', 'all' (at start) or 'none' (huge data)
   c.data.synthetic = ml_collections.ConfigDict()
@@ -95,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 1  # contexts per spliced LM forward (logits are seq x vocab floats)
   c.eval.min_density_tokens = 100_000  # fewer held-out tokens than this is an error
   c.eval.every_steps = 0  # steps between held-out FVU/L0/dead checks during training (0: off)
+  c.eval.batches = 4  # held-out batches for those checks (a fixed set)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices along the batch axis (-1: all devices not used by 'model')

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
   c.loss.dead_window_steps = 500
   c.train.num_tokens = 600 * 1024  # ~8 epochs over the harvested tokens
   c.train.log_every = 50
+  c.eval.every_steps = 100  # held-out FVU / L0 / dead fraction during training
   c.ckpt.every_steps = 200
   c.mesh.data = 1
   c.mesh.model = 1

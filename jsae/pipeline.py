@@ -159,10 +159,12 @@ def _complete(directory: Path) -> bool:
   return path.exists() and shards_lib.load_manifest(directory).complete
 
 
-def train_stage(config, train_dir: Path, run_dir: Path):
+def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = None):
   """Trains (or resumes, or reuses) the SAE on the harvested shards."""
   from jsae import checkpoint, config as config_lib, train
   config.data.source, config.data.shards_dir = "shards", str(train_dir)
+  if eval_dir is not None:
+    config.data.eval_shards_dir = str(eval_dir)
   manager = checkpoint.make_manager(run_dir)
   latest = manager.latest_step()
   manager.close()
@@ -239,7 +241,7 @@ def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   contexts, text_source = text_contexts(config, lm, workdir)
   dirs = harvest_stage(config, lm, contexts, text_source, workdir)
   run_dir = workdir / "sae"
-  result = train_stage(config, dirs["train"], run_dir)
+  result = train_stage(config, dirs["train"], run_dir, dirs["eval"])
   sae = sae_lib.SAE.from_run(run_dir)
   export_dir = run_dir / "export"
   if not export_dir.exists():

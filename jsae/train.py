@@ -181,6 +181,31 @@ def initial_b_dec(config, source) -> np.ndarray:
   return (total / rows / source.norm_scale).astype(np.float32)
 
 
+def _held_out_batches(config, batch_sharding) -> list:
+  """`config.eval.batches` fixed held-out batches as global arrays ([] when off)."""
+  if config.eval.every_steps <= 0:
+    return []
+  source = data.make_eval_source(config)
+  if source is None:
+    tqdm.write("eval.every_steps is set but there is no held-out data"
+               " (set config.data.eval_shards_dir); skipping held-out checks.")
+    return []
+  try:
+    return [sharding.global_batch(source.batch(i), batch_sharding, config.data.batch_size)
+            for i in range(config.eval.batches)]
+  finally:
+    source.close()
+
+
+def held_out_metrics(params, batches: list, norm_scale: float) -> dict:
+  """FVU, L0 and dead fraction (never fired on the set) on held-out batches."""
+  from jsae import evals, sae as sae_lib
+  model = sae_lib.SAE.from_training(params, norm_scale)
+  weights = [jnp.ones(b.shape[0], jnp.float32) for b in batches]
+  m = evals.activation_metrics(model, zip(batches, weights), d_in=model.d_in, d_sae=model.d_sae)
+  return {"eval_fvu": m["fvu"], "eval_l0": m["l0"], "eval_dead_frac": m["dead_frac"]}
+
+
 class TrainingDivergedError(RuntimeError):
   """Loss or parameters became NaN/Inf; the message names the last good checkpoint."""
 
@@ -377,6 +402,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               data_seed=config.data.seed, batch_size=config.data.batch_size,
               config=config.to_dict())
 
+  # -- Held-out evaluation set (fixed batches), if configured.
+  held_out = _held_out_batches(config, batch_sharding)
+
   # -- Loop.
   log = _MetricsLog(workdir, start) if jax.process_index() == 0 else None
   bar = tqdm(total=num_steps, initial=start, unit="step",
@@ -394,6 +422,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       done = step + 1
       is_log = done % config.train.log_every == 0 or done == num_steps
       is_ckpt = done % config.ckpt.every_steps == 0 or done == num_steps
+      is_eval = bool(held_out) and (done % config.eval.every_steps == 0 or done == num_steps)
+      is_log = is_log or is_eval
       state, metrics = step_fns[is_log or is_ckpt](state, batch)
       if is_log or is_ckpt:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -404,6 +434,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               f" good checkpoint is step {last_good} in {manager.directory}"
               " (kept; training stops). Lower config.optim.lr, enable"
               " config.optim.clip_grad_norm, or check the data for NaN/Inf.")
+        if is_eval:
+          metrics_host.update(held_out_metrics(state.params, held_out, source.norm_scale))
         elapsed = time.perf_counter() - t0
         metrics_host.update(step=done, tokens=done * tokens_per_step,
                             lr=float(optim_lr(config, num_steps, step)),

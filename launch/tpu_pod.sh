@@ -6,7 +6,10 @@
 #   TPU_NAME=jsae-v4-32 ZONE=us-central2-b ACCELERATOR=v4-32 \
 #   WORKDIR=gs://my-bucket/jsae/gemma2_9b_l20 \
 #   CONFIG=configs/default.py \
-#   launch/tpu_pod.sh --config.data.shards_dir=gs://my-bucket/acts/l20 --config.mesh.model=8
+#   launch/tpu_pod.sh --config.data.shards_dir=/mnt/acts/l20 --config.mesh.model=8
+#
+# Activation shards are memory-mapped: keep them on local disk or a gcsfuse
+# mount; the workdir (checkpoints, metrics) may be a gs:// path.
 #
 # Extra arguments go to `jsae train`. Hyperparameters live in configs, not here.
 set -euo pipefail

@@ -193,3 +193,21 @@ def test_init_b_dec_mean_is_the_data_mean(tmp_path):
   result = train.train(config, tmp_path, progress=False)
   np.testing.assert_allclose(result.state.params.b_dec, expected / source.norm_scale,
                              rtol=1e-4, atol=1e-6)
+
+
+def test_held_out_metrics_during_training(tmp_path):
+  config = _tiny(train__num_tokens=200 * 512, eval__every_steps=50, train__log_every=100,
+                 ckpt__every_steps=200)
+  result = train.train(config, tmp_path, progress=False)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evals_logged = [l for l in lines if "eval_fvu" in l]
+  assert [l["step"] for l in evals_logged] == [50, 100, 150, 200]
+  assert evals_logged[-1]["eval_fvu"] < evals_logged[0]["eval_fvu"]  # it learns
+  # The logged value equals a direct computation on the same held-out batches.
+  held_out = data.make_eval_source(config)
+  x = np.concatenate([np.asarray(held_out.batch(i)) for i in range(config.eval.batches)])
+  x_norm = x / held_out.norm_scale
+  family = train.saes.get("jumprelu")
+  x_hat = family.decode(result.state.params, family.encode(result.state.params, x_norm))
+  fvu = float(train.losses.fvu(x_norm, x_hat))
+  assert evals_logged[-1]["eval_fvu"] == pytest.approx(fvu, rel=1e-3)

@@ -28,4 +28,24 @@ def make_source(config) -> ActivationSource:
                    " use 'synthetic' or 'shards'.")
 
 
-__all__ = ["ActivationSource", "make_source"]
+def make_eval_source(config) -> ActivationSource | None:
+  """Held-out rows for evaluation during training, or None when there are none.
+
+  Synthetic data: the same distribution under another seed. Shards: the
+  directory `config.data.eval_shards_dir` (e.g. the eval split of a harvest).
+  """
+  d = config.data
+  if d.source == "synthetic":
+    held_out = config.copy_and_resolve_references()
+    held_out.data.seed = d.seed + 1_000_003  # a stream training never reads
+    return make_source(held_out)
+  if d.eval_shards_dir:
+    from jsae.data.loader import ShardLoader
+    return ShardLoader(
+        d.eval_shards_dir, batch_size=d.batch_size, seed=d.seed,
+        expected_d_in=config.sae.d_in, process_index=jax.process_index(),
+        process_count=jax.process_count(), prefetch=0, verify=d.verify)
+  return None
+
+
+__all__ = ["ActivationSource", "make_source", "make_eval_source"]
