@@ -136,15 +136,14 @@ def proto_from_gguf(reader: Any) -> bytes:
   scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
   types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
   unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id", 3))
-  piece = spb.ModelProto.SentencePiece
-  # GGUF token_type codes (llama.cpp) -> SentencePiece piece types.
-  type_map = {1: piece.NORMAL, 2: piece.UNKNOWN, 3: piece.CONTROL,
-              4: piece.USER_DEFINED, 5: piece.UNUSED, 6: piece.BYTE}
+  # llama.cpp's GGUF token_type codes, by SentencePiece piece-type name.
+  piece_types = dict(enumerate(("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE"),
+                               start=1))
   proto = spb.ModelProto()
   for i, (text, score, kind) in enumerate(zip(tokens, scores, types)):
-    p = proto.pieces.add()
-    p.piece, p.score = text, float(score)
-    p.type = piece.UNKNOWN if i == unk_id else type_map.get(int(kind), piece.NORMAL)
+    name = "UNKNOWN" if i == unk_id else piece_types.get(int(kind), "NORMAL")
+    proto.pieces.add(piece=text, score=float(score),
+                     type=spb.ModelProto.SentencePiece.Type.Value(name))
   spec = proto.trainer_spec
   spec.model_type = spb.TrainerSpec.BPE
   spec.vocab_size = len(tokens)
