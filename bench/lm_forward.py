@@ -8,6 +8,7 @@ same run, for the full forward with logits.
 
   python bench/lm_forward.py                    # batch 2 x 1024, layer 8 (stop at 9)
   python bench/lm_forward.py --batch 4 --dtype bfloat16
+  python bench/lm_forward.py --random-weights --batch 16   # e.g. on a GPU host without the GGUF
 
 Params are jit arguments (never closed over) and inputs have one fixed shape,
 so each variant compiles once.
@@ -49,10 +50,16 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   ap.add_argument("--skip-full", action="store_true", help="skip the full-forward baseline")
+  ap.add_argument("--random-weights", action="store_true",
+                  help="random weights of the same shapes (speed only; no GGUF needed)")
   args = ap.parse_args()
 
   t0 = time.perf_counter()
-  params, config = weights.load_gemma3_270m()
+  if args.random_weights:
+    config = gemma.get_config("gemma3_270m")
+    params = gemma.init_params(jax.random.key(0), config)
+  else:
+    params, config = weights.load_gemma3_270m()
   jax.block_until_ready(params)
   print(f"load: {time.perf_counter() - t0:.1f}s ({jax.devices()[0].platform},"
         f" {jax.device_count()} device(s))")

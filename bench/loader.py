@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +88,7 @@ def bench_train_step_with_loader(directory: Path, *, d_sae: int, batch_size: int
   import functools
   import jax
   import jax.numpy as jnp
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of this checkout
   from configs import default
   from jsae import optim, train
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from configs import default
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of this checkout
+from configs import default  # pylint: disable=wrong-import-position
 from jsae import optim, saes, sharding, train
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v3": 123.0,
@@ -63,18 +66,29 @@ def analyse(d_in, d_sae, batch, data, model, dtype, devices):
               step=step, init=init, state_sh=state_sh, batch_sh=batch_sh, config=config)
 
 
-def measure(r, steps: int = 20) -> float:
+def measure(r, steps: int = 20) -> tuple[float, float]:
+  """(seconds per train step, seconds per loss forward+backward alone) on real devices."""
   state = jax.jit(r["init"], out_shardings=r["state_sh"])(jax.random.key(0))
   c = r["config"]
   x = jax.device_put(np.random.default_rng(0).standard_normal(
       (c.data.batch_size, c.sae.d_in), np.float32) / np.sqrt(c.sae.d_in), r["batch_sh"])
-  state, _ = r["step"](state, x)
-  jax.block_until_ready(state)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, _ = r["step"](state, x)
-  jax.block_until_ready(state)
-  return (time.perf_counter() - t) / steps
+  settings = train.StepSettings.from_config(c, norm_scale=1.0)
+  dead = np.zeros(c.sae.d_sae, bool)
+  grad_fn = jax.jit(jax.grad(lambda p, x: saes.get(c.sae.family).loss(
+      p, x, settings=settings.loss, sparsity_coeff=1e-3, dead=dead)[0]))
+
+  def per_call(fn, carry) -> float:
+    carry = fn(carry)  # compile, warm up
+    jax.block_until_ready(carry)
+    t = time.perf_counter()
+    for _ in range(steps):
+      carry = fn(carry)
+    jax.block_until_ready(carry)
+    return (time.perf_counter() - t) / steps
+
+  grad_s = per_call(lambda _: grad_fn(state.params, x), None)
+  step_s = per_call(lambda s: r["step"](s, x)[0], state)  # donates `state`: last
+  return step_s, grad_s
 
 
 def main():
@@ -89,7 +103,7 @@ def main():
   print(f"{jax.device_count()} {jax.devices()[0].device_kind} device(s); SAE {d_in}x{d_sae},"
         f" batch {batch}, {args.dtype} matmuls; {step_flops / 1e12:.2f} TFLOP per step")
   print(f"{'devices':>7} {'mesh':>7} {'GiB/device':>10} {'temp GiB':>9} {'TFLOP/dev':>9}"
-        f" {'compile s':>9}" + (f" {'step ms':>8} {'MFU':>6}" if args.measure else ""))
+        f" {'compile s':>9}" + (f" {'step ms':>8} {'MFU':>6} {'fwd+bwd ms':>10}" if args.measure else ""))
   for count in sorted({min(8, n), n}):
     devices = jax.devices()[:count]
     for data, model in [(count, 1), (1, count), (2, count // 2)]:
@@ -103,11 +117,11 @@ def main():
       line = (f"{count:>7} {r['mesh']:>7} {r['mem_gib']:10.2f} {r['temp_gib']:9.2f}"
               f" {r['flops'] / 1e12:9.2f} {r['compile_s']:9.1f}")
       if args.measure:
-        s = measure(r)
+        s, grad_s = measure(r)
         kind = jax.devices()[0].device_kind
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), float("nan"))
         mfu = step_flops / s / (peak * 1e12 * count)
-        line += f" {1e3 * s:8.1f} {mfu:6.1%}"
+        line += f" {1e3 * s:8.1f} {mfu:6.1%} {1e3 * grad_s:10.1f}"
       print(line)
 
 

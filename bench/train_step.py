@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import default
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of this checkout
+from configs import default  # pylint: disable=wrong-import-position
 from jsae import optim, train
 
 

@@ -1,5 +1,7 @@
 """The JumpReLU family, loss terms and optimizer against closed forms and numpy."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,68 @@ def test_encode_works_under_jit_vmap_and_bfloat16():
   # Sweeps: a stack of parameter sets vmapped together.
   stacked = jax.tree.map(lambda *a: jnp.stack(a), p, _params(seed=3))
   assert jax.vmap(jsae.encode, in_axes=(0, None))(stacked, x).shape == (2, 3, 5, 32)
+
+
+def _dots(jaxpr):
+  """Every dot_general equation in a (closed) jaxpr, sub-jaxprs included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      out += _dots(sub)
+  return out
+
+
+def test_bfloat16_matmul_gradients_run_in_bfloat16_and_stay_float32():
+  """The 5 train-step matmuls take bf16 operands; no 6th for b_dec; gradients stay float32."""
+  params = _params(d_in=32, d_sae=64)
+  x = jax.random.normal(jax.random.key(3), (16, 32))
+  settings = saes.LossSettings(bandwidth=0.05, compute_dtype="bfloat16")
+  def loss(p, settings):
+    return FAMILY.loss(p, x, settings=settings, sparsity_coeff=jnp.float32(1e-3),
+                       dead=jnp.zeros(64, bool))[0]
+  jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, settings).jaxpr
+  batch = lambda eqn: any(16 in v.aval.shape for v in (*eqn.invars, *eqn.outvars))
+  for eqn in filter(batch, _dots(jaxpr)):  # also the encoder's unused dx, which XLA drops
+    assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+    assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+  # After XLA: encode, decode and three gradient matmuls, no sixth one for
+  # b_dec's gradient (whose b_dec @ W_enc term leaves only vector products).
+  hlo = jax.jit(jax.grad(loss), static_argnums=1).lower(params, settings).compile().as_text()
+  shapes = re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo)
+  assert sorted(shapes) == sorted([("16", "64"), ("16", "32"), ("16", "64"), ("64", "32"),
+                                   ("32", "64")] + [s for s in shapes if "1" in s]), shapes
+  g = jax.grad(loss)(params, settings)
+  assert all(getattr(g, n).dtype == jnp.float32 for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+
+
+def test_bfloat16_matmul_gradients_equal_float32_math_on_rounded_operands():
+  """Forward and both gradients: bf16 operands (cotangent included), exact f32 accumulation."""
+  from jsae.saes import base  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (12, 24))
+  w = jax.random.normal(jax.random.key(1), (24, 40))
+  rnd = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  out, vjp = jax.vjp(lambda x, w: base.matmul(x, w, "bfloat16"), x, w)
+  ct = jax.random.normal(jax.random.key(2), out.shape)
+  dx, dw = vjp(ct)
+  np.testing.assert_allclose(out, rnd(x) @ rnd(w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, rnd(ct) @ rnd(w).T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, rnd(x).T @ rnd(ct), rtol=1e-5, atol=1e-5)
+  assert dw.dtype == jnp.float32 and not np.array_equal(dw, rnd(dw))  # not rounded to bf16
+
+
+def test_mixed_matmul_matches_plain_gradients_in_float32_and_under_vmap():
+  from jsae.saes import base  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  ws = jax.random.normal(jax.random.key(1), (2, 8, 16))
+  f = lambda x, w: jnp.sum(jnp.sin(base.matmul(x, w, "float32")))
+  ref = lambda x, w: jnp.sum(jnp.sin(x @ w))
+  for got, want in zip(jax.grad(f, (0, 1))(x, ws[0]), jax.grad(ref, (0, 1))(x, ws[0])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  got = jax.grad(lambda ws: jax.vmap(lambda w: f(x, w))(ws).sum())(ws)
+  want = jax.grad(lambda ws: jax.vmap(lambda w: ref(x, w))(ws).sum())(ws)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_wrong_input_width_is_a_clear_error():

@@ -7,6 +7,7 @@ trainer only calls `init`, `loss`, `constrain`; users call `encode`/`decode`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Protocol
 
 import jax
@@ -97,10 +98,40 @@ def family_of(params: Params) -> Family:
 
 
 def matmul(x: jax.Array, w: jax.Array, compute_dtype: str | jnp.dtype) -> jax.Array:
-  """`x @ w` with operands cast to `compute_dtype`, accumulated in float32."""
-  dtype = jnp.dtype(compute_dtype)
-  return jnp.matmul(x.astype(dtype), w.astype(dtype),
-                    preferred_element_type=jnp.float32)
+  """`x: [..., k] @ w: [k, n] -> [..., n]` float32, all three matmuls in `compute_dtype`.
+
+  Operands are cast to `compute_dtype` and products accumulate in float32, in
+  the forward pass and in both gradient matmuls. (JAX's own transpose of a
+  `preferred_element_type=float32` dot multiplies the float32 cotangent with
+  the bfloat16 operand, which runs as a float32 matmul, and rounds the weight
+  gradient to bfloat16; here the cotangent is cast once and `dw` stays float32.)
+  """
+  return _mixed_matmul(x, w, jnp.dtype(compute_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(x, w, dtype):
+  return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x, w, dtype):
+  xc, wc = x.astype(dtype), w.astype(dtype)
+  out = jnp.matmul(xc, wc, preferred_element_type=jnp.float32)
+  # Residuals: the cast operands, and zero-size arrays that carry the input dtypes.
+  return out, (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _mixed_matmul_bwd(dtype, residuals, g):
+  xc, wc, x_kind, w_kind = residuals
+  gc = g.astype(dtype)
+  dx = jnp.matmul(gc, wc.T, preferred_element_type=jnp.float32)
+  # dw = sum over every leading axis of x^T g: [k, n].
+  dw = jnp.tensordot(xc, gc, axes=(tuple(range(xc.ndim - 1)),) * 2,
+                     preferred_element_type=jnp.float32)
+  return dx.astype(x_kind.dtype), dw.astype(w_kind.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 def decoder_norms(W_dec: jax.Array) -> jax.Array:
