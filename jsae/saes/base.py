@@ -101,7 +101,8 @@ def matmul(x: jax.Array, w: jax.Array, compute_dtype: str | jnp.dtype) -> jax.Ar
   """`x: [..., k] @ w: [k, n] -> [..., n]` float32, all three matmuls in `compute_dtype`.
 
   Operands are cast to `compute_dtype` and products accumulate in float32, in
-  the forward pass and in both gradient matmuls. (JAX's own transpose of a
+  the forward pass and in both gradient matmuls; the input gradient is rounded
+  to `compute_dtype`, the weight gradient stays float32. (JAX's own transpose of a
   `preferred_element_type=float32` dot multiplies the float32 cotangent with
   the bfloat16 operand, which runs as a float32 matmul, and rounds the weight
   gradient to bfloat16; here the cotangent is cast once and `dw` stays float32.)
@@ -124,7 +125,10 @@ def _mixed_matmul_fwd(x, w, dtype):
 def _mixed_matmul_bwd(dtype, residuals, g):
   xc, wc, x_kind, w_kind = residuals
   gc = g.astype(dtype)
-  dx = jnp.matmul(gc, wc.T, preferred_element_type=jnp.float32)
+  # dx leaves in compute_dtype: it is an activation gradient that the next
+  # matmul back casts to compute_dtype anyway, and at [batch, d_sae] the f32
+  # copy would cost a full extra pass over memory.
+  dx = jnp.matmul(gc, wc.T, preferred_element_type=dtype)
   # dw = sum over every leading axis of x^T g: [k, n].
   dw = jnp.tensordot(xc, gc, axes=(tuple(range(xc.ndim - 1)),) * 2,
                      preferred_element_type=jnp.float32)
