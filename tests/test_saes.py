@@ -119,6 +119,13 @@ def test_mixed_matmul_matches_plain_gradients_in_float32_and_under_vmap():
   ref = lambda x, w: jnp.sum(jnp.sin(x @ w))
   for got, want in zip(jax.grad(f, (0, 1))(x, ws[0]), jax.grad(ref, (0, 1))(x, ws[0])):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The pre-encoder-bias form (x - b) @ w, with its cheap gradient for b.
+  b = jax.random.normal(jax.random.key(2), (8,))
+  fb = lambda x, b, w: jnp.sum(jnp.sin(base.matmul(x, w, "float32", input_bias=b)))
+  refb = lambda x, b, w: jnp.sum(jnp.sin((x - b) @ w))
+  for got, want in zip(jax.grad(fb, (0, 1, 2))(x, b, ws[0]),
+                       jax.grad(refb, (0, 1, 2))(x, b, ws[0])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   got = jax.grad(lambda ws: jax.vmap(lambda w: f(x, w))(ws).sum())(ws)
   want = jax.grad(lambda ws: jax.vmap(lambda w: ref(x, w))(ws).sum())(ws)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

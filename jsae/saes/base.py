@@ -97,8 +97,9 @@ def family_of(params: Params) -> Family:
       f" ({names()}); create parameters with jsae.saes.get(name).init(...).")
 
 
-def matmul(x: jax.Array, w: jax.Array, compute_dtype: str | jnp.dtype) -> jax.Array:
-  """`x: [..., k] @ w: [k, n] -> [..., n]` float32, all three matmuls in `compute_dtype`.
+def matmul(x: jax.Array, w: jax.Array, compute_dtype: str | jnp.dtype,
+           input_bias: jax.Array | None = None) -> jax.Array:
+  """`(x - input_bias) @ w`: `x: [..., k]`, `w: [k, n]` -> `[..., n]` float32.
 
   Operands are cast to `compute_dtype` and products accumulate in float32, in
   the forward pass and in both gradient matmuls; the input gradient is rounded
@@ -106,8 +107,14 @@ def matmul(x: jax.Array, w: jax.Array, compute_dtype: str | jnp.dtype) -> jax.Ar
   `preferred_element_type=float32` dot multiplies the float32 cotangent with
   the bfloat16 operand, which runs as a float32 matmul, and rounds the weight
   gradient to bfloat16; here the cotangent is cast once and `dw` stays float32.)
+
+  The gradient of `input_bias: [k]` (a pre-encoder bias) is `-(sum of the
+  cotangent over leading axes) @ w.T`, a vector product, instead of autodiff's
+  full `[..., n] @ [n, k]` matmul followed by the sum (+20% of a train step).
   """
-  return _mixed_matmul(x, w, jnp.dtype(compute_dtype))
+  if input_bias is None:
+    return _mixed_matmul(x, w, jnp.dtype(compute_dtype))
+  return _biased_matmul(x, input_bias, w, jnp.dtype(compute_dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -136,6 +143,28 @@ def _mixed_matmul_bwd(dtype, residuals, g):
 
 
 _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _biased_matmul(x, b, w, dtype):
+  return _mixed_matmul(x - b.astype(x.dtype), w, dtype)
+
+
+def _biased_matmul_fwd(x, b, w, dtype):
+  out, residuals = _mixed_matmul_fwd(x - b.astype(x.dtype), w, dtype)
+  return out, (residuals, jnp.zeros((0,), b.dtype))
+
+
+def _biased_matmul_bwd(dtype, residuals, g):
+  residuals, b_kind = residuals
+  dx, dw = _mixed_matmul_bwd(dtype, residuals, g)
+  wc = residuals[1]
+  g_sum = jnp.sum(g.astype(jnp.float32), axis=tuple(range(g.ndim - 1)))  # [n]
+  db = -jnp.matmul(g_sum.astype(dtype), wc.T, preferred_element_type=jnp.float32)
+  return dx, db.astype(b_kind.dtype), dw
+
+
+_biased_matmul.defvjp(_biased_matmul_fwd, _biased_matmul_bwd)
 
 
 def decoder_norms(W_dec: jax.Array) -> jax.Array:
