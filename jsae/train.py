@@ -288,11 +288,33 @@ def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
   expected = _shape_meta(config)
   diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}"
            for k in _SHAPE_KEYS if meta.get(k) != expected[k]]
+  saved = _run_defining(meta.get("config") or {})
+  now = _run_defining(config.to_dict())
+  diffs += [f"{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
   if diffs:
     raise config_lib.ConfigError(
         f"the checkpoint in {ckpt_dir} does not match the config ("
         + "; ".join(diffs) + "). Use a new --workdir, or set the config fields"
         " to the checkpoint's values to resume it.")
+
+
+# Fields that may change when a run resumes: its length, logging, checkpointing,
+# evaluation, the mesh, and the matmul dtype. Everything else in these groups
+# defines the run, and resuming under other values would silently mix two runs.
+_RESUMABLE_CHANGES = ("sae.compute_dtype",)
+
+
+def _run_defining(config_dict: dict) -> dict:
+  """{'group.field': value} of the hyperparameters that define a training run."""
+  out = {"seed": config_dict.get("seed")}
+  for group in ("sae", "loss", "optim"):
+    for k, v in (config_dict.get(group) or {}).items():
+      if f"{group}.{k}" not in _RESUMABLE_CHANGES:
+        out[f"{group}.{k}"] = v
+  data = config_dict.get("data") or {}
+  out.update({"data.batch_size": data.get("batch_size"), "data.seed": data.get("seed")})
+  return out
 
 
 class _MetricsLog:

@@ -84,3 +84,8 @@ def test_bad_inputs(demo_run, tmp_path):
                         tmp_path / "eval.json")
   with pytest.raises(ValueError, match="has width"):
     evals.check_sae_matches_site(sae.d_in, lm.config, "attn_z.3")
+  # The same workdir with another lambda: an error naming the field, not a silent reuse.
+  c = _small_demo_config()
+  c.loss.sparsity_coeff *= 2
+  with pytest.raises(ValueError, match=r"loss\.sparsity_coeff: checkpoint .* new --workdir"):
+    pipeline.run(c, workdir)

@@ -117,6 +117,19 @@ def test_resume_with_other_shape_is_refused_before_compiling(tmp_path):
     train.train(_tiny(train__num_tokens=20 * 512, sae__d_sae=512), tmp_path, progress=False)
 
 
+def test_resume_with_other_hyperparameters_is_refused_but_longer_runs_resume(tmp_path):
+  config = _tiny(train__num_tokens=20 * 512, ckpt__every_steps=20)
+  train.train(config, tmp_path, progress=False)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"loss.sparsity_coeff: checkpoint 0.02 vs config 0.05.*new --workdir"):
+    train.train(_tiny(train__num_tokens=20 * 512, loss__sparsity_coeff=0.05), tmp_path,
+                progress=False)
+  # Length, logging and the matmul dtype may change: the run continues to step 30.
+  longer = _tiny(train__num_tokens=30 * 512, ckpt__every_steps=10, train__log_every=5,
+                 sae__compute_dtype="bfloat16")
+  assert train.train(longer, tmp_path, progress=False).steps == 30
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("sae__bandwidth", 0.0, "config.sae.bandwidth: must be > 0"),
     ("sae__family", "topk_typo", "config.sae.family: unknown family"),
