@@ -284,14 +284,21 @@ def _shape_meta(config) -> dict:
 
 
 def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
-  """Raises if the checkpoint in `ckpt_dir` was made for a different SAE shape."""
+  """Raises if the checkpoint in `ckpt_dir` was made for another SAE shape or run.
+
+  Compares the SAE shape and the hyperparameters that define the run (see
+  `_run_defining`); fields the checkpoint's config does not have (added to
+  jsae after it was written) are not compared.
+  """
   expected = _shape_meta(config)
   diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}"
            for k in _SHAPE_KEYS if meta.get(k) != expected[k]]
   saved = _run_defining(meta.get("config") or {})
-  now = _run_defining(config.to_dict())
-  diffs += [f"{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+  # Through JSON, as the checkpoint's copy went, so tuples compare as lists.
+  now = _run_defining(json.loads(json.dumps(config.to_dict())))
+  shape_fields = {f"sae.{k}" for k in _SHAPE_KEYS}
+  diffs += [f"{k}: checkpoint {saved[k]!r} vs config {now.get(k)!r}"
+            for k in sorted(saved) if k not in shape_fields and saved[k] != now.get(k)]
   if diffs:
     raise config_lib.ConfigError(
         f"the checkpoint in {ckpt_dir} does not match the config ("
@@ -299,21 +306,29 @@ def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
         " to the checkpoint's values to resume it.")
 
 
-# Fields that may change when a run resumes: its length, logging, checkpointing,
-# evaluation, the mesh, and the matmul dtype. Everything else in these groups
-# defines the run, and resuming under other values would silently mix two runs.
-_RESUMABLE_CHANGES = ("sae.compute_dtype",)
+# Fields that may change when a run resumes, besides the groups `_run_defining`
+# ignores (train length, logging, checkpointing, evaluation, mesh, file paths):
+# the matmul dtype, and settings read only at initialisation.
+_RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.init_threshold", "sae.init_b_dec",
+                      "sae.init_b_dec_batches")
 
 
 def _run_defining(config_dict: dict) -> dict:
-  """{'group.field': value} of the hyperparameters that define a training run."""
-  out = {"seed": config_dict.get("seed")}
-  for group in ("sae", "loss", "optim"):
-    for k, v in (config_dict.get(group) or {}).items():
+  """{'group.field': value} of the hyperparameters that define a training run.
+
+  Resuming under other values would silently continue a different run. The
+  data files themselves are checked by fingerprint; synthetic data by its
+  generator settings here.
+  """
+  out = {"seed": config_dict["seed"]} if "seed" in config_dict else {}
+  data = config_dict.get("data") or {}
+  groups = {"sae": config_dict.get("sae"), "loss": config_dict.get("loss"),
+            "optim": config_dict.get("optim"), "data.synthetic": data.get("synthetic")}
+  for group, fields in groups.items():
+    for k, v in (fields or {}).items():
       if f"{group}.{k}" not in _RESUMABLE_CHANGES:
         out[f"{group}.{k}"] = v
-  data = config_dict.get("data") or {}
-  out.update({"data.batch_size": data.get("batch_size"), "data.seed": data.get("seed")})
+  out.update({f"data.{k}": data[k] for k in ("source", "batch_size", "seed") if k in data})
   return out
 
 

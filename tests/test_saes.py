@@ -3,6 +3,7 @@
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -67,7 +68,7 @@ def _dots(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       out.append(eqn)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       out += _dots(sub)
   return out
 
@@ -88,6 +89,7 @@ def test_bfloat16_matmul_gradients_run_in_bfloat16_and_stay_float32():
     assert eqn.outvars[0].aval.dtype in (jnp.float32, jnp.bfloat16), eqn
   # After XLA: encode, decode and three gradient matmuls, no sixth one for
   # b_dec's gradient (whose b_dec @ W_enc term leaves only vector products).
+  assert jax.default_backend() == "cpu"  # conftest's default; GPU HLO names dots differently
   hlo = jax.jit(jax.grad(loss), static_argnums=1).lower(params, settings).compile().as_text()
   shapes = re.findall(r"= (?:f32|bf16)\[(\d+),(\d+)\]\S* dot\(", hlo)
   assert sorted(shapes) == sorted([("16", "64"), ("16", "32"), ("16", "64"), ("64", "32"),
@@ -126,6 +128,16 @@ def test_mixed_matmul_matches_plain_gradients_in_float32_and_under_vmap():
   for got, want in zip(jax.grad(fb, (0, 1, 2))(x, b, ws[0]),
                        jax.grad(refb, (0, 1, 2))(x, b, ws[0])):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Vmapped over stacked SAEs (a sweep), the bias batched too; and in bfloat16.
+  bs = jnp.stack([b, 2 * b])
+  got = jax.grad(lambda bs, ws: jax.vmap(lambda b, w: fb(x, b, w))(bs, ws).sum(), (0, 1))(bs, ws)
+  want = jax.grad(lambda bs, ws: jax.vmap(lambda b, w: refb(x, b, w))(bs, ws).sum(), (0, 1))(bs, ws)
+  for g, w_ in zip(got, want):
+    np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-5)
+  db = jax.grad(lambda b: jnp.sum(jnp.sin(base.matmul(x, ws[0], "bfloat16", input_bias=b))))(b)
+  np.testing.assert_allclose(db, jax.grad(refb, 1)(x, b, ws[0]), rtol=0.03, atol=0.03)
+  with pytest.raises(ValueError, match="2-D weight"):
+    base.matmul(x, ws, "float32")
   got = jax.grad(lambda ws: jax.vmap(lambda w: f(x, w))(ws).sum())(ws)
   want = jax.grad(lambda ws: jax.vmap(lambda w: ref(x, w))(ws).sum())(ws)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -124,6 +124,9 @@ def test_resume_with_other_hyperparameters_is_refused_but_longer_runs_resume(tmp
                      match=r"loss.sparsity_coeff: checkpoint 0.02 vs config 0.05.*new --workdir"):
     train.train(_tiny(train__num_tokens=20 * 512, loss__sparsity_coeff=0.05), tmp_path,
                 progress=False)
+  with pytest.raises(config_lib.ConfigError, match=r"data.synthetic.l0: checkpoint 6.0 vs config 3.0"):
+    train.train(_tiny(train__num_tokens=20 * 512, data__synthetic__l0=3.0), tmp_path,
+                progress=False)
   # Length, logging and the matmul dtype may change: the run continues to step 30.
   longer = _tiny(train__num_tokens=30 * 512, ckpt__every_steps=10, train__log_every=5,
                  sae__compute_dtype="bfloat16")

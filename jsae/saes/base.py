@@ -111,7 +111,13 @@ def matmul(x: jax.Array, w: jax.Array, compute_dtype: str | jnp.dtype,
   The gradient of `input_bias: [k]` (a pre-encoder bias) is `-(sum of the
   cotangent over leading axes) @ w.T`, a vector product, instead of autodiff's
   full `[..., n] @ [n, k]` matmul followed by the sum (+20% of a train step).
+
+  Reverse mode only (`grad`, `vjp`), as for every `jax.custom_vjp`; stack
+  several SAEs with `jax.vmap`, not with a batched `w`.
   """
+  if w.ndim != 2:
+    raise ValueError(f"matmul expects a 2-D weight [k, n], got shape {w.shape};"
+                     " use jax.vmap over stacked SAEs.")
   if input_bias is None:
     return _mixed_matmul(x, w, jnp.dtype(compute_dtype))
   return _biased_matmul(x, input_bias, w, jnp.dtype(compute_dtype))
