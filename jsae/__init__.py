@@ -15,12 +15,19 @@ __version__ = "0.1.0"
 
 
 def encode(params, x, **kw):
-  """Latents `[..., d_sae]` of `x: [..., d_in]` for any family's params (jit/vmap-able)."""
+  """Latents `[..., d_sae]` of `x: [..., d_in]` for any family's params (jit/vmap-able).
+
+  The training form: reverse-mode gradients are the straight-through estimators.
+  For ordinary derivatives in either mode (jvp, jacfwd) use `jsae.SAE`.
+  """
   return saes.family_of(params).encode(params, x, **kw)
 
 
 def decode(params, f, **kw):
-  """Reconstruction `[..., d_in]` of latents `f: [..., d_sae]` for any family's params."""
+  """Reconstruction `[..., d_in]` of latents `f: [..., d_sae]` for any family's params.
+
+  Reverse mode only (its matmul has a custom VJP); `jsae.SAE.decode` supports both.
+  """
   return saes.family_of(params).decode(params, f, **kw)
 
 
