@@ -27,8 +27,7 @@ import numpy as np
 
 from jsae import harvest as harvest_lib
 from jsae.data import text
-from jsae.lm import tokenizer as tokenizer_lib
-from jsae.lm import weights
+from jsae.lm import presets
 
 
 def main() -> None:
@@ -42,8 +41,8 @@ def main() -> None:
   args = ap.parse_args()
 
   t0 = time.perf_counter()
-  params, config = weights.load_gemma3_270m()
-  tok = tokenizer_lib.gemma3_270m_tokenizer()
+  params, config = presets.load_gemma3_270m()
+  tok = presets.gemma3_270m_tokenizer()
   jax.block_until_ready(params)
   print(f"load: {time.perf_counter() - t0:.1f}s ({jax.devices()[0].platform},"
         f" {jax.device_count()} device(s), {jax.local_devices()[0].device_kind})")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsae.lm import gemma, weights
+from jsae.lm import gemma, presets
 
 
 def _time(fn, params, tokens, repeats: int) -> tuple[float, float]:
@@ -59,7 +59,7 @@ def main() -> None:
     config = gemma.get_config("gemma3_270m")
     params = gemma.init_params(jax.random.key(0), config)
   else:
-    params, config = weights.load_gemma3_270m()
+    params, config = presets.load_gemma3_270m()
   jax.block_until_ready(params)
   print(f"load: {time.perf_counter() - t0:.1f}s ({jax.devices()[0].platform},"
         f" {jax.device_count()} device(s))")

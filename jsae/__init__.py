@@ -7,7 +7,7 @@
 """
 
 from jsae import saes
-from jsae.jumprelu import jumprelu, step
+from jsae.ops import jumprelu, step
 from jsae.sae import SAE
 from jsae.interop import load, save
 

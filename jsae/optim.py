@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jsae.saes import base
+from jsae import ops
 
 
 def lr_schedule(*, lr: float, warmup_steps: int, total_steps: int,
@@ -117,7 +117,7 @@ def make_optimizer(optim_config, *, total_steps: int) -> optax.GradientTransform
 
 def normalize_decoder_rows(params):
   """Rescales every decoder row to unit norm (the Gemma Scope constraint)."""
-  norms = base.decoder_norms(params.W_dec)
+  norms = ops.decoder_norms(params.W_dec)
   return params.replace(W_dec=params.W_dec / jnp.maximum(norms, 1e-12)[:, None])
 
 

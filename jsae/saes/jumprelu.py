@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jsae import losses
-from jsae.jumprelu import jumprelu, step
+from jsae import ops
+from jsae.ops import jumprelu, step
 from jsae.saes import base
 
 
@@ -68,7 +69,7 @@ class JumpReLUFamily:
     if not init_threshold > 0:
       raise ValueError(f"init_threshold must be > 0; got {init_threshold}.")
     W_dec = jax.nn.initializers.he_uniform()(key, (d_sae, d_in), jnp.float32)
-    W_dec = W_dec / base.decoder_norms(W_dec)[:, None]
+    W_dec = W_dec / ops.decoder_norms(W_dec)[:, None]
     theta0 = jnp.full((d_sae,), init_threshold, jnp.float32)
     return JumpReLUParams(
         W_enc=W_dec.T, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
@@ -83,7 +84,7 @@ class JumpReLUFamily:
       raise ValueError(
           f"input has {x.shape[-1]} features but the SAE expects d_in={params.d_in}.")
     bias = params.b_dec if params.pre_encoder_bias else None
-    return base.matmul(x, params.W_enc, compute_dtype, input_bias=bias) + params.b_enc
+    return ops.matmul(x, params.W_enc, compute_dtype, input_bias=bias) + params.b_enc
 
   def encode(self, params: JumpReLUParams, x: jax.Array, *, bandwidth=0.001,
              ste_to_input: bool = False, compute_dtype="float32") -> jax.Array:
@@ -94,7 +95,7 @@ class JumpReLUFamily:
   def decode(self, params: JumpReLUParams, f: jax.Array, *,
              compute_dtype="float32") -> jax.Array:
     """Reconstruction `[..., d_in]` (float32) of latents `f: [..., d_sae]`."""
-    return base.matmul(f, params.W_dec, compute_dtype) + params.b_dec
+    return ops.matmul(f, params.W_dec, compute_dtype) + params.b_dec
 
   def loss(self, params: JumpReLUParams, x: jax.Array, *,
            settings: base.LossSettings, sparsity_coeff: jax.Array,
@@ -120,7 +121,7 @@ class JumpReLUFamily:
     if settings.sparsity == "step":
       sparsity = losses.step_l0(gates)
     elif settings.sparsity == "tanh":
-      sparsity = losses.tanh_penalty(f, base.decoder_norms(params.W_dec),
+      sparsity = losses.tanh_penalty(f, ops.decoder_norms(params.W_dec),
                                      settings.tanh_scale)
     elif settings.sparsity == "quadratic":
       sparsity = losses.quadratic_l0(gates, settings.target_l0)
@@ -131,7 +132,7 @@ class JumpReLUFamily:
     pre_act = jnp.zeros((), jnp.float32)
     if settings.pre_act_coeff > 0:
       mask = dead if settings.pre_act_dead_only else None
-      pre_act = losses.pre_activation(pre, theta, base.decoder_norms(params.W_dec), mask)
+      pre_act = losses.pre_activation(pre, theta, ops.decoder_norms(params.W_dec), mask)
       total = total + settings.pre_act_coeff * pre_act
     aux = dict(reconstruction=rec, sparsity=sparsity, pre_act=pre_act,
                pre=pre, f=f, x_hat=x_hat, theta=theta)

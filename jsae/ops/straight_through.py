@@ -1,7 +1,7 @@
 """JumpReLU and Heaviside step with straight-through pseudo-derivatives.
 
 The straight-through estimators of jsae (the other `custom_vjp`, in
-`jsae.saes.base.matmul`, only sets matmul precisions). Following Rajamanoharan et al. (2024),
+`jsae.ops.matmul`, only sets matmul precisions). Following Rajamanoharan et al. (2024),
 with K the rectangle kernel of bandwidth eps:
 
   jumprelu(z, theta) = z * H(z - theta)
