@@ -98,8 +98,9 @@ def bench_train_step_with_loader(directory: Path, *, d_sae: int, batch_size: int
   opt = optim.make_optimizer(config.optim, total_steps=10**6)
   settings = train.StepSettings.from_config(config, norm_scale=m.norm_scale)
   init = jax.jit(functools.partial(train.create_state, config=config, optimizer=opt))
-  step = jax.jit(functools.partial(train.train_step, settings=settings, optimizer=opt,
-                                   with_metrics=False), donate_argnums=0)
+  step = jax.jit(functools.partial(train.train_step, hparams=train.hyperparams(config),
+                                   settings=settings, optimizer=opt, with_metrics=False),
+                 donate_argnums=0)
   ld = loader_lib.ShardLoader(directory, batch_size=batch_size, seed=0, process_index=0,
                               process_count=1, prefetch=4, verify="none")
   in_memory = jnp.asarray(ld.read(0))

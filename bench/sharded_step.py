@@ -36,9 +36,10 @@ def _compiled(config, mesh):
   settings = train.StepSettings.from_config(config, norm_scale=1.0)
   init = functools.partial(train.create_state, config=config, optimizer=optimizer)
   abstract = jax.eval_shape(init, jax.random.key(0))
-  state_sh = sharding.named(mesh, sharding.state_specs(abstract, saes.JumpReLUParams))
+  state_sh = sharding.named(mesh, sharding.state_specs(abstract, saes.get(config.sae.family)))
   batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
-  step = jax.jit(functools.partial(train.train_step, settings=settings, optimizer=optimizer,
+  step = jax.jit(functools.partial(train.train_step, hparams=train.hyperparams(config),
+                                   settings=settings, optimizer=optimizer,
                                    with_metrics=False),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=0)
@@ -74,8 +75,10 @@ def measure(r, steps: int = 20) -> tuple[float, float]:
       (c.data.batch_size, c.sae.d_in), np.float32) / np.sqrt(c.sae.d_in), r["batch_sh"])
   settings = train.StepSettings.from_config(c, norm_scale=1.0)
   dead = np.zeros(c.sae.d_sae, bool)
+  hparams = train.hyperparams(c)
   grad_fn = jax.jit(jax.grad(lambda p, x: saes.get(c.sae.family).loss(
-      p, x, settings=settings.loss, sparsity_coeff=1e-3, dead=dead)[0]))
+      p, state.family_state, x, settings=settings.loss, hparams=hparams, dead=dead,
+      step=state.step)[0]))
 
   def per_call(fn, carry) -> float:
     carry = fn(carry)  # compile, warm up

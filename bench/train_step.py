@@ -1,11 +1,17 @@
 """Train-step throughput against the machine's own matmul rate, measured in the same run.
 
     python bench/train_step.py [--shapes 512x8192x2048,640x16384x4096] [--dtype float32]
+                               [--family jumprelu,topk,...|all]
 
-For each (d_in, d_sae, batch): tokens/s of the jitted JumpReLU train step, and
-the FLOP rate of a jitted `[batch, d_in] @ [d_in, d_sae]` matmul. A step counts
-10 * batch * d_in * d_sae FLOPs (2 forward and 3 backward matmuls); the printed
-ratio is the step's FLOP rate over the matmul's. Target on CPU: >= 0.7.
+For each family and (d_in, d_sae, batch): tokens/s of the jitted train step,
+and the FLOP rate of a jitted `[batch, d_in] @ [d_in, d_sae]` matmul. A step
+counts 2 * batch * d_in * d_sae FLOPs per matmul of that size it runs (the
+family's `step_matmuls`: 5 for most, 2 forward and 3 backward; 8 for Gated,
+whose auxiliary decode has its own forward and 2 backward matmuls); the printed
+ratio is the step's FLOP rate over the matmul's, so it measures everything
+that is not matmul (selection, elementwise work, the optimizer). AuxK runs
+only while some latent is dead (as on a fresh state here, none is). Target on
+CPU: >= 0.7 (JumpReLU), >= 0.75 for the other families at 640x16384x4096.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of this checkout
 from configs import default  # pylint: disable=wrong-import-position
-from jsae import optim, train
+from jsae import optim, saes, train
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -36,9 +42,10 @@ def _time(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int) -> dict:
-  """Measures one shape; returns the figures as a dict."""
-  config = default.get_config()
+def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int,
+                family: str = "jumprelu") -> dict:
+  """Measures one family and shape; returns the figures as a dict."""
+  config = default.get_config(f"family={family}")
   config.sae.d_in, config.sae.d_sae, config.sae.compute_dtype = d_in, d_sae, dtype
   config.data.batch_size = batch
   optimizer = optim.make_optimizer(config.optim, total_steps=10**6)
@@ -46,7 +53,8 @@ def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int) -> 
   state = jax.jit(functools.partial(train.create_state, config=config, optimizer=optimizer))(
       jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (batch, d_in)) / np.sqrt(d_in)
-  step = jax.jit(functools.partial(train.train_step, settings=settings, optimizer=optimizer,
+  step = jax.jit(functools.partial(train.train_step, hparams=train.hyperparams(config),
+                                   settings=settings, optimizer=optimizer,
                                    with_metrics=False))  # what the trainer runs between log steps
   # No donation here so the same state can be reused across repeats.
   step_s = _time(lambda s, b: step(s, b)[0].params.W_enc, state, x, repeats=repeats)
@@ -56,8 +64,8 @@ def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int) -> 
   mm = jax.jit(lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.float32))
   mm_s = _time(mm, a, w, repeats=repeats)
   mm_flops = 2 * batch * d_in * d_sae / mm_s
-  step_flops = 10 * batch * d_in * d_sae / step_s
-  return dict(shape=f"{d_in}x{d_sae}x{batch}", step_ms=1e3 * step_s,
+  step_flops = saes.get(family).step_matmuls * 2 * batch * d_in * d_sae / step_s
+  return dict(family=family, shape=f"{d_in}x{d_sae}x{batch}", step_ms=1e3 * step_s,
               tokens_per_s=batch / step_s, step_gflops=step_flops / 1e9,
               matmul_gflops=mm_flops / 1e9, ratio=step_flops / mm_flops)
 
@@ -67,15 +75,20 @@ def main() -> None:
   parser.add_argument("--shapes", default="512x8192x2048,640x16384x4096")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--family", default="jumprelu",
+                      help="comma-separated family names, or 'all'")
   args = parser.parse_args()
+  families = saes.names() if args.family == "all" else args.family.split(",")
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), dtype {args.dtype}")
-  print(f"{'d_in x d_sae x batch':>22} {'step ms':>9} {'tokens/s':>10} {'step GF/s':>10}"
-        f" {'matmul GF/s':>12} {'ratio':>6}")
-  for spec in args.shapes.split(","):
-    d_in, d_sae, batch = map(int, spec.split("x"))
-    r = bench_shape(d_in, d_sae, batch, args.dtype, args.repeats)
-    print(f"{r['shape']:>22} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f}"
-          f" {r['step_gflops']:10.1f} {r['matmul_gflops']:12.1f} {r['ratio']:6.2f}")
+  print(f"{'family':>11} {'d_in x d_sae x batch':>22} {'step ms':>9} {'tokens/s':>10}"
+        f" {'step GF/s':>10} {'matmul GF/s':>12} {'ratio':>6}")
+  for family in families:
+    for spec in args.shapes.split(","):
+      d_in, d_sae, batch = map(int, spec.split("x"))
+      r = bench_shape(d_in, d_sae, batch, args.dtype, args.repeats, family)
+      print(f"{family:>11} {r['shape']:>22} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f}"
+            f" {r['step_gflops']:10.1f} {r['matmul_gflops']:12.1f} {r['ratio']:6.2f}",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -3,41 +3,72 @@
 Train:   jsae train --config=configs/default.py --workdir=runs/my_sae \
            --config.data.source=shards --config.data.shards_dir=acts/ \
            --config.sae.d_in=3584 --config.sae.d_sae=131072
+Other families: --config=configs/default.py:family=topk (relu, topk, batchtopk,
+matryoshka, gated, jumprelu); the argument adds that family's own fields.
 Units: inputs are divided by the shards' constant C so E||x||^2 = 1; bandwidth,
 init_threshold and sparsity_coeff are in those units.
+
+Family fields (each documented where the family defines it, jsae/saes/<family>.py;
+`jsae.saes.get(NAME).fields` lists them with their one-line docs):
+  jumprelu    sae.threshold_param, init_threshold, bandwidth, ste_to_input;
+              loss.sparsity, sparsity_coeff, sparsity_warmup_steps, tanh_scale,
+              target_l0, pre_act_coeff, pre_act_dead_only
+  relu        loss.sparsity_coeff, sparsity_warmup_steps (L1 weighted by ||d_i||)
+  topk        sae.k, k_aux; loss.aux_coeff, aux_form
+  batchtopk   as topk + sae.threshold_ema
+  matryoshka  as batchtopk + sae.group_sizes; loss.group_loss
+  gated       loss.sparsity_coeff, sparsity_warmup_steps, penalty
+Where the sources disagree, jsae chooses (see README, "SAE families"):
+  AuxK        'gao': ReLU'd dead pre-activations, loss normalised by the residual's
+              variance, alpha 1/32, k_aux 512 (OpenAI, dictionary_learning);
+              loss.aux_form='saelens' for SAELens's pre-ReLU unnormalised form.
+  Matryoshka  the sum of the levels' losses (paper, SAELens); 'mean' for
+              dictionary_learning's.
+  BatchTopK   theta = bias-corrected EMA (rate 0.01) of each batch's smallest positive
+              kept activation: SAELens's rate without its slow rise from 0.
+  Decoder     unit-norm rows with the parallel gradient removed (Gemma Scope, Gao,
+              dictionary_learning) for jumprelu, topk, batchtopk, matryoshka; no
+              constraint for relu and gated, whose penalties are weighted by ||d_i||
+              (Anthropic April 2024, SAELens); optim.decoder_unit_norm overrides.
 """
 
 import ml_collections
 
+from jsae import saes
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'family=topk,x=y' -> {'family': 'topk', 'x': 'y'} (the `config.py:arg` syntax)."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r} is not KEY=VALUE (e.g. family=topk).")
+    out[key.strip()] = value.strip()
+  return out
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The default config; `arg` is unused (kept for the `config.py:arg` syntax)."""
-  del arg
+  """The default config; `arg` may name the SAE family: 'family=topk' (default jumprelu)."""
+  args = parse_arg(arg)
+  unknown = sorted(set(args) - {"family"})
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; configs/default.py takes"
+                     " family=NAME.")
   c = ml_collections.ConfigDict()
   c.seed = 0  # seed of the SAE initialisation (data has its own seed)
 
   c.sae = ml_collections.ConfigDict()
-  c.sae.family = "jumprelu"  # SAE family from jsae.saes.names()
+  c.sae.family = "jumprelu"  # SAE family from jsae.saes.names(); set it with :family=NAME
   c.sae.d_in = 2304  # activation width (Gemma 2 2B residual stream: 2304)
   c.sae.d_sae = 16384  # number of latents
-  c.sae.threshold_param = "raw"  # 'raw' theta or 'log' theta (GDM; freezes under Adam, see docs)
-  c.sae.init_threshold = 0.001  # theta_0 for every latent (Gemma Scope)
-  c.sae.bandwidth = 0.001  # straight-through kernel width eps (Gemma Scope)
   c.sae.pre_encoder_bias = True  # subtract b_dec before the encoder (Gemma Scope training form)
   c.sae.init_b_dec = "zeros"  # 'zeros' (Gemma Scope) or 'mean' of the first batches (short runs)
   c.sae.init_b_dec_batches = 8  # batches averaged for init_b_dec='mean'
-  c.sae.ste_to_input = False  # Anthropic variant: pass the estimator to pre-activations too
   c.sae.compute_dtype = "float32"  # matmul dtype: 'float32' or 'bfloat16' (params stay float32)
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.sparsity = "step"  # 'step' (L0, Gemma Scope), 'tanh' (Anthropic), 'quadratic' (target L0)
-  c.loss.sparsity_coeff = 6e-4  # lambda; 6e-4 gives L0 ~ 50 on Gemma 2 9B layer 20
-  c.loss.sparsity_warmup_steps = 10_000  # lambda rises linearly from 0 over these steps
-  c.loss.tanh_scale = 4.0  # c in tanh(c |f| ||d||) for sparsity='tanh'
-  c.loss.target_l0 = 50.0  # T for sparsity='quadratic'
-  c.loss.pre_act_coeff = 0.0  # pre-activation loss weight (Anthropic: 3e-6); 0 disables
-  c.loss.pre_act_dead_only = True  # apply it to dead latents only (SAELens) or to all
-  c.loss.dead_window_steps = 1000  # a latent silent for this many steps counts as dead
+  c.loss.dead_window_steps = 1000  # a latent silent for this many steps counts as dead (AuxK too)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 7e-5  # peak learning rate (Gemma Scope, all runs)
@@ -106,4 +137,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ckpt.every_steps = 5000  # steps between checkpoints (and one at the end)
   c.ckpt.max_to_keep = 2  # checkpoints kept on disk
   c.ckpt.async_save = True  # write checkpoints in the background
-  return c
+
+  # The family's own sae./loss. fields and its optim.decoder_unit_norm default.
+  return saes.base.configure(c, args.get("family", "jumprelu"))

@@ -1,6 +1,9 @@
 """A seconds-long CPU run on planted synthetic features (smoke tests, debugging).
 
   jsae train --config=configs/tiny.py --workdir=/tmp/jsae_tiny
+  jsae train --config=configs/tiny.py:family=topk --workdir=/tmp/jsae_tiny_topk
+
+Per-family settings tuned on these planted features: configs/tiny_<family>.py.
 """
 
 from configs import default
@@ -11,10 +14,12 @@ def get_config(arg: str | None = None):
   c = default.get_config(arg)
   c.sae.d_in = 64
   c.sae.d_sae = 256
-  c.sae.bandwidth = 0.05  # short runs need a wider window (few pre-activations near theta)
-  c.sae.init_threshold = 0.05
-  c.loss.sparsity_coeff = 0.02  # recovers the planted features: L0 ~ 5.5 of 6, best cosine ~ 0.97
-  c.loss.sparsity_warmup_steps = 200
+  if c.sae.family == "jumprelu":
+    c.sae.bandwidth = 0.05  # short runs need a wider window (few pre-activations near theta)
+    c.sae.init_threshold = 0.05
+    c.loss.sparsity_coeff = 0.02  # recovers the planted features: L0 ~ 5.5 of 6, best cosine ~ 0.97
+  if "sparsity_warmup_steps" in c.loss:
+    c.loss.sparsity_warmup_steps = 200
   c.loss.dead_window_steps = 100
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 50

@@ -6,10 +6,10 @@
     f = jsae.encode(params, x); x_hat = jsae.decode(params, f)
 """
 
-from jsae import saes
+from jsae import formats, runs, saes
 from jsae.ops import jumprelu, step
 from jsae.sae import SAE
-from jsae.interop import load, save
+from jsae.formats import load, save
 
 __version__ = "0.1.0"
 
@@ -31,5 +31,5 @@ def decode(params, f, **kw):
   return saes.family_of(params).decode(params, f, **kw)
 
 
-__all__ = ["jumprelu", "step", "encode", "decode", "saes", "SAE", "load", "save",
-           "__version__"]
+__all__ = ["jumprelu", "step", "encode", "decode", "formats", "runs", "saes", "SAE", "load",
+           "save", "__version__"]

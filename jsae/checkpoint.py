@@ -46,6 +46,30 @@ def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
   return dict(restored.meta)
 
 
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The `meta` item of checkpoint `step`."""
+  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  return dict(restored.meta)
+
+
+def restore_fields(manager: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
+  """Restores only the named fields of the saved state: `{field: abstract subtree}`.
+
+  A params-only restore (as Google's `gemma` library restores params without
+  rebuilding the optimizer): the optimizer state is never read. Leaves of
+  `abstract` are `jax.ShapeDtypeStruct`s (with shardings, where wanted).
+  """
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                     dtype=a.dtype)
+      if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(dtype=a.dtype),
+      abstract)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                   partial_restore=True)))
+  return dict(restored.state)
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
             step: int | None = None) -> tuple[Any, dict]:
   """Restores (state, meta) of `step` (default: latest) into `abstract_state`'s structure.

@@ -215,12 +215,12 @@ def cmd_export(args: list[str]) -> int:
     raise UsageError(usage)
   options = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "true")
                  for a in args if a.startswith("--"))
-  from jsae import interop
+  from jsae import formats
   fmt = options.pop("format", "jsae")
   step = int(options.pop("step")) if "step" in options else None
   overwrite = options.pop("overwrite", "false") == "true"
   layout = {k: (int(v) if v.isdigit() else v) for k, v in options.items()}
-  path = interop.export(positional[0], positional[1], fmt, step=step, overwrite=overwrite,
+  path = formats.export(positional[0], positional[1], fmt, step=step, overwrite=overwrite,
                         **layout)
   print(f"exported {positional[0]} as {fmt} to {path}")
   return 0

@@ -17,10 +17,8 @@ def _require(ok: bool, field: str, message: str) -> None:
 
 
 _CHOICES = {
-    "sae.threshold_param": ("raw", "log"),
     "sae.compute_dtype": ("float32", "bfloat16"),
     "sae.init_b_dec": ("zeros", "mean"),
-    "loss.sparsity": ("step", "tanh", "quadratic"),
     "optim.decay": ("none", "linear", "cosine"),
     "data.source": ("synthetic", "shards"),
     "data.verify": ("first_open", "all", "none"),
@@ -34,27 +32,32 @@ def _get(config, dotted: str):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the field and the fix for any unusable value."""
+  """Raises ConfigError naming the field and the fix for any unusable value.
+
+  The family checks its own fields (`Family.validate`): a field of another
+  family, a missing one, or a value out of range.
+  """
+  _require(config.sae.family in saes.names(), "sae.family",
+           f"unknown family {config.sae.family!r}; known: {saes.names()}. Build the config"
+           " with --config=configs/default.py:family=NAME.")
+  try:
+    saes.get(config.sae.family).validate(config)
+  except saes.FamilyConfigError as e:
+    raise ConfigError(str(e)) from None
   for field, choices in _CHOICES.items():
     value = _get(config, field)
     _require(value in choices, field, f"{value!r} is not one of {choices}.")
-  _require(config.sae.family in saes.names(), "sae.family",
-           f"unknown family {config.sae.family!r}; known: {saes.names()}.")
   for field in ("sae.d_in", "sae.d_sae", "data.batch_size", "train.num_tokens",
                 "train.log_every", "ckpt.every_steps", "ckpt.max_to_keep"):
     value = _get(config, field)
     _require(isinstance(value, int) and value > 0, field,
              f"must be a positive integer; got {value!r}.")
-  for field in ("sae.bandwidth", "sae.init_threshold", "optim.lr"):
-    value = _get(config, field)
-    _require(value > 0, field, f"must be > 0; got {value!r}.")
-  for field in ("loss.sparsity_coeff", "loss.pre_act_coeff", "optim.clip_grad_norm",
-                "loss.sparsity_warmup_steps", "optim.warmup_steps"):
+  _require(config.optim.lr > 0, "optim.lr", f"must be > 0; got {config.optim.lr!r}.")
+  for field in ("optim.clip_grad_norm", "optim.warmup_steps"):
     value = _get(config, field)
     _require(value >= 0, field, f"must be >= 0; got {value!r}.")
   _require(0 <= config.optim.b1 < 1 and 0 < config.optim.b2 < 1, "optim.b1/b2",
            "Adam betas must lie in [0, 1).")
-  _require(config.loss.target_l0 > 0, "loss.target_l0", "must be > 0.")
   _require(total_steps(config) >= 1, "train.num_tokens",
            f"{config.train.num_tokens} tokens is less than one batch of"
            f" {config.data.batch_size}.")

@@ -51,13 +51,6 @@ def lr_schedule(*, lr: float, warmup_steps: int, total_steps: int,
   return optax.join_schedules([warm, tail], [start])
 
 
-def sparsity_coeff(step: jax.Array, *, coeff: float, warmup_steps: int) -> jax.Array:
-  """lambda(t) = coeff * min(1, t / warmup_steps): the linear lambda warm-up."""
-  if warmup_steps <= 0:
-    return jnp.asarray(coeff, jnp.float32)
-  return coeff * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
-
-
 def project_decoder_gradient() -> optax.GradientTransformation:
   """Removes from each decoder row's gradient its component along that row.
 
@@ -121,11 +114,11 @@ def normalize_decoder_rows(params):
   return params.replace(W_dec=params.W_dec / jnp.maximum(norms, 1e-12)[:, None])
 
 
-def apply_updates(params, updates, *, family, decoder_unit_norm: bool):
+def apply_updates(params, updates, *, family, decoder_unit_norm: bool, settings=None):
   """params + updates, then the decoder-norm and family constraints."""
   params = optax.apply_updates(params, updates)
   if decoder_unit_norm:
     params = normalize_decoder_rows(params)
-  return family.constrain(params)
+  return family.constrain(params, settings)
 
 

@@ -224,7 +224,7 @@ def summary_table(metrics: dict, wall_s: float) -> str:
 
 def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   """All stages (see the module docstring); returns the evaluation metrics."""
-  from jsae import interop, report as report_lib, sae as sae_lib
+  from jsae import formats, report as report_lib, sae as sae_lib
   t0 = time.perf_counter()
   workdir = Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   sae = sae_lib.SAE.from_run(run_dir)
   export_dir = run_dir / "export"
   if not export_dir.exists():
-    interop.save(sae, export_dir, format="jsae")
+    formats.save(sae, export_dir, format="jsae")
   metrics = eval_stage(config, lm, sae, contexts, dirs["eval"], run_dir / "eval.json")
   if report:
     index = report_lib.write_report([run_dir], workdir / "report")

@@ -114,13 +114,23 @@ def _fmt(v, spec=".3g"):
   return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else html.escape(str(v))
 
 
+def _knob(config: dict) -> str:
+  """The run's sparsity knob: lambda for the penalised families, k for the TopK ones."""
+  if "sparsity_coeff" in config["loss"]:
+    return f"&lambda; {_fmt(config['loss']['sparsity_coeff'])}"
+  if "k" in config["sae"]:
+    return f"k {_fmt(config['sae']['k'])}"
+  return "—"
+
+
 def _row(run: dict) -> str:
   c, e = run["config"], run["eval"] or {}
   last = run["metrics"][-1] if run["metrics"] else {}
-  cells = [run["name"], c["sae"]["family"], c["sae"]["d_sae"], c["loss"]["sparsity_coeff"],
+  cells = [run["name"], c["sae"]["family"], c["sae"]["d_sae"], _knob(c),
            last.get("step"), e.get("l0"), e.get("fvu"), e.get("delta_lm_loss"),
            e.get("delta_lm_loss_zero"), e.get("dead_frac"), e.get("dense_frac")]
-  return "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in cells) + "</tr>"
+  return "<tr>" + "".join(f"<td>{v if i == 3 else _fmt(v)}</td>"
+                          for i, v in enumerate(cells)) + "</tr>"
 
 
 _PAGE = """<!doctype html>
@@ -135,7 +145,7 @@ pre {{ background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 </style></head><body>
 <h1>jsae report</h1>
 <p>{n} run(s). Metrics on held-out tokens; delta LM loss in nats per token.</p>
-<table><tr><th>run</th><th>family</th><th>d_sae</th><th>&lambda;</th><th>steps</th><th>L0</th>
+<table><tr><th>run</th><th>family</th><th>d_sae</th><th>sparsity knob</th><th>steps</th><th>L0</th>
 <th>FVU</th><th>&Delta; LM loss</th><th>zero-abl. &Delta;</th><th>dead</th><th>dense</th></tr>
 {rows}</table>
 <h2>Sparsity-fidelity trade-off</h2>

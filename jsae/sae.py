@@ -1,4 +1,4 @@
-"""The SAE object: a trained JumpReLU SAE that takes the LM's own activations.
+"""The SAE object: a trained SAE of any family that takes the LM's own activations.
 
     sae = jsae.load("layer_20/width_16k/average_l0_71")   # or jsae.SAE.from_run(workdir)
     f = sae.encode(x)                  # x: [..., d_in] raw LM units -> [..., d_sae]
@@ -8,20 +8,24 @@
 
 An `SAE` is a pytree (`flax.struct.dataclass`): its arrays are leaves, so
 `jax.jit(lambda s, x: s.encode(x))(sae, x)` works and shardings on the arrays
-apply; the provenance is static metadata (a canonical JSON string).
+apply; the family and the provenance are static metadata.
 
-Inference semantics (Gemma Scope release, SAELens `JumpReLUSAE`):
+`sae.family` is the *inference* family, one of
 
-    pi    = x @ W_enc + b_enc                      (no b_dec subtraction)
-    f     = pi * 1[pi > max(theta, 0)]             (= mask * relu(pi) for theta >= 0)
-    x_hat = f @ W_dec + b_dec
+    jumprelu  f = pi * 1[pi > max(theta, 0)]       (JumpReLU; also BatchTopK,
+                                                    Matryoshka and Gated SAEs)
+    relu      f = ReLU(pi)
+    topk      f = ReLU(pi) on each row's k largest pi
+    with pi = x @ W_enc + b_enc,   x_hat = f @ W_dec + b_dec
+
+The training family (e.g. 'batchtopk') is recorded in the provenance.
 
 Folding (Gemma Scope App. A). Training divides inputs by one constant C
 (E||x/C||^2 = 1) and subtracts b_dec before the encoder:
 
-    pi = (x/C - b_dec) @ W_enc + b_enc,   x_hat/C = JumpReLU_theta(pi) @ W_dec + b_dec
+    pi = (x/C - b_dec) @ W_enc + b_enc,   x_hat/C = f(pi) @ W_dec + b_dec
 
-`fold_pre_encoder_bias` then `fold_norm_scale` rewrite the parameters for raw x:
+Each family's `fold` rewrites the parameters for raw x:
 
     b_enc' = C (b_enc - b_dec @ W_enc),   theta' = C theta,   b_dec' = C b_dec,   W unchanged
 
@@ -32,7 +36,8 @@ Decoder-norm folding (`fold_decoder_norms`), for decoders whose rows are not
 unit norm: with n_i = ||W_dec[i]||, W_enc[:, i] *= n_i, b_enc_i *= n_i,
 theta_i *= n_i, W_dec[i] /= n_i. The same latents fire, latent i becomes n_i
 times larger (its value is then its contribution's norm in input space), and the
-reconstruction is unchanged. Rows of norm 0 are left as they are.
+reconstruction is unchanged. Rows of norm 0 are left as they are. TopK refuses
+it (rescaling changes which latents win).
 """
 
 from __future__ import annotations
@@ -47,9 +52,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jsae.saes.jumprelu import JumpReLUParams
+from jsae import runs, saes
+from jsae.saes import base as saes_base
 
 P = jax.sharding.PartitionSpec
+
+# The families an SAE object can be (their `infer` is the forward).
+INFERENCE_FAMILIES = ("jumprelu", "relu", "topk")
 
 
 class TopK(NamedTuple):
@@ -96,65 +105,12 @@ def _last_axis_replicated(a) -> jax.sharding.NamedSharding | None:
 # ----------------------------------------------------------------------------- folding
 
 
-def raw_threshold(params: JumpReLUParams) -> JumpReLUParams:
-  """The same SAE with a raw float32 threshold theta (converts a log threshold)."""
-  return params.replace(threshold=params.theta().astype(jnp.float32), log_threshold=False)
-
-
-def fold_pre_encoder_bias(params: JumpReLUParams) -> JumpReLUParams:
-  """Folds the pre-encoder bias into b_enc: b_enc' = b_enc - b_dec @ W_enc.
-
-  The result encodes `x @ W_enc + b_enc'`, equal to `(x - b_dec) @ W_enc + b_enc`.
-  A no-op when `params.pre_encoder_bias` is False.
-  """
-  if not params.pre_encoder_bias:
-    return params
-  shift = jnp.matmul(params.b_dec.astype(jnp.float32), params.W_enc.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
-  b_enc = (params.b_enc.astype(jnp.float32) - shift).astype(params.b_enc.dtype)
-  return params.replace(b_enc=b_enc, pre_encoder_bias=False)
-
-
-def fold_norm_scale(params: JumpReLUParams, norm_scale: float) -> JumpReLUParams:
-  """Parameters for raw inputs x of an SAE trained on x / norm_scale.
-
-  Scales b_enc, b_dec and theta by C = norm_scale (W unchanged); latents become
-  C times larger and the reconstruction is in raw units. Works with or without
-  a pre-encoder bias: (x - C b_dec) @ W + C b_enc = C ((x/C - b_dec) @ W + b_enc).
-
-  Args:
-    params: training-time parameters (raw or log threshold).
-    norm_scale: C > 0, the constant the training inputs were divided by.
-  """
-  c = float(norm_scale)
-  if not (np.isfinite(c) and c > 0):
-    raise ValueError(f"norm_scale must be a finite number > 0; got {norm_scale!r}.")
-  params = raw_threshold(params)
-  return params.replace(b_enc=params.b_enc * c, b_dec=params.b_dec * c,
-                        threshold=params.threshold * c)
-
-
-def fold_decoder_norms(params: JumpReLUParams) -> JumpReLUParams:
-  """Unit-norm decoder rows with the norms moved into the encoder (module docstring).
-
-  The on/off pattern and the reconstruction are unchanged; latent i is scaled by
-  n_i = ||W_dec[i]||. Rows of norm 0 keep n_i = 1.
-  """
-  params = raw_threshold(params)
-  norms = jnp.sqrt(jnp.sum(jnp.square(params.W_dec.astype(jnp.float32)), axis=-1))
-  n = jnp.where(norms > 0, norms, 1.0)  # [d_sae]
-  def scale(a, s):
-    return (a.astype(jnp.float32) * s).astype(a.dtype)
-  return params.replace(
-      W_enc=scale(params.W_enc, n[None, :]), b_enc=scale(params.b_enc, n),
-      threshold=params.threshold * n, W_dec=scale(params.W_dec, 1.0 / n[:, None]))
-
-
-def fold_training(params: JumpReLUParams, norm_scale: float, *,
-                  fold_decoder_norm: bool = False) -> JumpReLUParams:
-  """Training-time parameters -> raw-unit inference parameters (module docstring)."""
-  params = fold_norm_scale(fold_pre_encoder_bias(params), norm_scale)
-  return fold_decoder_norms(params) if fold_decoder_norm else params
+def canonical(params):
+  """The inference layout every format saves: pre-encoder bias folded, raw threshold."""
+  family = saes.family_of(params)
+  if family.name == "jumprelu":
+    return saes.jumprelu.canonical(params)
+  return saes_base.fold_pre_encoder_bias(params)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -187,49 +143,57 @@ def provenance_json(provenance: dict | None) -> str:
 
 @struct.dataclass
 class SAE:
-  """A JumpReLU SAE for raw LM activations (see the module docstring).
+  """An SAE of any inference family for raw LM activations (see the module docstring).
 
   Attributes:
-    params: `JumpReLUParams` in raw activation units. `from_params` and
-      `from_training` store them canonically (raw float32 threshold,
-      `pre_encoder_bias=False`, the form every format saves); other forms still
-      compute the same function.
+    params: the inference family's parameters in raw activation units.
+      `from_params` and `from_training` store them canonically (raw float32
+      threshold, `pre_encoder_bias=False`, the form every format saves).
+    family: the inference family's name (static): 'jumprelu', 'relu' or 'topk'.
     provenance_json: where the activations came from and how the SAE was made,
       as canonical JSON (static, so the pytree stays hashable); read it as
       `sae.provenance`.
   """
 
-  params: JumpReLUParams
+  params: Any
+  family: str = struct.field(pytree_node=False, default="jumprelu")
   provenance_json: str = struct.field(pytree_node=False, default="{}")
 
   # -- construction
 
   @classmethod
-  def from_params(cls, params: JumpReLUParams, provenance: dict | None = None) -> "SAE":
-    """An SAE from JumpReLU parameters already in raw units (folds b_dec, log theta)."""
-    if not isinstance(params, JumpReLUParams):
-      raise TypeError(f"SAE needs JumpReLUParams; got {type(params).__name__}.")
-    params = fold_pre_encoder_bias(raw_threshold(params))
-    return cls(params=params, provenance_json=provenance_json(provenance))
+  def from_params(cls, params, provenance: dict | None = None) -> "SAE":
+    """An SAE from an inference family's parameters already in raw units (folds b_dec, log theta)."""
+    family = saes.family_of(params)
+    if family.name not in INFERENCE_FAMILIES:
+      raise TypeError(
+          f"{type(params).__name__} are training parameters of family {family.name!r};"
+          f" an SAE holds {', '.join(INFERENCE_FAMILIES)} parameters. Use"
+          " SAE.from_training(params, norm_scale, state=...) to fold them.")
+    return cls(params=canonical(params), family=family.name,
+               provenance_json=provenance_json(provenance))
 
   @classmethod
-  def from_training(cls, params: JumpReLUParams, norm_scale: float,
-                    provenance: dict | None = None, *,
-                    fold_decoder_norm: bool = False) -> "SAE":
-    """An SAE for raw activations from training-time parameters.
+  def from_training(cls, params, norm_scale: float, provenance: dict | None = None, *,
+                    state: Any = None, fold_decoder_norm: bool = False) -> "SAE":
+    """An SAE for raw activations from any family's training-time parameters.
 
     Args:
-      params: the trainer's JumpReLU parameters (inputs divided by C).
+      params: the trainer's parameters (inputs divided by C).
       norm_scale: C, the data's normalisation constant.
-      provenance: JSON-able dict; `norm_scale` is recorded in it.
+      provenance: JSON-able dict; `norm_scale` and the training family are recorded.
+      state: the family state (BatchTopK / Matryoshka need their running threshold).
       fold_decoder_norm: also move decoder row norms into the encoder.
     """
+    family = saes.family_of(params)
     prov = dict(provenance or {})
     prov.setdefault("norm_scale", float(norm_scale))
+    prov.setdefault("training_family", family.name)
     prov["units"] = "raw"
+    name, folded = family.fold(params, state, norm_scale)
     if fold_decoder_norm:
+      folded = saes.get(name).fold_decoder_norms(folded)
       prov["decoder_norm_folded"] = True
-    folded = fold_training(params, norm_scale, fold_decoder_norm=fold_decoder_norm)
     return cls.from_params(folded, prov)
 
   @classmethod
@@ -241,18 +205,18 @@ class SAE:
       workdir: a directory `jsae train` wrote (config.json, checkpoints/).
       step: checkpoint step; default the latest finished one.
       fold_decoder_norm: fold decoder row norms; default True exactly when the
-        run did not keep decoder rows at unit norm (`config.optim.decoder_unit_norm`).
+        run did not keep decoder rows at unit norm (`config.optim.decoder_unit_norm`)
+        and the inference family allows it (not TopK).
 
     Raises:
       FileNotFoundError: no checkpoints/ folder or no finished checkpoint in it.
     """
-    from jsae import interop  # local: reading a run pulls in Orbax and the trainer
-    params, meta, provenance = interop.read_run(workdir, step=step)
+    run = runs.read_run(workdir, step=step)
     if fold_decoder_norm is None:
-      fold_decoder_norm = not bool(meta["config"].get("optim", {}).get(
-          "decoder_unit_norm", True))
-    return cls.from_training(params, meta["norm_scale"], provenance,
-                             fold_decoder_norm=fold_decoder_norm)
+      fold_decoder_norm = (not run.config.optim.decoder_unit_norm
+                           and saes.get(run.config.sae.family).inference_form != "topk")
+    return cls.from_training(run.params, run.norm_scale, run.provenance,
+                             state=run.family_state, fold_decoder_norm=fold_decoder_norm)
 
   # -- metadata
 
@@ -268,7 +232,7 @@ class SAE:
 
   @property
   def dtype(self) -> jnp.dtype:
-    """The weights' dtype (the threshold is always float32)."""
+    """The weights' dtype (a threshold is always float32)."""
     return jnp.dtype(self.params.W_enc.dtype)
 
   @property
@@ -278,8 +242,17 @@ class SAE:
 
   @property
   def threshold(self) -> jax.Array:
-    """theta `[d_sae]` float32 in raw activation units."""
+    """theta `[d_sae]` float32 in raw activation units (JumpReLU SAEs only)."""
+    if self.family != "jumprelu":
+      raise AttributeError(f"a {self.family!r} SAE has no threshold.")
     return self.params.theta().astype(jnp.float32)
+
+  @property
+  def k(self) -> int:
+    """Latents kept per row (TopK SAEs only)."""
+    if self.family != "topk":
+      raise AttributeError(f"a {self.family!r} SAE has no k.")
+    return int(self.params.k)
 
   def with_provenance(self, **updates: Any) -> "SAE":
     """The same SAE with provenance entries added or replaced."""
@@ -289,36 +262,27 @@ class SAE:
     p = self.provenance
     what = ", ".join(f"{k}={p[k]!r}" for k in ("model", "hook_site", "layer") if p.get(k)
                      not in (None, ""))
-    return (f"SAE(d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.dtype.name}"
+    trained = p.get("training_family")
+    fam = self.family + (f" (trained as {trained})" if trained not in (None, self.family)
+                         else "")
+    return (f"SAE({fam}, d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.dtype.name}"
             + (f", {what}" if what else "") + ")")
 
   # -- inference
-
-  def _check_input(self, x: jax.Array) -> None:
-    if x.shape[-1] != self.d_in:
-      raise ValueError(f"input has {x.shape[-1]} features (shape {tuple(x.shape)}) but"
-                       f" the SAE expects d_in={self.d_in}.")
 
   def pre_activations(self, x: jax.Array) -> jax.Array:
     """pi = x @ W_enc + b_enc: `[..., d_in]` -> `[..., d_sae]` float32.
 
     The matmul runs in the weights' dtype with float32 accumulation.
     """
-    self._check_input(x)
-    w = self.params.W_enc
-    if self.params.pre_encoder_bias:  # only for SAEs built without from_params
-      x = x.astype(jnp.float32) - self.params.b_dec.astype(jnp.float32)
-    pre = jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-    return pre + self.params.b_enc.astype(jnp.float32)
+    return saes_base.plain_pre_activations(self.params, x)
 
   def encode(self, x: jax.Array) -> jax.Array:
     """Latents `[..., d_sae]` float32 of raw activations `x: [..., d_in]`.
 
-    The threshold comparison is in float32 whatever the weights' dtype.
+    A threshold comparison is in float32 whatever the weights' dtype.
     """
-    pre = self.pre_activations(x)
-    theta = jnp.maximum(self.threshold, 0.0)
-    return jnp.where(pre > theta, pre, 0.0)
+    return saes.get(self.family).infer(self.params, x)
 
   def decode(self, f: jax.Array) -> jax.Array:
     """Reconstruction `[..., d_in]` float32 of latents `f: [..., d_sae]`."""
@@ -409,30 +373,31 @@ class SAE:
   # -- dtype, sharding, folding
 
   def astype(self, dtype) -> "SAE":
-    """The SAE with weights and biases in `dtype` (e.g. bfloat16); theta stays float32."""
+    """The SAE with weights and biases in `dtype` (e.g. bfloat16); a threshold stays float32."""
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"dtype must be a floating type; got {dtype}.")
-    p = self.params
-    params = p.replace(W_enc=p.W_enc.astype(dtype), b_enc=p.b_enc.astype(dtype),
-                       W_dec=p.W_dec.astype(dtype), b_dec=p.b_dec.astype(dtype),
-                       threshold=p.threshold.astype(jnp.float32))
-    return self.replace(params=params)
+    cast = {name: getattr(self.params, name).astype(
+        jnp.float32 if name == "threshold" else dtype)
+            for name in saes_base.array_fields(self.params)}
+    return self.replace(params=self.params.replace(**cast))
 
   def fold_decoder_norms(self) -> "SAE":
     """The SAE with unit-norm decoder rows (latents rescaled; see the module docstring)."""
-    return self.replace(params=fold_decoder_norms(self.params)).with_provenance(
-        decoder_norm_folded=True)
+    folded = saes.get(self.family).fold_decoder_norms(self.params)
+    return self.replace(params=folded).with_provenance(decoder_norm_folded=True)
 
   def partition_specs(self, model_axis: str = "model") -> "SAE":
     """An SAE-shaped pytree of PartitionSpecs: latents sharded over `model_axis`.
 
-    W_enc `P(None, model)`, W_dec `P(model, None)`, b_enc and threshold
-    `P(model)`, b_dec replicated (the jsae convention).
+    The family's table: W_enc `P(None, model)`, W_dec `P(model, None)`, per-latent
+    vectors (b_enc, threshold) `P(model)`, b_dec replicated.
     """
-    specs = self.params.replace(W_enc=P(None, model_axis), b_enc=P(model_axis),
-                                W_dec=P(model_axis, None), b_dec=P(),
-                                threshold=P(model_axis))
+    specs = saes.get(self.family).param_specs(self.params)
+    if model_axis != "model":
+      specs = jax.tree.map(
+          lambda s: P(*(model_axis if a == "model" else a for a in s)), specs,
+          is_leaf=lambda s: isinstance(s, P))
     return self.replace(params=specs)
 
   def shard(self, mesh: jax.sharding.Mesh, model_axis: str = "model") -> "SAE":

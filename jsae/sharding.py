@@ -5,9 +5,11 @@ Megatron-style along its latent axis, as Gemma Scope trained its wide SAEs:
 
   W_enc [d_in, d_sae]  -> P(None, "model")   encoder matmul is local
   W_dec [d_sae, d_in]  -> P("model", None)   decoder output needs one psum
-  b_enc, threshold     -> P("model")
+  per-latent vectors   -> P("model")         (b_enc, threshold, Gated's b_gate, ...)
   b_dec [d_in]         -> P()
   batch [B, d_in]      -> P("data", None)
+
+Each family names the spec of every parameter it has (`Family.param_spec_table`).
 
 Optimizer state follows its parameter; XLA (GSPMD) inserts the collectives.
 """
@@ -23,14 +25,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jsae.config import ConfigError
 
-# Field name -> spec. Families name their fields alike, so one table serves all.
-PARAM_SPECS = {
-    "W_enc": P(None, "model"),
-    "W_dec": P("model", None),
-    "b_enc": P("model"),
-    "threshold": P("model"),
-    "b_dec": P(),
-}
 BATCH_SPEC = P("data", None)
 
 
@@ -77,31 +71,28 @@ def check_divisible(mesh: Mesh, *, d_sae: int, batch_size: int) -> None:
                       f" data axis ({data}); pick a multiple of {data}.")
 
 
-def param_specs(params: Any) -> Any:
-  """A pytree of PartitionSpecs shaped like `params` (unknown fields replicated)."""
-  fields = {name: PARAM_SPECS.get(name, P()) for name in _field_names(params)}
-  return params.replace(**fields)
-
-
-def _field_names(params) -> list[str]:
-  return [f for f in params.__dataclass_fields__
-          if params.__dataclass_fields__[f].metadata.get("pytree_node", True)]
-
-
-def state_specs(state: Any, params_type: type) -> Any:
-  """PartitionSpecs for a TrainState: params and anything shaped like them sharded.
+def state_specs(state: Any, family) -> Any:
+  """PartitionSpecs for a TrainState: the family names every parameter's spec.
 
   Optimizer states hold trees of the params' type (e.g. Adam's second moment);
-  those follow the parameter table. Scalars (step, counters) are replicated;
-  `steps_since_fired` is per latent.
+  those follow the family's table too. A parameter the family has no spec for
+  is an error (never a silent replication). Scalars (step, counters) are
+  replicated; `steps_since_fired` is per latent; the family state is the family's.
   """
+  params_type = family.params_type
+
   def spec(node):
     if isinstance(node, params_type):
-      return param_specs(node)
+      return family.param_specs(node)
     return P()
 
-  specs = jax.tree.map(spec, state, is_leaf=lambda n: isinstance(n, params_type))
-  return specs.replace(steps_since_fired=P("model"))
+  def is_leaf(node):
+    return isinstance(node, params_type)
+
+  rest = state.replace(family_state=None)
+  specs = jax.tree.map(spec, rest, is_leaf=is_leaf)
+  return specs.replace(steps_since_fired=P("model"),
+                       family_state=family.state_specs(state.family_state))
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

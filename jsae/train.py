@@ -29,7 +29,10 @@ from etils import epath
 from flax import struct
 from tqdm.auto import tqdm
 
-from jsae import checkpoint, data, losses, optim, saes, sharding
+P = jax.sharding.PartitionSpec
+
+from jsae import checkpoint, data, evals, losses, optim, saes, sharding
+from jsae import sae as sae_lib
 from jsae import config as config_lib
 
 
@@ -42,22 +45,31 @@ class TrainState:
     params: the SAE family's parameter pytree.
     opt_state: optimizer state (float32, following its parameter).
     steps_since_fired: `[d_sae]` int32 steps since each latent last fired.
+    family_state: the family's own slot (BatchTopK's running threshold; `NoState()`).
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   steps_since_fired: jax.Array
+  family_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-  """Static (hashable) settings of `train_step`, derived once from the config."""
+  """Static (hashable) settings of `train_step`, derived once from the config.
+
+  Attributes:
+    family: the SAE family's name.
+    loss: the family's static settings (its `settings(config)`).
+    dead_window_steps: a latent silent this long counts as dead.
+    dense_threshold: a latent firing on more tokens than this share is dense.
+    decoder_unit_norm: renormalise decoder rows after every update.
+    norm_scale: C, the data's normalisation constant.
+  """
 
   family: str
-  loss: saes.LossSettings
-  sparsity_coeff: float
-  sparsity_warmup_steps: int
+  loss: Any
   dead_window_steps: int
   dense_threshold: float
   decoder_unit_norm: bool
@@ -67,97 +79,89 @@ class StepSettings:
   def from_config(cls, config: ml_collections.ConfigDict, norm_scale: float
                   ) -> "StepSettings":
     """Reads the step's settings from `config`; `norm_scale` is the data's C."""
-    s, l = config.sae, config.loss
+    family = saes.get(config.sae.family)
     return cls(
-        family=s.family,
-        loss=saes.LossSettings(
-            bandwidth=float(s.bandwidth), ste_to_input=bool(s.ste_to_input),
-            sparsity=l.sparsity, tanh_scale=float(l.tanh_scale),
-            target_l0=float(l.target_l0), pre_act_coeff=float(l.pre_act_coeff),
-            pre_act_dead_only=bool(l.pre_act_dead_only),
-            compute_dtype=s.compute_dtype),
-        sparsity_coeff=float(l.sparsity_coeff),
-        sparsity_warmup_steps=int(l.sparsity_warmup_steps),
-        dead_window_steps=int(l.dead_window_steps),
+        family=family.name, loss=family.settings(config),
+        dead_window_steps=int(config.loss.dead_window_steps),
         dense_threshold=float(config.train.dense_threshold),
         decoder_unit_norm=bool(config.optim.decoder_unit_norm),
         norm_scale=float(norm_scale))
 
 
+def hyperparams(config: ml_collections.ConfigDict) -> dict:
+  """The family's traced hyperparameters (the sparsity knob), as `train_step`'s argument."""
+  return saes.get(config.sae.family).hyperparams(config)
+
+
 def init_params(key: jax.Array, config: ml_collections.ConfigDict):
   """Fresh SAE parameters for `config.sae`."""
-  s = config.sae
-  return saes.get(s.family).init(
-      key, d_in=s.d_in, d_sae=s.d_sae, init_threshold=s.init_threshold,
-      log_threshold=s.threshold_param == "log", pre_encoder_bias=s.pre_encoder_bias)
+  family = saes.get(config.sae.family)
+  return family.init(key, d_in=config.sae.d_in, d_sae=config.sae.d_sae,
+                     **family.init_kwargs(config))
 
 
 def create_state(key: jax.Array, config: ml_collections.ConfigDict,
                  optimizer: optax.GradientTransformation, b_dec=None) -> TrainState:
   """The TrainState at step 0; `b_dec: [d_in]` (normalised units) overrides the zero init."""
+  family = saes.get(config.sae.family)
   params = init_params(key, config)
   if b_dec is not None:
     params = params.replace(b_dec=jnp.asarray(b_dec, jnp.float32))
   return TrainState(
       step=jnp.zeros([], jnp.int32), params=params,
       opt_state=optimizer.init(params),
-      steps_since_fired=jnp.zeros([config.sae.d_sae], jnp.int32))
+      steps_since_fired=jnp.zeros([config.sae.d_sae], jnp.int32),
+      family_state=family.init_state(config.sae.d_sae, family.settings(config)))
 
 
-def train_step(state: TrainState, batch: jax.Array, *, settings: StepSettings,
-               optimizer: optax.GradientTransformation, with_metrics: bool = True
-               ) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: jax.Array, hparams: dict, *,
+               settings: StepSettings, optimizer: optax.GradientTransformation,
+               with_metrics: bool = True) -> tuple[TrainState, dict]:
   """One update on `batch: [batch, d_in]` (raw LM units); returns (state, metrics).
 
-  Metrics are float32 scalars measured on the parameters *before* the update.
-  With `with_metrics=False` (static) only the loss is returned: the other
-  metrics are extra passes over `[batch, d_sae]` that the trainer needs only on
-  logging steps, so it compiles both variants.
+  `hparams` holds the family's traced hyperparameters (`hyperparams(config)`),
+  passed as an argument so that a sweep can vmap over them. Metrics are float32
+  scalars measured on the parameters *before* the update. With
+  `with_metrics=False` (static) only the loss is returned: the other metrics are
+  extra passes over `[batch, d_sae]` that the trainer needs only on logging
+  steps, so it compiles both variants.
   """
   family = saes.get(settings.family)
   x = batch.astype(jnp.float32) / settings.norm_scale
-  coeff = optim.sparsity_coeff(state.step, coeff=settings.sparsity_coeff,
-                               warmup_steps=settings.sparsity_warmup_steps)
   dead = state.steps_since_fired >= settings.dead_window_steps
 
   def loss_fn(params):
-    return family.loss(params, x, settings=settings.loss, sparsity_coeff=coeff,
-                       dead=dead)
+    return family.loss(params, state.family_state, x, settings=settings.loss,
+                       hparams=hparams, dead=dead, step=state.step)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optim.apply_updates(state.params, updates, family=family,
-                               decoder_unit_norm=settings.decoder_unit_norm)
+                               decoder_unit_norm=settings.decoder_unit_norm,
+                               settings=settings.loss)
 
-  fires = aux["f"] != 0  # [batch, d_sae]
+  fires = out.f != 0  # [batch, d_sae]
   fired = jnp.any(fires, axis=0)
   steps_since_fired = jnp.where(fired, 0, state.steps_since_fired + 1)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                         steps_since_fired=steps_since_fired)
+                         steps_since_fired=steps_since_fired, family_state=out.state)
   if not with_metrics:
     return new_state, dict(loss=loss)
-  metrics = _step_metrics(loss, aux, x, fires, steps_since_fired, grads, coeff,
-                          settings)
+  metrics = _step_metrics(loss, out, x, fires, steps_since_fired, grads, settings)
+  metrics.update(family.metrics(out, settings.loss))
   return new_state, metrics
 
 
-def _step_metrics(loss, aux, x, fires, steps_since_fired, grads, coeff, settings):
-  """Loss parts, sparsity, fidelity, latent health and threshold health."""
-  theta = aux["theta"]
-  half_window = settings.loss.bandwidth / 2
-  in_window = jnp.abs(aux["pre"] - theta) < half_window
+def _step_metrics(loss, out, x, fires, steps_since_fired, grads, settings):
+  """Loss and its parts, sparsity, fidelity and latent health (any family)."""
   firing_rate = jnp.mean(fires.astype(jnp.float32), axis=0)
-  q10, q50, q90 = jnp.quantile(theta, jnp.array([0.1, 0.5, 0.9]))
   return dict(
-      loss=loss, reconstruction=aux["reconstruction"], sparsity=aux["sparsity"],
-      pre_act=aux["pre_act"], sparsity_coeff=coeff,
+      loss=loss, **out.parts,
       l0=jnp.mean(jnp.sum(fires.astype(jnp.float32), axis=-1)),
-      fvu=losses.fvu(x, aux["x_hat"]),
+      fvu=losses.fvu(x, out.x_hat),
       dead_frac=jnp.mean((steps_since_fired >= settings.dead_window_steps
                           ).astype(jnp.float32)),
       dense_frac=jnp.mean((firing_rate > settings.dense_threshold).astype(jnp.float32)),
-      window_frac=jnp.mean(in_window.astype(jnp.float32)),
-      theta_p10=q10, theta_p50=q50, theta_p90=q90,
       grad_norm=optax.global_norm(grads))
 
 
@@ -197,10 +201,9 @@ def _held_out_batches(config, batch_sharding) -> list:
     source.close()
 
 
-def held_out_metrics(params, batches: list, norm_scale: float) -> dict:
-  """FVU, L0 and dead fraction (never fired on the set) on held-out batches."""
-  from jsae import evals, sae as sae_lib
-  model = sae_lib.SAE.from_training(params, norm_scale)
+def held_out_metrics(params, family_state, batches: list, norm_scale: float) -> dict:
+  """FVU, L0 and dead fraction (never fired on the set) of the inference form on held-out batches."""
+  model = sae_lib.SAE.from_training(params, norm_scale, state=family_state)
   weights = [jnp.ones(b.shape[0], jnp.float32) for b in batches]
   m = evals.activation_metrics(model, zip(batches, weights), d_in=model.d_in, d_sae=model.d_sae)
   return {"eval_fvu": m["fvu"], "eval_l0": m["l0"], "eval_dead_frac": m["dead_frac"]}
@@ -274,13 +277,13 @@ def prepare_workdir(workdir: str | os.PathLike):
   return path
 
 
-_SHAPE_KEYS = ("family", "d_in", "d_sae", "threshold_param", "pre_encoder_bias")
+_SHAPE_KEYS = ("family", "d_in", "d_sae", "pre_encoder_bias")
 
 
 def _shape_meta(config) -> dict:
   s = config.sae
   return dict(family=s.family, d_in=s.d_in, d_sae=s.d_sae,
-              threshold_param=s.threshold_param, pre_encoder_bias=s.pre_encoder_bias)
+              pre_encoder_bias=s.pre_encoder_bias)
 
 
 def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
@@ -293,9 +296,10 @@ def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
   expected = _shape_meta(config)
   diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}"
            for k in _SHAPE_KEYS if meta.get(k) != expected[k]]
-  saved = _run_defining(meta.get("config") or {})
+  init_only = saes.get(config.sae.family).init_only_names()
+  saved = _run_defining(meta.get("config") or {}, init_only)
   # Through JSON, as the checkpoint's copy went, so tuples compare as lists.
-  now = _run_defining(json.loads(json.dumps(config.to_dict())))
+  now = _run_defining(json.loads(json.dumps(config.to_dict())), init_only)
   shape_fields = {f"sae.{k}" for k in _SHAPE_KEYS}
   diffs += [f"{k}: checkpoint {saved[k]!r} vs config {now.get(k)!r}"
             for k in sorted(saved) if k not in shape_fields and saved[k] != now.get(k)]
@@ -308,17 +312,17 @@ def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
 
 # Fields that may change when a run resumes, besides the groups `_run_defining`
 # ignores (train length, logging, checkpointing, evaluation, mesh, file paths):
-# the matmul dtype, and settings read only at initialisation.
-_RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.init_threshold", "sae.init_b_dec",
-                      "sae.init_b_dec_batches")
+# the matmul dtype, and settings read only at initialisation (with the family's
+# own init-only fields).
+_RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.init_b_dec", "sae.init_b_dec_batches")
 
 
-def _run_defining(config_dict: dict) -> dict:
+def _run_defining(config_dict: dict, init_only: tuple[str, ...] = ()) -> dict:
   """{'group.field': value} of the hyperparameters that define a training run.
 
   Resuming under other values would silently continue a different run. The
   data files themselves are checked by fingerprint; synthetic data by its
-  generator settings here.
+  generator settings here. `init_only` fields may differ.
   """
   out = {"seed": config_dict["seed"]} if "seed" in config_dict else {}
   data = config_dict.get("data") or {}
@@ -326,7 +330,7 @@ def _run_defining(config_dict: dict) -> dict:
             "optim": config_dict.get("optim"), "data.synthetic": data.get("synthetic")}
   for group, fields in groups.items():
     for k, v in (fields or {}).items():
-      if f"{group}.{k}" not in _RESUMABLE_CHANGES:
+      if f"{group}.{k}" not in _RESUMABLE_CHANGES + tuple(init_only):
         out[f"{group}.{k}"] = v
   out.update({f"data.{k}": data[k] for k in ("source", "batch_size", "seed") if k in data})
   return out
@@ -414,7 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   key = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, key)
   state_sharding = sharding.named(
-      mesh, sharding.state_specs(abstract, saes.get(config.sae.family).params_type))
+      mesh, sharding.state_specs(abstract, saes.get(config.sae.family)))
   batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
   if meta is not None:
     # Restoring onto this run's mesh works whatever mesh saved the checkpoint.
@@ -428,11 +432,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if jax.process_index() == 0:
     checkpoint.write_json(workdir / "config.json", config.to_dict())
 
+  hparams = jax.device_put(hyperparams(config), jax.sharding.NamedSharding(mesh, P()))
   step_fns = {
       with_metrics: jax.jit(
           functools.partial(train_step, settings=settings, optimizer=optimizer,
                             with_metrics=with_metrics),
-          in_shardings=(state_sharding, batch_sharding),
+          in_shardings=(state_sharding, batch_sharding, None),
           out_shardings=(state_sharding, None), donate_argnums=0)
       for with_metrics in (False, True)}
   meta = dict(_shape_meta(config), norm_scale=source.norm_scale, data_fingerprint=fingerprint,
@@ -461,7 +466,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       is_ckpt = done % config.ckpt.every_steps == 0 or done == num_steps
       is_eval = bool(held_out) and (done % config.eval.every_steps == 0 or done == num_steps)
       is_log = is_log or is_eval
-      state, metrics = step_fns[is_log or is_ckpt](state, batch)
+      state, metrics = step_fns[is_log or is_ckpt](state, batch, hparams)
       if is_log or is_ckpt:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = [k for k, v in metrics_host.items() if not math.isfinite(v)]
@@ -472,7 +477,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               " (kept; training stops). Lower config.optim.lr, enable"
               " config.optim.clip_grad_norm, or check the data for NaN/Inf.")
         if is_eval:
-          metrics_host.update(held_out_metrics(state.params, held_out, source.norm_scale))
+          metrics_host.update(held_out_metrics(state.params, state.family_state,
+                                               held_out, source.norm_scale))
         elapsed = time.perf_counter() - t0
         metrics_host.update(step=done, tokens=done * tokens_per_step,
                             lr=float(optim_lr(config, num_steps, step)),

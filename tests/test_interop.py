@@ -10,9 +10,11 @@ import safetensors.numpy as st
 
 import jsae
 from configs import tiny
-from jsae import data, interop, train
-from jsae.interop import FormatError
-from jsae.sae import SAE, fold_decoder_norms
+from jsae import data, formats as interop, train
+from jsae.formats import FormatError
+from jsae.sae import SAE
+from jsae.saes.jumprelu import family as JUMPRELU
+fold_decoder_norms = JUMPRELU.fold_decoder_norms
 
 FAMILY = jsae.saes.get("jumprelu")
 C = 37.5
@@ -434,8 +436,8 @@ def test_config_claiming_other_d_in(tmp_path):
 
 def test_unsupported_variants_are_refused(tmp_path):
   w = _good_arrays()
-  with pytest.raises(FormatError, match="key 'architecture' is 'topk'"):
-    jsae.load(_write_saelens(tmp_path / "topk", w, architecture="topk"))
+  with pytest.raises(FormatError, match="key 'architecture' is 'transcoder'"):
+    jsae.load(_write_saelens(tmp_path / "tc", w, architecture="transcoder"))
   with pytest.raises(FormatError, match="normalize_activations"):
     jsae.load(_write_saelens(tmp_path / "ln", w, normalize_activations="layer_norm"))
   gs2 = jsae.save(_sae(), tmp_path / "gs2", format="gemma_scope_2")

@@ -16,6 +16,16 @@ from jsae import losses, optim, saes
 FAMILY = saes.get("jumprelu")
 
 
+def _loss(p, x, *, bandwidth, coeff=0.0, sparsity="step", target_l0=50.0,
+          compute_dtype="float32"):
+  """The JumpReLU loss and its Output with the given settings (no lambda warm-up)."""
+  settings = saes.jumprelu.JumpReLUSettings(sparsity=sparsity, compute_dtype=compute_dtype)
+  hparams = dict(bandwidth=jnp.float32(bandwidth), sparsity_coeff=jnp.float32(coeff),
+                 target_l0=jnp.float32(target_l0))
+  return FAMILY.loss(p, saes.NoState(), x, settings=settings, hparams=hparams,
+                     dead=jnp.zeros(p.d_sae, bool), step=jnp.int32(0))
+
+
 def _params(d_in=16, d_sae=32, seed=0, **kw):
   params = FAMILY.init(jax.random.key(seed), d_in=d_in, d_sae=d_sae, **kw)
   rng = np.random.default_rng(seed)  # non-trivial biases and thresholds
@@ -77,10 +87,9 @@ def test_bfloat16_matmul_gradients_run_in_bfloat16_and_stay_float32():
   """The 5 train-step matmuls take bf16 operands; no 6th for b_dec; gradients stay float32."""
   params = _params(d_in=32, d_sae=64)
   x = jax.random.normal(jax.random.key(3), (16, 32))
-  settings = saes.LossSettings(bandwidth=0.05, compute_dtype="bfloat16")
+  settings = "bfloat16"
   def loss(p, settings):
-    return FAMILY.loss(p, x, settings=settings, sparsity_coeff=jnp.float32(1e-3),
-                       dead=jnp.zeros(64, bool))[0]
+    return _loss(p, x, bandwidth=0.05, coeff=1e-3, compute_dtype=settings)[0]
   jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, settings).jaxpr
   batch = lambda eqn: any(16 in v.aval.shape for v in (*eqn.invars, *eqn.outvars))
   for eqn in filter(batch, _dots(jaxpr)):  # also the encoder's unused dx, which XLA drops
@@ -161,20 +170,19 @@ def test_scale_invariance_of_mask_and_losses():
   p = _params()
   x = jax.random.normal(jax.random.key(4), (64, 16)) * 0.3
   ps = p.replace(b_enc=s * p.b_enc, b_dec=s * p.b_dec, threshold=s * p.threshold)
-  settings = saes.LossSettings(bandwidth=0.05)
-  settings_s = saes.LossSettings(bandwidth=0.05 * s)
-  dead = jnp.zeros(32, bool)
-  (l1, a1), g1 = jax.value_and_grad(FAMILY.loss, has_aux=True)(
-      p, x, settings=settings, sparsity_coeff=0.0, dead=dead)
-  (l2, a2), g2 = jax.value_and_grad(FAMILY.loss, has_aux=True)(
-      ps, s * x, settings=settings_s, sparsity_coeff=0.0, dead=dead)
-  np.testing.assert_array_equal(a1["f"] != 0, a2["f"] != 0)
-  np.testing.assert_allclose(a2["reconstruction"], s**2 * a1["reconstruction"], rtol=1e-4)
-  np.testing.assert_allclose(a2["sparsity"], a1["sparsity"])  # L0 is scale-free
+  settings, settings_s = 0.05, 0.05 * s  # the bandwidths
+  (l1, a1), g1 = jax.value_and_grad(lambda p: _loss(p, x, bandwidth=settings),
+                                    has_aux=True)(p)
+  (l2, a2), g2 = jax.value_and_grad(lambda p: _loss(p, s * x, bandwidth=settings_s),
+                                    has_aux=True)(ps)
+  np.testing.assert_array_equal(a1.f != 0, a2.f != 0)
+  np.testing.assert_allclose(a2.parts["reconstruction"], s**2 * a1.parts["reconstruction"],
+                             rtol=1e-4)
+  np.testing.assert_allclose(a2.parts["sparsity"], a1.parts["sparsity"])  # L0 is scale-free
   np.testing.assert_allclose(g2.threshold, s * g1.threshold, rtol=1e-3, atol=1e-6)
   # The L0 term's threshold gradient (Step estimator, 1/eps) scales as 1/s.
-  step_grad = lambda p, x, st: jax.grad(lambda p: FAMILY.loss(
-      p, x, settings=st, sparsity_coeff=1.0, dead=dead)[1]["sparsity"])(p).threshold
+  step_grad = lambda p, x, eps: jax.grad(lambda p: _loss(
+      p, x, bandwidth=eps, coeff=1.0)[1].parts["sparsity"])(p).threshold
   np.testing.assert_allclose(step_grad(ps, s * x, settings_s), step_grad(p, x, settings) / s,
                              rtol=1e-4, atol=1e-6)
 
@@ -202,9 +210,8 @@ def test_loss_terms_closed_forms():
 def test_sparsity_penalties_train_the_threshold(sparsity):
   p = _params()
   x = jax.random.normal(jax.random.key(5), (256, 16)) * 0.3
-  settings = saes.LossSettings(bandwidth=0.2, sparsity=sparsity, target_l0=1.0)
-  grad = jax.grad(lambda p: FAMILY.loss(p, x, settings=settings, sparsity_coeff=1.0,
-                                        dead=jnp.zeros(32, bool))[1]["sparsity"])(p)
+  grad = jax.grad(lambda p: _loss(p, x, bandwidth=0.2, coeff=1.0, sparsity=sparsity,
+                                  target_l0=1.0)[1].parts["sparsity"])(p)
   assert np.abs(np.asarray(grad.threshold)).max() > 0
   if sparsity != "tanh":  # step-based penalties train theta only
     assert not np.any(grad.W_enc) and not np.any(grad.b_enc)
@@ -222,7 +229,7 @@ def test_lr_schedule_shape():
 
 
 def test_sparsity_coeff_warmup():
-  f = lambda t: float(optim.sparsity_coeff(jnp.asarray(t), coeff=2.0, warmup_steps=10))
+  f = lambda t: float(saes.base.warmed_coeff(2.0, jnp.asarray(t), 10))
   assert (f(0), f(5), f(10), f(20)) == (0.0, 1.0, 2.0, 2.0)
 
 

@@ -62,7 +62,7 @@ def test_sharded_training_equals_single_device(tmp_path, single_device_params, d
   assert jax.device_count() == 8
   result = train.train(_config(data, model), tmp_path, progress=False)
   W_enc = result.state.params.W_enc
-  assert W_enc.sharding.spec == sharding.PARAM_SPECS["W_enc"]
+  assert W_enc.sharding.spec == train.saes.get("jumprelu").param_spec_table["W_enc"]
   assert len(W_enc.sharding.device_set) == 8
   _assert_close(single_device_params, _params_np(result.state))
 
@@ -72,7 +72,7 @@ def test_state_specs_follow_parameters():
   opt = train.optim.make_optimizer(c.optim, total_steps=10)
   abstract = jax.eval_shape(lambda k: train.create_state(k, config=c, optimizer=opt),
                             jax.random.key(0))
-  specs = sharding.state_specs(abstract, train.saes.JumpReLUParams)
+  specs = sharding.state_specs(abstract, train.saes.get("jumprelu"))
   P = jax.sharding.PartitionSpec
   assert specs.params.W_dec == P("model", None) and specs.params.b_dec == P()
   nu = [s for s in jax.tree.leaves(specs.opt_state, is_leaf=lambda x: isinstance(x, P))]

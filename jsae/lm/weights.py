@@ -40,8 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 

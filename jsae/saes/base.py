@@ -1,68 +1,239 @@
-"""The small protocol every SAE family implements, and the registry by name.
+"""The family contract every SAE family implements, and the registry by name.
 
-A family is a namespace of pure functions over its own parameter pytree. The
-trainer only calls `init`, `loss`, `constrain`; users call `encode`/`decode`.
+A family is an object of pure functions over its own parameter pytree. The
+trainer, the sharding rules, the SAE object and the formats ask the family and
+know nothing of any family's specifics:
+
+  fields                 its config fields (`Field`s under config.sae / config.loss)
+  settings(config)       static, hashable hyperparameters (shapes, choices)
+  hyperparams(config)    traced scalars, the sparsity knob among them, so that a
+                         sweep can `vmap` over them
+  init(key, d_in=, d_sae=, ...)        fresh float32 parameters
+  init_state(d_sae, settings)          the family's slot in TrainState (a
+                                       running threshold, ...); `NoState()` if none
+  loss(params, state, x, settings=, hparams=, dead=, step=) -> (loss, Output)
+  metrics(output, settings)            family scalars, on logging steps only
+  constrain(params, settings)          back onto the constraint set after an update
+  param_specs / state_specs            PartitionSpecs per field: a field without
+                                       one is an error, never silently replicated
+  fold(params, state, norm_scale)      training form -> (inference family, params)
+                                       in raw LM units
+  encode / decode                      the training-form forward (functional API)
+
+Inference families (those an exported SAE can be: jumprelu, relu, topk) also
+provide `infer(params, x)`: the forward in plain jnp ops (any autodiff mode).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Protocol
+import difflib
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+
+from jsae import ops
 
 Params = Any
+P = jax.sharding.PartitionSpec
+
+# Config fields every family shares (configs/default.py documents them).
+COMMON_FIELDS = {
+    "sae": ("family", "d_in", "d_sae", "pre_encoder_bias", "init_b_dec",
+            "init_b_dec_batches", "compute_dtype"),
+    "loss": ("dead_window_steps",),
+}
+
+# The latent-sharding layout of the parameters every family has.
+LINEAR_SPECS = {"W_enc": P(None, "model"), "b_enc": P("model"),
+                "W_dec": P("model", None), "b_dec": P()}
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSettings:
-  """Static hyperparameters of one training loss (hashable, so jit-static).
+class FamilyConfigError(ValueError):
+  """A family's config field is missing, unknown or out of range (names field and fix)."""
+
+
+class Field(NamedTuple):
+  """One config field a family owns.
 
   Attributes:
-    bandwidth: straight-through kernel width eps, in normalised units.
-    ste_to_input: pass the estimator's gradient to the pre-activations too.
-    sparsity: 'step' (L0), 'tanh' (Anthropic) or 'quadratic' (target L0).
-    tanh_scale: c in tanh(c * |f_i| * ||d_i||).
-    target_l0: T of the quadratic penalty (L0_mean / T - 1)^2.
-    pre_act_coeff: weight of the pre-activation loss (0 disables it).
-    pre_act_dead_only: apply the pre-activation loss to dead latents only.
-    compute_dtype: dtype of the encoder/decoder matmuls ('float32'/'bfloat16').
+    default: its default value (also fixes its type).
+    doc: one line for configs and the README.
+    traced: passed to the step as a traced scalar (a sweepable knob).
+    init_only: read only at initialisation, so it may change on resume.
   """
 
-  bandwidth: float = 0.001
-  ste_to_input: bool = False
-  sparsity: str = "step"
-  tanh_scale: float = 4.0
-  target_l0: float = 50.0
-  pre_act_coeff: float = 0.0
-  pre_act_dead_only: bool = True
-  compute_dtype: str = "float32"
+  default: Any
+  doc: str
+  traced: bool = False
+  init_only: bool = False
 
 
-class Family(Protocol):
-  """What an SAE family provides."""
+@struct.dataclass
+class NoState:
+  """The family state of families that keep none."""
 
-  name: str
-  params_type: type
 
-  def init(self, key: jax.Array, *, d_in: int, d_sae: int, **options) -> Params:
-    """Fresh float32 parameters."""
+@struct.dataclass
+class Output:
+  """What a family's loss returns beside the scalar loss.
 
-  def encode(self, params: Params, x: jax.Array, **kw) -> jax.Array:
-    """Latents `[..., d_sae]` of inputs `x: [..., d_in]`."""
+  Attributes:
+    f: `[batch, d_sae]` latents (training forward).
+    x_hat: `[batch, d_in]` reconstruction, normalised units.
+    state: the family state after this batch.
+    parts: {name: scalar} loss parts, logged every logging step.
+    extras: family intermediates its `metrics` reads (e.g. pre-activations).
+  """
 
-  def decode(self, params: Params, f: jax.Array, **kw) -> jax.Array:
-    """Reconstruction `[..., d_in]` of latents `f: [..., d_sae]`."""
+  f: jax.Array
+  x_hat: jax.Array
+  state: Any
+  parts: dict
+  extras: dict
 
-  def loss(self, params: Params, x: jax.Array, *, settings: LossSettings,
-           sparsity_coeff: jax.Array, dead: jax.Array) -> tuple[jax.Array, dict]:
-    """Scalar training loss on `x: [batch, d_in]` and its parts."""
 
-  def constrain(self, params: Params) -> Params:
+class Family:
+  """Base class: shared behaviour; subclasses set the class attributes and math."""
+
+  name: str = ""
+  params_type: type = type(None)
+  fields: dict[str, dict[str, Field]] = {}
+  param_spec_table: dict[str, P] = {}
+  inference_form: str = ""  # the inference family `fold` produces
+  config_defaults: dict[str, Any] = {}  # other groups' defaults, e.g. optim.decoder_unit_norm
+  # [batch, d_in] x [d_in, d_sae]-sized matmuls in one train step (FLOP accounting).
+  step_matmuls: int = 5
+
+  # -- config
+
+  def field_names(self) -> dict[str, tuple[str, ...]]:
+    """{group: own field names} ('sae', 'loss')."""
+    return {g: tuple(f) for g, f in self.fields.items()}
+
+  def traced_names(self) -> tuple[str, ...]:
+    """'group.field' names of the traced hyperparameters."""
+    return tuple(f"{g}.{n}" for g, fs in self.fields.items()
+                 for n, f in fs.items() if f.traced)
+
+  def init_only_names(self) -> tuple[str, ...]:
+    """'group.field' names read only at initialisation."""
+    return tuple(f"{g}.{n}" for g, fs in self.fields.items()
+                 for n, f in fs.items() if f.init_only)
+
+  def validate(self, config) -> None:
+    """Raises FamilyConfigError for fields of another family, missing fields, bad values."""
+    extra, missing = [], []
+    for group, own in self.fields.items():
+      present = set(config[group].keys())
+      allowed = set(COMMON_FIELDS.get(group, ())) | set(own)
+      extra += [(group, k) for k in sorted(present - allowed)]
+      missing += [(group, k) for k in sorted(set(own) - present)]
+    build = (f"--config=configs/default.py:family={self.name} (or"
+             f" default.get_config('family={self.name}') in Python), which adds every field"
+             " of the family")
+    if missing:
+      names = ", ".join(f"config.{g}.{k}" for g, k in missing)
+      switched = (f"; the config holds fields of another family"
+                  f" ({', '.join(f'config.{g}.{k}' for g, k in extra)}), so it was built for"
+                  " that family and config.sae.family was changed afterwards" if extra else "")
+      raise FamilyConfigError(
+          f"{names} missing: family {self.name!r} needs {'them' if len(missing) > 1 else 'it'}"
+          f"{switched}. Build the config with {build}.")
+    for group, key in extra:
+      own = self.fields[group]
+      allowed = sorted(set(COMMON_FIELDS.get(group, ())) | set(own))
+      owners = [f.name for f in _REGISTRY.values() if key in f.fields.get(group, {})]
+      near = difflib.get_close_matches(key, allowed, n=1)
+      hint = f" Did you mean config.{group}.{near[0]}?" if near else ""
+      whose = (f" It belongs to the {'/'.join(owners)} famil{'ies' if len(owners) > 1 else 'y'};"
+               f" to train that family build the config with"
+               f" --config=configs/default.py:family={owners[0]}, or remove the field."
+               if owners else "")
+      raise FamilyConfigError(
+          f"config.{group}.{key} is not a field of family {self.name!r}"
+          f" (its fields: {', '.join(sorted(own)) or 'none'}).{whose}{hint}")
+    self.check_values(config)
+
+  def check_values(self, config) -> None:
+    """Family-specific value checks (ranges, shapes); raises FamilyConfigError."""
+    del config
+
+  def settings(self, config):
+    """Static hyperparameters from the config."""
+    raise NotImplementedError
+
+  def hyperparams(self, config) -> dict[str, jax.Array]:
+    """{field: traced scalar} of the traced fields (float32, ints as int32)."""
+    out = {}
+    for group, fs in self.fields.items():
+      for n, f in fs.items():
+        if f.traced:
+          v = config[group][n]
+          dtype = jnp.int32 if isinstance(f.default, int) and not isinstance(f.default, bool) \
+              else jnp.float32
+          out[n] = jnp.asarray(v, dtype)
+    return out
+
+  # -- training
+
+  def init_state(self, d_sae: int, settings) -> Any:
+    """The family's TrainState slot at step 0."""
+    del d_sae, settings
+    return NoState()
+
+  def metrics(self, output: Output, settings) -> dict:
+    """Family-specific scalars for the log (beyond `output.parts`)."""
+    del output, settings
+    return {}
+
+  def constrain(self, params: Params, settings=None) -> Params:
     """Projects parameters back onto their constraint set after an update."""
+    del settings
+    return params
 
+  # -- sharding
+
+  def param_specs(self, params: Params) -> Params:
+    """A params-shaped pytree of PartitionSpecs (latents on the 'model' axis)."""
+    names = array_fields(params)
+    missing = [n for n in names if n not in self.param_spec_table]
+    if missing:
+      raise ValueError(f"family {self.name!r} has no sharding spec for parameter(s)"
+                       f" {missing}; add them to its param_spec_table.")
+    return params.replace(**{n: self.param_spec_table[n] for n in names})
+
+  def state_specs(self, state: Any) -> Any:
+    """PartitionSpecs for the family state (scalars replicated by default)."""
+    return jax.tree.map(lambda _: P(), state)
+
+  # -- inference
+
+  def fold(self, params: Params, state: Any, norm_scale: float) -> tuple[str, Params]:
+    """(inference family name, its params in raw LM units) of trained params."""
+    raise NotImplementedError
+
+  def infer(self, params: Params, x: jax.Array) -> jax.Array:
+    """Inference forward (plain jnp; defined by inference families)."""
+    raise NotImplementedError(f"{self.name!r} is a training family; fold it first.")
+
+  def decode(self, params: Params, f: jax.Array, *, compute_dtype="float32") -> jax.Array:
+    """Reconstruction `[..., d_in]` (float32) of latents `f: [..., d_sae]`."""
+    return ops.matmul(f, params.W_dec, compute_dtype) + params.b_dec
+
+  def __repr__(self) -> str:
+    return f"<SAE family {self.name!r}>"
+
+
+def array_fields(params) -> list[str]:
+  """Names of the pytree (array) fields of a params dataclass."""
+  return [f.name for f in dataclasses.fields(params)
+          if f.metadata.get("pytree_node", True)]
+
+
+# ----------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Family] = {}
 
@@ -76,9 +247,11 @@ def register(family: Family) -> Family:
 def get(name: str) -> Family:
   """The family registered as `name`, with a clear error for unknown names."""
   if name not in _REGISTRY:
+    near = difflib.get_close_matches(str(name), sorted(_REGISTRY), n=1)
     raise ValueError(
         f"unknown SAE family {name!r}; known families: {sorted(_REGISTRY)}."
-        " Set config.sae.family to one of them.")
+        + (f" Did you mean {near[0]!r}?" if near else "")
+        + " Set config.sae.family (or --config=configs/default.py:family=NAME).")
   return _REGISTRY[name]
 
 
@@ -88,10 +261,129 @@ def names() -> list[str]:
 
 
 def family_of(params: Params) -> Family:
-  """The family whose parameter type `params` is."""
+  """The family whose parameter type `params` is (exact type match)."""
   for family in _REGISTRY.values():
-    if isinstance(params, family.params_type):
+    if type(params) is family.params_type:  # pylint: disable=unidiomatic-typecheck
       return family
   raise TypeError(
       f"{type(params).__name__} is not the parameter type of any SAE family"
       f" ({names()}); create parameters with jsae.saes.get(name).init(...).")
+
+
+def configure(config, name: str):
+  """Sets `config.sae.family = name` and adds that family's fields with their defaults.
+
+  `config` is an unlocked ConfigDict derived from configs/default.py; fields of
+  the family's groups that belong to another family are removed, and the
+  family's defaults for other groups (e.g. `optim.decoder_unit_norm`) applied.
+  Returns `config`.
+  """
+  family = get(name)
+  config.sae.family = name
+  for group in ("sae", "loss"):
+    common = set(COMMON_FIELDS[group])
+    for key in [k for k in config[group].keys() if k not in common]:
+      del config[group][key]
+    for key, f in family.fields.get(group, {}).items():
+      config[group][key] = f.default
+  for dotted, value in family.config_defaults.items():
+    group, key = dotted.split(".")
+    config[group][key] = value
+  return config
+
+
+def field_defaults(name: str) -> dict[str, dict[str, Any]]:
+  """{group: {field: default}} of family `name` (what configs add for it)."""
+  return {g: {n: f.default for n, f in fs.items()} for g, fs in get(name).fields.items()}
+
+
+# ----------------------------------------------------------------------------- shared math
+
+
+def init_linear(key: jax.Array, d_in: int, d_sae: int, *, row_norm: float = 1.0):
+  """Gemma Scope / Gao init: He-uniform decoder rows scaled to `row_norm`, W_enc = W_dec^T.
+
+  Returns (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) float32.
+  """
+  if d_in <= 0 or d_sae <= 0:
+    raise ValueError(f"d_in and d_sae must be positive; got d_in={d_in}, d_sae={d_sae}.")
+  W_dec = jax.nn.initializers.he_uniform()(key, (d_sae, d_in), jnp.float32)
+  W_dec = row_norm * W_dec / ops.decoder_norms(W_dec)[:, None]
+  return W_dec.T, W_dec
+
+
+def linear_pre_activations(params, x: jax.Array, *, compute_dtype="float32") -> jax.Array:
+  """pi = (x - b_dec) @ W_enc + b_enc (b_dec only with `pre_encoder_bias`): `[..., d_sae]` f32."""
+  if x.shape[-1] != params.W_enc.shape[-2]:
+    raise ValueError(f"input has {x.shape[-1]} features but the SAE expects"
+                     f" d_in={params.W_enc.shape[-2]}.")
+  bias = params.b_dec if params.pre_encoder_bias else None
+  return ops.matmul(x, params.W_enc, compute_dtype, input_bias=bias) + params.b_enc
+
+
+def plain_pre_activations(params, x: jax.Array) -> jax.Array:
+  """pi for inference: plain jnp (any autodiff mode), weights' dtype, f32 accumulation."""
+  if x.shape[-1] != params.W_enc.shape[-2]:
+    raise ValueError(f"input has {x.shape[-1]} features (shape {tuple(x.shape)}) but"
+                     f" the SAE expects d_in={params.W_enc.shape[-2]}.")
+  w = params.W_enc
+  if getattr(params, "pre_encoder_bias", False):
+    x = x.astype(jnp.float32) - params.b_dec.astype(jnp.float32)
+  pre = jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  return pre + params.b_enc.astype(jnp.float32)
+
+
+def fold_pre_encoder_bias(params):
+  """b_enc' = b_enc - b_dec @ W_enc, so `x @ W_enc + b_enc'` equals `(x - b_dec) @ W_enc + b_enc`.
+
+  For any params with W_enc, b_enc, b_dec and a static `pre_encoder_bias`; a
+  no-op when that is False.
+  """
+  if not params.pre_encoder_bias:
+    return params
+  shift = jnp.matmul(params.b_dec.astype(jnp.float32), params.W_enc.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  b_enc = (params.b_enc.astype(jnp.float32) - shift).astype(params.b_enc.dtype)
+  return params.replace(b_enc=b_enc, pre_encoder_bias=False)
+
+
+def scale_biases(params, c: float):
+  """b_enc and b_dec times c (the norm-scale fold of a linear encoder/decoder)."""
+  return params.replace(b_enc=params.b_enc * c, b_dec=params.b_dec * c)
+
+
+def check_norm_scale(norm_scale) -> float:
+  """`norm_scale` as a float, or ValueError if it is not finite and > 0."""
+  c = float(norm_scale)
+  if not (jnp.isfinite(c) and c > 0):
+    raise ValueError(f"norm_scale must be a finite number > 0; got {norm_scale!r}.")
+  return c
+
+
+def row_norm_factors(W_dec: jax.Array) -> jax.Array:
+  """n_i = ||W_dec[i]|| `[d_sae]` float32, with 1 for rows of norm 0."""
+  norms = ops.decoder_norms(W_dec)
+  return jnp.where(norms > 0, norms, 1.0)
+
+
+def fold_decoder_norms_linear(params):
+  """Unit-norm decoder rows: W_enc[:, i] *= n_i, b_enc_i *= n_i, W_dec[i] /= n_i.
+
+  Latent i becomes n_i times larger (its value is then its contribution's norm
+  in input space); which latents are active and the reconstruction are unchanged
+  for every family whose selection is positively homogeneous per latent.
+  """
+  n = row_norm_factors(params.W_dec)
+
+  def scale(a, s):
+    return (a.astype(jnp.float32) * s).astype(a.dtype)
+  return params.replace(W_enc=scale(params.W_enc, n[None, :]), b_enc=scale(params.b_enc, n),
+                        W_dec=scale(params.W_dec, 1.0 / n[:, None]))
+
+
+def warmed_coeff(coeff: jax.Array, step: jax.Array, warmup_steps: int) -> jax.Array:
+  """coeff * min(1, step / warmup_steps): the linear sparsity-coefficient warm-up."""
+  coeff = jnp.asarray(coeff, jnp.float32)
+  if warmup_steps <= 0:
+    return coeff
+  return coeff * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)

@@ -1,20 +1,30 @@
 """The JumpReLU SAE family (Rajamanoharan et al. 2024; Gemma Scope recipe).
 
   pi(x)  = (x - b_dec) @ W_enc + b_enc        (pre-encoder bias on by default)
-  f(x)   = JumpReLU_theta(pi(x))
+  f(x)   = JumpReLU_theta(pi(x))               straight-through gradients to theta
   x_hat  = f @ W_dec + b_dec
+  loss   = ||x - x_hat||^2 + lambda * sparsity (+ pre-activation loss on dead latents)
+
+JumpReLU is also the inference form of BatchTopK, Matryoshka and Gated SAEs:
+there f = pi * 1[pi > max(theta, 0)] (= ReLU(pi) 1[pi > theta], SAELens's
+`JumpReLUSAE`), which `infer` computes in plain jnp ops.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jsae import losses
-from jsae import ops
-from jsae.ops import jumprelu, step
+from jsae import losses, ops
+from jsae.ops import jumprelu
+from jsae.ops import step as heaviside
 from jsae.saes import base
+from jsae.saes.base import Field
+
+P = jax.sharding.PartitionSpec
 
 
 @struct.dataclass
@@ -54,25 +64,125 @@ class JumpReLUParams:
     return jnp.exp(self.threshold) if self.log_threshold else self.threshold
 
 
-class JumpReLUFamily:
+@dataclasses.dataclass(frozen=True)
+class JumpReLUSettings:
+  """Static hyperparameters of the JumpReLU loss (hashable, so jit-static).
+
+  Attributes:
+    ste_to_input: pass the estimator's gradient to the pre-activations too.
+    sparsity: 'step' (L0), 'tanh' (Anthropic) or 'quadratic' (target L0).
+    tanh_scale: c in tanh(c * |f_i| * ||d_i||).
+    pre_act_coeff: weight of the pre-activation loss (0 disables it).
+    pre_act_dead_only: apply the pre-activation loss to dead latents only.
+    sparsity_warmup_steps: lambda rises linearly from 0 over these steps.
+    compute_dtype: dtype of the encoder/decoder matmuls ('float32'/'bfloat16').
+  """
+
+  ste_to_input: bool = False
+  sparsity: str = "step"
+  tanh_scale: float = 4.0
+  pre_act_coeff: float = 0.0
+  pre_act_dead_only: bool = True
+  sparsity_warmup_steps: int = 0
+  compute_dtype: str = "float32"
+
+
+def raw_threshold(params: JumpReLUParams) -> JumpReLUParams:
+  """The same SAE with a raw float32 threshold theta (converts a log threshold)."""
+  return params.replace(threshold=params.theta().astype(jnp.float32), log_threshold=False)
+
+
+def canonical(params: JumpReLUParams) -> JumpReLUParams:
+  """The inference layout: raw threshold, pre-encoder bias folded into b_enc."""
+  return base.fold_pre_encoder_bias(raw_threshold(params))
+
+
+class JumpReLUFamily(base.Family):
   """Pure functions of the JumpReLU family (see the module docstring)."""
 
   name = "jumprelu"
   params_type = JumpReLUParams
+  inference_form = "jumprelu"
+  param_spec_table = {**base.LINEAR_SPECS, "threshold": P("model")}
+  config_defaults = {"optim.decoder_unit_norm": True}
+  fields = {
+      "sae": {
+          "threshold_param": Field("raw", "'raw' theta or 'log' theta (GDM; log freezes"
+                                   " under Adam on short runs, see README)"),
+          "init_threshold": Field(0.001, "theta_0 for every latent (Gemma Scope)",
+                                  init_only=True),
+          "bandwidth": Field(0.001, "straight-through kernel width eps (Gemma Scope)",
+                             traced=True),
+          "ste_to_input": Field(False, "Anthropic variant: pass the estimator to the"
+                                " pre-activations too"),
+      },
+      "loss": {
+          "sparsity": Field("step", "'step' (L0, Gemma Scope), 'tanh' (Anthropic),"
+                            " 'quadratic' (target L0)"),
+          "sparsity_coeff": Field(6e-4, "lambda; 6e-4 gives L0 ~ 50 on Gemma 2 9B layer 20",
+                                  traced=True),
+          "sparsity_warmup_steps": Field(10_000, "lambda rises linearly from 0 over"
+                                         " these steps"),
+          "tanh_scale": Field(4.0, "c in tanh(c |f| ||d||) for sparsity='tanh'"),
+          "target_l0": Field(50.0, "T for sparsity='quadratic'", traced=True),
+          "pre_act_coeff": Field(0.0, "pre-activation loss weight (Anthropic: 3e-6);"
+                                 " 0 disables"),
+          "pre_act_dead_only": Field(True, "apply it to dead latents only (SAELens) or"
+                                     " to all"),
+      },
+  }
+
+  # -- config
+
+  def check_values(self, config) -> None:
+    s, l = config.sae, config.loss
+    checks = [
+        (s.threshold_param in ("raw", "log"), "sae.threshold_param",
+         f"{s.threshold_param!r} is not 'raw' or 'log'."),
+        (l.sparsity in ("step", "tanh", "quadratic"), "loss.sparsity",
+         f"{l.sparsity!r} is not one of 'step', 'tanh', 'quadratic'."),
+        (s.bandwidth > 0, "sae.bandwidth", f"must be > 0; got {s.bandwidth!r}."),
+        (s.init_threshold > 0, "sae.init_threshold",
+         f"must be > 0; got {s.init_threshold!r}."),
+        (l.sparsity_coeff >= 0, "loss.sparsity_coeff",
+         f"must be >= 0; got {l.sparsity_coeff!r}."),
+        (l.pre_act_coeff >= 0, "loss.pre_act_coeff",
+         f"must be >= 0; got {l.pre_act_coeff!r}."),
+        (l.sparsity_warmup_steps >= 0, "loss.sparsity_warmup_steps",
+         f"must be >= 0; got {l.sparsity_warmup_steps!r}."),
+        (l.target_l0 > 0, "loss.target_l0", f"must be > 0; got {l.target_l0!r}."),
+    ]
+    for ok, field, message in checks:
+      if not ok:
+        raise base.FamilyConfigError(f"config.{field}: {message}")
+
+  def settings(self, config) -> JumpReLUSettings:
+    s, l = config.sae, config.loss
+    return JumpReLUSettings(
+        ste_to_input=bool(s.ste_to_input), sparsity=l.sparsity,
+        tanh_scale=float(l.tanh_scale), pre_act_coeff=float(l.pre_act_coeff),
+        pre_act_dead_only=bool(l.pre_act_dead_only),
+        sparsity_warmup_steps=int(l.sparsity_warmup_steps),
+        compute_dtype=s.compute_dtype)
+
+  def init_kwargs(self, config) -> dict:
+    """`init` options from the config."""
+    s = config.sae
+    return dict(init_threshold=s.init_threshold, log_threshold=s.threshold_param == "log",
+                pre_encoder_bias=s.pre_encoder_bias)
+
+  # -- training
 
   def init(self, key: jax.Array, *, d_in: int, d_sae: int,
            init_threshold: float = 0.001, log_threshold: bool = False,
            pre_encoder_bias: bool = True) -> JumpReLUParams:
     """Gemma Scope init: He-uniform decoder rows scaled to unit norm, W_enc = W_dec^T, zero biases."""
-    if d_in <= 0 or d_sae <= 0:
-      raise ValueError(f"d_in and d_sae must be positive; got d_in={d_in}, d_sae={d_sae}.")
     if not init_threshold > 0:
       raise ValueError(f"init_threshold must be > 0; got {init_threshold}.")
-    W_dec = jax.nn.initializers.he_uniform()(key, (d_sae, d_in), jnp.float32)
-    W_dec = W_dec / ops.decoder_norms(W_dec)[:, None]
+    W_enc, W_dec = base.init_linear(key, d_in, d_sae)
     theta0 = jnp.full((d_sae,), init_threshold, jnp.float32)
     return JumpReLUParams(
-        W_enc=W_dec.T, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
+        W_enc=W_enc, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
         b_dec=jnp.zeros((d_in,), jnp.float32),
         threshold=jnp.log(theta0) if log_threshold else theta0,
         log_threshold=log_threshold, pre_encoder_bias=pre_encoder_bias)
@@ -80,69 +190,100 @@ class JumpReLUFamily:
   def pre_activations(self, params: JumpReLUParams, x: jax.Array, *,
                       compute_dtype="float32") -> jax.Array:
     """pi(x): `x: [..., d_in]` -> `[..., d_sae]` float32."""
-    if x.shape[-1] != params.d_in:
-      raise ValueError(
-          f"input has {x.shape[-1]} features but the SAE expects d_in={params.d_in}.")
-    bias = params.b_dec if params.pre_encoder_bias else None
-    return ops.matmul(x, params.W_enc, compute_dtype, input_bias=bias) + params.b_enc
+    return base.linear_pre_activations(params, x, compute_dtype=compute_dtype)
 
   def encode(self, params: JumpReLUParams, x: jax.Array, *, bandwidth=0.001,
              ste_to_input: bool = False, compute_dtype="float32") -> jax.Array:
-    """Latents `[..., d_sae]` (float32) of `x: [..., d_in]`."""
+    """Latents `[..., d_sae]` (float32) of `x: [..., d_in]` (straight-through gradients)."""
     pre = self.pre_activations(params, x, compute_dtype=compute_dtype)
     return jumprelu(pre, params.theta(), bandwidth, ste_to_input=ste_to_input)
 
-  def decode(self, params: JumpReLUParams, f: jax.Array, *,
-             compute_dtype="float32") -> jax.Array:
-    """Reconstruction `[..., d_in]` (float32) of latents `f: [..., d_sae]`."""
-    return ops.matmul(f, params.W_dec, compute_dtype) + params.b_dec
-
-  def loss(self, params: JumpReLUParams, x: jax.Array, *,
-           settings: base.LossSettings, sparsity_coeff: jax.Array,
-           dead: jax.Array) -> tuple[jax.Array, dict]:
-    """Reconstruction + sparsity_coeff * sparsity (+ pre-activation loss).
+  def loss(self, params: JumpReLUParams, state, x: jax.Array, *,
+           settings: JumpReLUSettings, hparams: dict, dead: jax.Array,
+           step: jax.Array) -> tuple[jax.Array, base.Output]:
+    """Reconstruction + lambda * sparsity (+ pre-activation loss).
 
     Args:
+      params: the family's parameters.
+      state: unused (`NoState`).
       x: `[batch, d_in]` normalised inputs.
       settings: static loss hyperparameters.
-      sparsity_coeff: lambda at this step (scalar).
+      hparams: traced `sparsity_coeff`, `bandwidth`, `target_l0` (scalars).
       dead: `[d_sae]` bool, latents that have not fired for a while.
-
-    Returns:
-      The loss and a dict of its parts and intermediates (`pre`, `f`, `x_hat`).
+      step: `[]` the update's step (for the lambda warm-up).
     """
-    eps, ste, cdt = settings.bandwidth, settings.ste_to_input, settings.compute_dtype
+    eps, ste, cdt = hparams["bandwidth"], settings.ste_to_input, settings.compute_dtype
+    coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
     pre = self.pre_activations(params, x, compute_dtype=cdt)
     theta = params.theta()
     f = jumprelu(pre, theta, eps, ste_to_input=ste)
     x_hat = self.decode(params, f, compute_dtype=cdt)
-    gates = step(pre, theta, eps, ste_to_input=ste)
+    gates = heaviside(pre, theta, eps, ste_to_input=ste)
     rec = losses.reconstruction(x, x_hat)
     if settings.sparsity == "step":
       sparsity = losses.step_l0(gates)
     elif settings.sparsity == "tanh":
-      sparsity = losses.tanh_penalty(f, ops.decoder_norms(params.W_dec),
-                                     settings.tanh_scale)
+      sparsity = losses.tanh_penalty(f, ops.decoder_norms(params.W_dec), settings.tanh_scale)
     elif settings.sparsity == "quadratic":
-      sparsity = losses.quadratic_l0(gates, settings.target_l0)
+      sparsity = losses.quadratic_l0(gates, hparams["target_l0"])
     else:
       raise ValueError(f"unknown sparsity penalty {settings.sparsity!r};"
                        " use 'step', 'tanh' or 'quadratic'.")
-    total = rec + sparsity_coeff * sparsity
+    total = rec + coeff * sparsity
     pre_act = jnp.zeros((), jnp.float32)
     if settings.pre_act_coeff > 0:
       mask = dead if settings.pre_act_dead_only else None
       pre_act = losses.pre_activation(pre, theta, ops.decoder_norms(params.W_dec), mask)
       total = total + settings.pre_act_coeff * pre_act
-    aux = dict(reconstruction=rec, sparsity=sparsity, pre_act=pre_act,
-               pre=pre, f=f, x_hat=x_hat, theta=theta)
-    return total, aux
+    parts = dict(reconstruction=rec, sparsity=sparsity, pre_act=pre_act, sparsity_coeff=coeff)
+    return total, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
+                              extras=dict(pre=pre, theta=theta, bandwidth=eps))
 
-  def constrain(self, params: JumpReLUParams) -> JumpReLUParams:
+  def metrics(self, output: base.Output, settings) -> dict:
+    """Threshold health: share of pre-activations in the window, theta quantiles."""
+    pre, theta = output.extras["pre"], output.extras["theta"]
+    in_window = jnp.abs(pre - theta) < output.extras["bandwidth"] / 2
+    q10, q50, q90 = jnp.quantile(theta, jnp.array([0.1, 0.5, 0.9]))
+    return dict(window_frac=jnp.mean(in_window.astype(jnp.float32)),
+                theta_p10=q10, theta_p50=q50, theta_p90=q90)
+
+  def constrain(self, params: JumpReLUParams, settings=None) -> JumpReLUParams:
     """Keeps a raw threshold non-negative (theta = 0 makes JumpReLU a ReLU)."""
     if params.log_threshold:
       return params
     return params.replace(threshold=jnp.maximum(params.threshold, 0.0))
+
+  # -- inference
+
+  def fold(self, params: JumpReLUParams, state, norm_scale: float
+           ) -> tuple[str, JumpReLUParams]:
+    """Raw-unit parameters: b_enc' = C (b_enc - b_dec W_enc), theta' = C theta, b_dec' = C b_dec."""
+    del state
+    return "jumprelu", fold_norm_scale(canonical(params), norm_scale)
+
+  def infer(self, params: JumpReLUParams, x: jax.Array) -> jax.Array:
+    """f = pi * 1[pi > max(theta, 0)] in float32, plain jnp."""
+    pre = base.plain_pre_activations(params, x)
+    theta = jnp.maximum(params.theta().astype(jnp.float32), 0.0)
+    return jnp.where(pre > theta, pre, 0.0)
+
+  def fold_decoder_norms(self, params: JumpReLUParams) -> JumpReLUParams:
+    """Unit-norm decoder rows; theta_i scales with latent i (n_i = ||W_dec[i]||)."""
+    params = raw_threshold(params)
+    n = base.row_norm_factors(params.W_dec)
+    return base.fold_decoder_norms_linear(params).replace(threshold=params.threshold * n)
+
+
+def fold_norm_scale(params: JumpReLUParams, norm_scale: float) -> JumpReLUParams:
+  """Parameters for raw inputs x of an SAE trained on x / norm_scale.
+
+  Scales b_enc, b_dec and theta by C = norm_scale (W unchanged); latents become
+  C times larger and the reconstruction is in raw units. Works with or without
+  a pre-encoder bias: (x - C b_dec) @ W + C b_enc = C ((x/C - b_dec) @ W + b_enc).
+  """
+  c = base.check_norm_scale(norm_scale)
+  params = raw_threshold(params)
+  return base.scale_biases(params, c).replace(threshold=params.threshold * c)
 
 
 family = base.register(JumpReLUFamily())

@@ -1,0 +1,113 @@
+"""The jsae format: a folder with `sae.safetensors` + `config.json`.
+
+  sae.safetensors   every parameter array of the inference family (W_enc
+                    [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec; JumpReLU's
+                    threshold), in the SAE's dtype (thresholds float32)
+  config.json       format marker and schema version, family ('jumprelu', 'relu'
+                    or 'topk'), d_in, d_sae, dtype, threshold convention,
+                    pre_encoder_bias, k (TopK), the inference formula, and the
+                    provenance (the training family among it)
+
+Version 1 (jsae 0.1) held JumpReLU SAEs only; it still loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jsae.formats import common
+from jsae.formats.common import FormatError
+from jsae.sae import INFERENCE_FAMILIES, SAE
+
+NAME = "jsae"
+LAYOUT = "config.json + sae.safetensors"
+FAMILIES = INFERENCE_FAMILIES
+FORMAT = "jsae-sae"
+FORMAT_VERSION = 2
+CONFIG, WEIGHTS = "config.json", "sae.safetensors"
+_INFERENCE = {
+    "jumprelu": "pi = x @ W_enc + b_enc; f = pi * (pi > max(threshold, 0)); x_hat = f @ W_dec + b_dec",
+    "relu": "pi = x @ W_enc + b_enc; f = relu(pi); x_hat = f @ W_dec + b_dec",
+    "topk": "pi = x @ W_enc + b_enc; f = relu(pi) on each row's k largest pi (ties: lower"
+            " index); x_hat = f @ W_dec + b_dec",
+}
+
+
+def detect(path: Path) -> Path | None:
+  """The folder this format reads at `path`, or None."""
+  if path.is_file():
+    return path.parent if path.name == WEIGHTS else None
+  return path if (path / WEIGHTS).is_file() and (path / CONFIG).is_file() else None
+
+
+def _flag(cfg: dict, key: str, default: bool, file: Path) -> bool:
+  value = cfg.get(key, default)
+  if not isinstance(value, bool):
+    raise FormatError(f"{file}: key {key!r} is {value!r}; expected true or false.")
+  return value
+
+
+def load(folder: Path, dtype) -> SAE:
+  """Reads a jsae SAE folder."""
+  cfg_file, w_file = folder / CONFIG, folder / WEIGHTS
+  cfg = common.read_json(cfg_file)
+  if cfg.get("format") != FORMAT:
+    raise FormatError(f"{cfg_file}: key 'format' is {cfg.get('format')!r}; expected"
+                      f" {FORMAT!r} (a jsae SAE config).")
+  version = cfg.get("format_version")
+  if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    raise FormatError(f"{cfg_file}: key 'format_version' is {version!r}; this jsae reads"
+                      f" versions 1..{FORMAT_VERSION} (upgrade jsae for newer ones).")
+  family = cfg.get("family")
+  if family not in FAMILIES:
+    raise FormatError(f"{cfg_file}: key 'family' is {family!r}; expected one of"
+                      f" {list(FAMILIES)}.")
+  if cfg.get("units", "raw") != "raw":
+    raise FormatError(f"{cfg_file}: key 'units' is {cfg.get('units')!r}; expected 'raw'"
+                      " (weights for the LM's own activations).")
+  provenance = cfg.get("provenance", {})
+  if not isinstance(provenance, dict):
+    raise FormatError(f"{cfg_file}: key 'provenance' is {provenance!r}; expected an"
+                      " object.")
+  static = {"pre_encoder_bias": _flag(cfg, "pre_encoder_bias", False, cfg_file)}
+  if family == "jumprelu":
+    convention = cfg.get("threshold", "raw")
+    if convention not in ("raw", "log"):
+      raise FormatError(f"{cfg_file}: key 'threshold' is {convention!r}; expected 'raw'"
+                        " (theta) or 'log' (log theta).")
+    static["log_threshold"] = convention == "log"
+  if family == "topk":
+    static["k"] = common.check_int(cfg, "k", cfg_file)
+  claims = {k: (k, common.check_int(cfg, k, cfg_file)) for k in ("d_in", "d_sae")}
+  arrays = common.read_safetensors(w_file)
+  params = common.params_from_arrays(family, arrays, w_file, claims=claims,
+                                     claims_file=cfg_file, **static)
+  if family == "topk" and not static["k"] <= params.W_enc.shape[1]:
+    raise FormatError(f"{cfg_file}: key 'k' is {static['k']}, more than d_sae ="
+                      f" {params.W_enc.shape[1]}.")
+  stored = jnp.dtype(arrays["W_enc"].dtype).name
+  if "dtype" in cfg and cfg["dtype"] != stored:
+    raise FormatError(f"{cfg_file}: key 'dtype' is {cfg['dtype']!r}, but W_enc in"
+                      f" {w_file} is {stored}; expected them to agree.")
+  return common.to_sae(params, provenance, dtype)
+
+
+def save(sae: SAE, path: Path, overwrite: bool) -> Path:
+  """Writes `sae` as a jsae folder at `path`."""
+  from jsae import __version__  # pylint: disable=import-outside-toplevel
+  cfg_file, w_file = path / CONFIG, path / WEIGHTS
+  common.check_writable([cfg_file, w_file], overwrite)
+  config = dict(
+      format=FORMAT, format_version=FORMAT_VERSION, jsae_version=__version__,
+      family=sae.family, d_in=sae.d_in, d_sae=sae.d_sae, dtype=sae.dtype.name,
+      pre_encoder_bias=False, units="raw", inference=_INFERENCE[sae.family],
+      weights=WEIGHTS, provenance=sae.provenance)
+  if sae.family == "jumprelu":
+    config.update(threshold="raw", threshold_dtype="float32")
+  if sae.family == "topk":
+    config["k"] = sae.k
+  common.write_safetensors(w_file, common.weights(sae), metadata={"format": FORMAT})
+  common.write_json(cfg_file, config)
+  return path

@@ -1,0 +1,158 @@
+"""Reading a training run directory: a params-only restore and the run's provenance.
+
+    run = jsae.runs.read_run("runs/my_sae")      # latest finished checkpoint
+    run.params, run.family_state, run.norm_scale, run.provenance
+
+The optimizer state is never read: the checkpoint's own config rebuilds the
+family's parameter shapes abstractly (`jax.eval_shape` of `init`) and Orbax
+restores just `params` (and the family state, e.g. BatchTopK's threshold).
+Nothing here imports the trainer, so the SAE object and the formats can read
+runs without import circles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from jsae import checkpoint, saes
+
+
+class RunError(ValueError):
+  """A run directory holds something jsae cannot read (the message names it and the fix)."""
+
+
+@dataclasses.dataclass
+class Run:
+  """One checkpoint of a training run.
+
+  Attributes:
+    workdir: the run directory.
+    step: the checkpoint's step.
+    config: the run's config (from the checkpoint).
+    meta: the checkpoint's meta item (shapes, norm_scale, data fingerprint, ...).
+    params: the family's training-time parameters (host-local arrays).
+    family_state: the family state (`NoState()` for families that keep none).
+    provenance: what the run knows about its activations and training.
+  """
+
+  workdir: Path
+  step: int
+  config: ml_collections.ConfigDict
+  meta: dict
+  params: Any
+  family_state: Any
+  provenance: dict
+
+  @property
+  def norm_scale(self) -> float:
+    """C, the constant the training inputs were divided by."""
+    return float(self.meta["norm_scale"])
+
+
+def _checked_dir(workdir) -> Path:
+  workdir = Path(workdir).expanduser().absolute()
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"{workdir}: no such run directory; pass the --workdir of a"
+                            " `jsae train` run.")
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"{workdir / 'checkpoints'}: missing; {workdir} is not a jsae"
+                            " run directory (expected config.json and checkpoints/ from"
+                            " `jsae train`).")
+  return workdir
+
+
+def read_run(workdir: str | os.PathLike, *, step: int | None = None) -> Run:
+  """The params (and family state) of a run's latest (or `step`'s) finished checkpoint.
+
+  Raises:
+    FileNotFoundError: not a run directory, or no finished checkpoint (or not `step`).
+    RunError: the checkpoint names a family this jsae does not know.
+  """
+  workdir = _checked_dir(workdir)
+  ckpt_dir = workdir / "checkpoints"
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(
+          f"{ckpt_dir}: no finished checkpoint. Training writes one every"
+          " config.ckpt.every_steps steps and at the end; train longer, or wait for the"
+          " first checkpoint to finish.")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint at step {step};"
+                              f" available steps: {steps}.")
+    step = steps[-1] if step is None else step
+    meta = checkpoint.read_meta(manager, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    name = meta.get("family", config.sae.family)
+    if name not in saes.names():
+      raise RunError(f"{ckpt_dir}: meta key 'family' is {name!r}; this jsae knows"
+                     f" {saes.names()} (upgrade jsae to read this run).")
+    family = saes.get(name)
+    abstract = jax.eval_shape(lambda key: _init(family, key, config), jax.random.key(0))
+    # Host-local arrays on one device, whatever mesh saved the checkpoint.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract)
+    wanted = {"params": abstract[0]}
+    if jax.tree.leaves(abstract[1]):
+      wanted["family_state"] = abstract[1]
+    restored = checkpoint.restore_fields(manager, step, wanted)
+  finally:
+    manager.close()
+  family_state = restored.get("family_state", abstract[1])
+  provenance = run_provenance(workdir, config, meta, step)
+  return Run(workdir=workdir, step=step, config=config, meta=meta,
+             params=restored["params"], family_state=family_state, provenance=provenance)
+
+
+def training_family(workdir: str | os.PathLike) -> str | None:
+  """The family a run directory trained, from its config.json (None if unreadable)."""
+  try:
+    return json.loads((Path(workdir).expanduser() / "config.json").read_text())["sae"]["family"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _init(family: saes.Family, key, config):
+  params = family.init(key, d_in=config.sae.d_in, d_sae=config.sae.d_sae,
+                       **family.init_kwargs(config))
+  return params, family.init_state(config.sae.d_sae, family.settings(config))
+
+
+def run_provenance(workdir: Path, config, meta: dict, step: int) -> dict:
+  """What a run knows about its activations and training, as a JSON-able dict."""
+  family = saes.get(config.sae.family)
+  knobs = {n.split(".", 1)[1]: config[n.split(".")[0]][n.split(".")[1]]
+           for n in family.traced_names()}
+  prov: dict[str, Any] = dict(
+      source_format="jsae_run", run_dir=str(workdir), step=step,
+      norm_scale=float(meta["norm_scale"]), data_source=config.data.source,
+      training_family=family.name, hyperparameters=knobs,
+      tokens=step * int(config.data.batch_size))
+  if "sparsity_coeff" in knobs:
+    prov["sparsity_coeff"] = float(knobs["sparsity_coeff"])
+  if config.data.source == "shards":
+    prov["shards_dir"] = str(config.data.shards_dir)
+    try:
+      from jsae.data import shards  # pylint: disable=import-outside-toplevel
+      manifest = shards.load_manifest(config.data.shards_dir)
+      prov.update({k: v for k, v in manifest.provenance.to_dict().items()
+                   if v not in (None, "", [], {})})
+    except Exception as e:  # the shards may have moved; the SAE is still usable
+      prov["provenance_error"] = (f"could not read the shard manifest in"
+                                  f" {config.data.shards_dir}: {e}")
+  elif config.data.source == "synthetic":
+    prov["model"] = "synthetic"
+    prov["synthetic"] = config.data.synthetic.to_dict()
+  return prov
+
+
+__all__ = ["Run", "RunError", "read_run", "run_provenance", "training_family"]
