@@ -1,0 +1,15 @@
+"""BatchTopK + AuxK on tiny.py's planted features (best cosine ~0.97; inference L0 ~6.0).
+
+  jsae train --config=configs/tiny_batchtopk.py --workdir=/tmp/jsae_tiny_batchtopk
+  jsae export /tmp/jsae_tiny_batchtopk /tmp/jsae_tiny_batchtopk_saelens --format=saelens
+"""
+
+from configs import tiny
+
+
+def get_config(arg: str | None = None):
+  """configs/tiny.py for the batchtopk family, tuned on its planted features."""
+  del arg
+  c = tiny.get_config("family=batchtopk")
+  c.sae.k = 6  # the planted L0 (a batch mean)
+  return c

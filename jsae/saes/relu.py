@@ -1,0 +1,151 @@
+"""The ReLU SAE family with the decoder-norm-weighted L1 penalty (Anthropic, April 2024).
+
+  pi(x)  = (x - b_dec) @ W_enc + b_enc
+  f(x)   = ReLU(pi(x))
+  x_hat  = f @ W_dec + b_dec
+  loss   = ||x - x_hat||^2 + lambda * sum_i f_i ||d_i||
+
+The penalty is invariant to d_i -> c d_i with f_i -> f_i / c, so no decoder-norm
+constraint is needed (`optim.decoder_unit_norm` defaults to False here, as in
+SAELens's `standard` and dictionary_learning's April update). Exported to SAELens
+as architecture `standard`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jsae import losses, ops
+from jsae.saes import base
+from jsae.saes.base import Field
+
+
+@struct.dataclass
+class ReLUParams:
+  """Parameters of a ReLU SAE (float32).
+
+  Attributes:
+    W_enc: `[d_in, d_sae]` encoder.
+    b_enc: `[d_sae]` encoder bias.
+    W_dec: `[d_sae, d_in]` decoder; rows are latent directions (any norm).
+    b_dec: `[d_in]` decoder bias.
+    pre_encoder_bias: whether `b_dec` is subtracted before encoding (static).
+  """
+
+  W_enc: jax.Array
+  b_enc: jax.Array
+  W_dec: jax.Array
+  b_dec: jax.Array
+  pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReLUSettings:
+  """Static hyperparameters of the ReLU loss.
+
+  Attributes:
+    sparsity_warmup_steps: lambda rises linearly from 0 over these steps.
+    compute_dtype: matmul dtype.
+  """
+
+  sparsity_warmup_steps: int = 0
+  compute_dtype: str = "float32"
+
+
+def lambda_fields(coeff: float, doc: str) -> dict[str, Field]:
+  """The loss fields every lambda-penalised family has (coefficient and its warm-up)."""
+  return {"sparsity_coeff": Field(coeff, doc, traced=True),
+          "sparsity_warmup_steps": Field(10_000, "lambda rises linearly from 0 over these"
+                                         " steps")}
+
+
+def check_lambda_fields(config) -> None:
+  """Raises FamilyConfigError for a negative lambda or warm-up."""
+  for field in ("sparsity_coeff", "sparsity_warmup_steps"):
+    if not config.loss[field] >= 0:
+      raise base.FamilyConfigError(f"config.loss.{field}: must be >= 0; got"
+                                   f" {config.loss[field]!r}.")
+
+
+class LinearFamily(base.Family):
+  """What the families with a plain linear encoder share (ReLU, TopK, BatchTopK)."""
+
+  param_spec_table = dict(base.LINEAR_SPECS)
+  init_row_norm = 1.0  # decoder row norm at init
+
+  def init_kwargs(self, config) -> dict:
+    """`init` options from the config."""
+    return dict(pre_encoder_bias=config.sae.pre_encoder_bias)
+
+  def init(self, key: jax.Array, *, d_in: int, d_sae: int, pre_encoder_bias: bool = True,
+           **static):
+    """Decoder rows He-uniform at norm `init_row_norm`, W_enc = W_dec^T, zero biases."""
+    W_enc, W_dec = base.init_linear(key, d_in, d_sae, row_norm=self.init_row_norm)
+    return self.params_type(W_enc=W_enc, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
+                            b_dec=jnp.zeros((d_in,), jnp.float32),
+                            pre_encoder_bias=pre_encoder_bias, **static)
+
+  def pre_activations(self, params, x: jax.Array, *, compute_dtype="float32") -> jax.Array:
+    """pi(x): `x: [..., d_in]` -> `[..., d_sae]` float32."""
+    return base.linear_pre_activations(params, x, compute_dtype=compute_dtype)
+
+  def fold_linear(self, params, norm_scale: float):
+    """Pre-encoder bias into b_enc, then b_enc and b_dec times C."""
+    c = base.check_norm_scale(norm_scale)
+    return base.scale_biases(base.fold_pre_encoder_bias(params), c)
+
+  def fold_decoder_norms(self, params):
+    """Unit-norm decoder rows, norms moved into the encoder (same on/off pattern)."""
+    return base.fold_decoder_norms_linear(params)
+
+
+class ReLUFamily(LinearFamily):
+  """Pure functions of the ReLU family (see the module docstring)."""
+
+  name = "relu"
+  params_type = ReLUParams
+  inference_form = "relu"
+  init_row_norm = 0.1  # Anthropic April 2024 / SAELens heuristic
+  config_defaults = {"optim.decoder_unit_norm": False}
+  fields = {"sae": {},
+            "loss": lambda_fields(0.05, "lambda of sum_i f_i ||d_i|| (inputs at E||x||^2 = 1)")}
+
+  def check_values(self, config) -> None:
+    check_lambda_fields(config)
+
+  def settings(self, config) -> ReLUSettings:
+    return ReLUSettings(sparsity_warmup_steps=int(config.loss.sparsity_warmup_steps),
+                        compute_dtype=config.sae.compute_dtype)
+
+  def encode(self, params: ReLUParams, x: jax.Array, *, compute_dtype="float32"
+             ) -> jax.Array:
+    """Latents ReLU(pi) `[..., d_sae]` float32."""
+    return jax.nn.relu(self.pre_activations(params, x, compute_dtype=compute_dtype))
+
+  def loss(self, params: ReLUParams, state, x: jax.Array, *, settings: ReLUSettings,
+           hparams: dict, dead: jax.Array, step: jax.Array):
+    """||x - x_hat||^2 + lambda sum_i f_i ||d_i|| on `x: [batch, d_in]`."""
+    del dead
+    coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
+    f = self.encode(params, x, compute_dtype=settings.compute_dtype)
+    x_hat = self.decode(params, f, compute_dtype=settings.compute_dtype)
+    rec = losses.reconstruction(x, x_hat)
+    sparsity = losses.weighted_l1(f, ops.decoder_norms(params.W_dec))
+    parts = dict(reconstruction=rec, sparsity=sparsity, sparsity_coeff=coeff)
+    return rec + coeff * sparsity, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
+                                               extras={})
+
+  def fold(self, params: ReLUParams, state, norm_scale: float):
+    del state
+    return "relu", self.fold_linear(params, norm_scale)
+
+  def infer(self, params: ReLUParams, x: jax.Array) -> jax.Array:
+    """ReLU(x @ W_enc + b_enc), plain jnp."""
+    return jax.nn.relu(base.plain_pre_activations(params, x))
+
+
+family = base.register(ReLUFamily())

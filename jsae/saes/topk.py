@@ -1,0 +1,363 @@
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) SAE families, with AuxK.
+
+  pi(x)  = (x - b_dec) @ W_enc + b_enc
+  TopK:       f = ReLU(pi) on each row's k largest pi, 0 elsewhere (L0 <= k per row)
+  BatchTopK:  f = ReLU(pi) on the floor(k * batch) largest pi of the whole batch
+  x_hat  = f @ W_dec + b_dec
+  loss   = ||x - x_hat||^2 + aux_coeff * AuxK (dead latents model the residual)
+
+Ties go to the lower index (`lax.top_k`; row-major over the batch for
+BatchTopK). The selection runs along the latent axis as one global operation,
+so on a latent-sharded mesh it is the global top k, not a per-shard one.
+
+The sparsity knob k is shape-affecting: the params carry a static k (the
+capacity of `top_k`) and the step takes a traced `k <= capacity`, keeping the
+first k of the sorted selection (families.md section 6), so a sweep can vmap
+over k with the capacity at the sweep's largest k.
+
+BatchTopK keeps a running threshold theta in the family state: an exponential
+moving average of the smallest positive kept activation per batch (rate
+`threshold_ema`, SAELens's 0.01), bias-corrected so the first batch's value is
+taken as it is (dictionary_learning's start, without SAELens's slow rise from
+0). Its inference form is JumpReLU with theta for every latent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jsae import losses
+from jsae.saes import base
+from jsae.saes.base import Field
+from jsae.saes.jumprelu import JumpReLUParams, fold_norm_scale
+from jsae.saes.relu import LinearFamily
+
+P = jax.sharding.PartitionSpec
+
+
+@struct.dataclass
+class TopKParams:
+  """Parameters of a TopK SAE (float32).
+
+  Attributes:
+    W_enc: `[d_in, d_sae]` encoder.
+    b_enc: `[d_sae]` encoder bias.
+    W_dec: `[d_sae, d_in]` decoder (rows kept at unit norm by default).
+    b_dec: `[d_in]` decoder bias.
+    k: latents kept per row (static; the traced k of a step may be smaller).
+    pre_encoder_bias: whether `b_dec` is subtracted before encoding (static).
+  """
+
+  W_enc: jax.Array
+  b_enc: jax.Array
+  W_dec: jax.Array
+  b_dec: jax.Array
+  k: int = struct.field(pytree_node=False, default=32)
+  pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
+
+
+@struct.dataclass
+class BatchTopKParams:
+  """Parameters of a BatchTopK (or Matryoshka BatchTopK) SAE: as `TopKParams`, k per row on average."""
+
+  W_enc: jax.Array
+  b_enc: jax.Array
+  W_dec: jax.Array
+  b_dec: jax.Array
+  k: int = struct.field(pytree_node=False, default=32)
+  pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
+
+
+@struct.dataclass
+class ThresholdState:
+  """BatchTopK's running threshold.
+
+  Attributes:
+    threshold: `[]` float32, the bias-corrected moving average of the smallest
+      positive kept activation (normalised units; 0 before any update).
+    count: `[]` int32, batches that updated it.
+  """
+
+  threshold: jax.Array
+  count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKSettings:
+  """Static hyperparameters of TopK / BatchTopK / Matryoshka losses.
+
+  Attributes:
+    k_aux: dead latents per row in AuxK (capped at d_sae).
+    aux_coeff: weight of AuxK (0 disables it).
+    aux_form: 'gao' (OpenAI / dictionary_learning) or 'saelens' (see `losses.auxk`).
+    threshold_ema: BatchTopK threshold moving-average rate.
+    candidates_per_row: BatchTopK's first stage keeps this many times k per row.
+    compute_dtype: matmul dtype.
+  """
+
+  k_aux: int = 512
+  aux_coeff: float = 1 / 32
+  aux_form: str = "gao"
+  threshold_ema: float = 0.01
+  candidates_per_row: int = 4
+  compute_dtype: str = "float32"
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def topk_mask(pre: jax.Array, capacity: int, k: jax.Array) -> jax.Array:
+  """Bool `[..., d_sae]`: each row's k largest entries of `pre` (k <= capacity, traced).
+
+  `lax.top_k` returns values sorted with ties to the lower index, so keeping
+  the first k of a capacity-wide selection equals `top_k(pre, k)` exactly.
+  """
+  flat = pre.reshape(-1, pre.shape[-1])
+  _, idx = jax.lax.top_k(flat, capacity)
+  keep = jnp.arange(capacity) < k
+  rows = jnp.arange(flat.shape[0])[:, None]
+  mask = jnp.zeros(flat.shape, bool).at[rows, idx].set(jnp.broadcast_to(keep, idx.shape))
+  return mask.reshape(pre.shape)
+
+
+def batch_topk_mask(pre: jax.Array, capacity: int, k: jax.Array,
+                    candidates_per_row: int = 4) -> tuple[jax.Array, jax.Array]:
+  """The floor(k * rows) largest entries of the whole batch `pre: [..., d_sae]`.
+
+  Exact, with ties to the lower row-major index, in two stages: each row's
+  `candidates_per_row * capacity` largest entries, then the top of those.
+  When some row's last candidate could still belong to the batch's top (a row
+  with very many large entries), it falls back to one top_k over the flat batch.
+
+  Returns:
+    (mask `[..., d_sae]` bool, kept `[n_max]` the selected values sorted
+    descending with entries past floor(k * rows) set to -inf).
+  """
+  flat = pre.reshape(-1, pre.shape[-1])
+  rows, d_sae = flat.shape
+  n_max = min(int(capacity * rows), rows * d_sae)
+  n = jnp.floor(jnp.asarray(k, jnp.float32) * rows).astype(jnp.int32)
+  cap = min(d_sae, max(candidates_per_row * capacity, capacity))
+
+  def from_candidates(_):
+    v1, i1 = jax.lax.top_k(flat, cap)  # [rows, cap]
+    v2, pos = jax.lax.top_k(v1.reshape(-1), n_max)
+    return v2, pos // cap, i1.reshape(-1)[pos], v1[:, cap - 1]
+
+  def from_flat(_):
+    v, pos = jax.lax.top_k(flat.reshape(-1), n_max)
+    return v, pos // d_sae, pos % d_sae
+
+  if cap == d_sae:  # the candidates are every entry
+    values, r, c = from_flat(None)
+  else:
+    v2, r2, c2, last = from_candidates(None)
+    cut = v2[jnp.clip(n - 1, 0, n_max - 1)]
+    safe = jnp.all(last < cut)
+    values, r, c = jax.lax.cond(safe, lambda _: (v2, r2, c2), from_flat, None)
+  keep = jnp.arange(n_max) < n
+  mask = jnp.zeros(flat.shape, bool).at[r, c].set(keep)
+  return mask.reshape(pre.shape), jnp.where(keep, values, -jnp.inf)
+
+
+def _aux_loss(pre, x, x_hat, W_dec, dead, settings: TopKSettings) -> jax.Array:
+  """AuxK on the stopped residual, skipped (0) when no latent is dead."""
+  k_aux = min(settings.k_aux, pre.shape[-1])
+  if settings.aux_coeff <= 0 or k_aux <= 0:
+    return jnp.zeros((), jnp.float32)
+  residual = jax.lax.stop_gradient(x.astype(jnp.float32) - x_hat)
+
+  def aux(operands):
+    pre, W_dec = operands
+    return losses.auxk(residual, pre, dead, W_dec, k_aux, form=settings.aux_form,
+                       compute_dtype=settings.compute_dtype)
+  return jax.lax.cond(jnp.any(dead), aux, lambda _: jnp.zeros((), jnp.float32),
+                      (pre, W_dec))
+
+
+# ----------------------------------------------------------------------------- families
+
+_AUX_FIELDS = {
+    "aux_coeff": Field(1 / 32, "AuxK weight alpha (Gao, OpenAI, dictionary_learning: 1/32;"
+                       " SAELens: 1.0)"),
+    "aux_form": Field("gao", "AuxK form: 'gao' (ReLU'd, residual-variance-normalised) or"
+                      " 'saelens' (pre-ReLU, unnormalised, scaled by min(n_dead/k_aux, 1))"),
+}
+
+
+class TopKFamily(LinearFamily):
+  """Pure functions of the TopK family (see the module docstring)."""
+
+  name = "topk"
+  params_type = TopKParams
+  inference_form = "topk"
+  config_defaults = {"optim.decoder_unit_norm": True}
+  fields = {
+      "sae": {"k": Field(32, "latents kept per token (Gao: 32; SAELens: 100)", traced=True),
+              "k_aux": Field(512, "dead latents per token in AuxK (Gao: 512), capped at"
+                             " d_sae")},
+      "loss": dict(_AUX_FIELDS),
+  }
+
+  def check_values(self, config) -> None:
+    s, l = config.sae, config.loss
+    k = s.k
+    if not (isinstance(k, int) and 0 < k <= s.d_sae):
+      raise base.FamilyConfigError(
+          f"config.sae.k: must be an integer in [1, d_sae={s.d_sae}]; got {k!r}. Lower k"
+          " or raise config.sae.d_sae.")
+    if not (isinstance(s.k_aux, int) and s.k_aux >= 0):
+      raise base.FamilyConfigError(f"config.sae.k_aux: must be an integer >= 0; got"
+                                   f" {s.k_aux!r}.")
+    if l.aux_form not in ("gao", "saelens"):
+      raise base.FamilyConfigError(f"config.loss.aux_form: {l.aux_form!r} is not 'gao' or"
+                                   " 'saelens'.")
+    if not l.aux_coeff >= 0:
+      raise base.FamilyConfigError(f"config.loss.aux_coeff: must be >= 0; got"
+                                   f" {l.aux_coeff!r}.")
+
+  def settings(self, config) -> TopKSettings:
+    s, l = config.sae, config.loss
+    return TopKSettings(k_aux=int(s.k_aux), aux_coeff=float(l.aux_coeff),
+                        aux_form=l.aux_form, compute_dtype=s.compute_dtype,
+                        **self._extra_settings(config))
+
+  def _extra_settings(self, config) -> dict:
+    del config
+    return {}
+
+  def init_kwargs(self, config) -> dict:
+    return dict(super().init_kwargs(config), k=int(config.sae.k))
+
+  def init(self, key: jax.Array, *, d_in: int, d_sae: int, k: int = 32,
+           pre_encoder_bias: bool = True):
+    """Unit-norm He-uniform decoder rows, W_enc = W_dec^T (Gao), zero biases."""
+    if not (isinstance(k, (int,)) and 0 < k <= d_sae):
+      raise ValueError(f"k must be an integer in [1, d_sae={d_sae}]; got {k!r}.")
+    return super().init(key, d_in=d_in, d_sae=d_sae, pre_encoder_bias=pre_encoder_bias, k=k)
+
+  def select(self, params, pre: jax.Array, k: jax.Array, settings: TopKSettings | None):
+    """(mask `[..., d_sae]`, selection info) of the kept latents."""
+    del settings
+    return topk_mask(pre, params.k, k), None
+
+  def encode(self, params, x: jax.Array, *, k=None, compute_dtype="float32") -> jax.Array:
+    """Latents `[..., d_sae]` float32 (BatchTopK: over every row of `x` together)."""
+    pre = self.pre_activations(params, x, compute_dtype=compute_dtype)
+    mask, _ = self.select(params, pre, params.k if k is None else k, None)
+    return jnp.where(mask, jax.nn.relu(pre), 0.0)
+
+  def loss(self, params, state, x: jax.Array, *, settings: TopKSettings, hparams: dict,
+           dead: jax.Array, step: jax.Array):
+    """||x - x_hat||^2 + aux_coeff * AuxK on `x: [batch, d_in]`."""
+    del step
+    cdt = settings.compute_dtype
+    pre = self.pre_activations(params, x, compute_dtype=cdt)
+    mask, kept = self.select(params, pre, hparams["k"], settings)
+    f = jnp.where(mask, jax.nn.relu(pre), 0.0)
+    x_hat = self.decode(params, f, compute_dtype=cdt)
+    rec = losses.reconstruction(x, x_hat)
+    aux = _aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
+    parts = dict(reconstruction=rec, aux=aux)
+    state = self.next_state(state, kept, settings)
+    return rec + settings.aux_coeff * aux, base.Output(f=f, x_hat=x_hat, state=state,
+                                                       parts=parts, extras={})
+
+  def next_state(self, state, kept, settings):
+    """The family state after a batch (TopK keeps none)."""
+    del kept, settings
+    return state
+
+  def fold(self, params: TopKParams, state, norm_scale: float):
+    del state
+    return "topk", self.fold_linear(params, norm_scale)
+
+  def fold_decoder_norms(self, params):
+    """Refused: TopK compares pre-activations across latents, so rescaling them changes the winners."""
+    raise ValueError(
+        "a TopK SAE's selection compares pre-activations across latents, so moving"
+        " decoder-row norms into the encoder would change which latents win. Train TopK"
+        " with optim.decoder_unit_norm=True (its default) and export without folding.")
+
+  def infer(self, params: TopKParams, x: jax.Array) -> jax.Array:
+    """ReLU of each row's k largest pre-activations, plain jnp."""
+    pre = base.plain_pre_activations(params, x)
+    return jnp.where(topk_mask(pre, params.k, params.k), jax.nn.relu(pre), 0.0)
+
+
+class BatchTopKFamily(TopKFamily):
+  """BatchTopK: TopK over the whole batch, JumpReLU at inference (module docstring)."""
+
+  name = "batchtopk"
+  params_type = BatchTopKParams
+  inference_form = "jumprelu"
+  fields = {
+      "sae": {"k": Field(32, "mean latents kept per token over the batch (BatchTopK: 16-64)",
+                         traced=True),
+              "k_aux": TopKFamily.fields["sae"]["k_aux"],
+              "threshold_ema": Field(0.01, "rate of the running inference threshold's"
+                                     " moving average (SAELens: 0.01), bias-corrected")},
+      "loss": dict(_AUX_FIELDS),
+  }
+
+  def check_values(self, config) -> None:
+    super().check_values(config)
+    if not 0 < config.sae.threshold_ema <= 1:
+      raise base.FamilyConfigError(f"config.sae.threshold_ema: must lie in (0, 1]; got"
+                                   f" {config.sae.threshold_ema!r}.")
+
+  def _extra_settings(self, config) -> dict:
+    return dict(threshold_ema=float(config.sae.threshold_ema))
+
+  def init_state(self, d_sae: int, settings) -> ThresholdState:
+    del d_sae, settings
+    return ThresholdState(threshold=jnp.zeros((), jnp.float32),
+                          count=jnp.zeros((), jnp.int32))
+
+  def select(self, params, pre, k, settings):
+    per_row = settings.candidates_per_row if settings is not None else 4
+    return batch_topk_mask(pre, params.k, k, per_row)
+
+  def next_state(self, state: ThresholdState, kept: jax.Array, settings: TopKSettings
+                 ) -> ThresholdState:
+    """Bias-corrected EMA of the smallest positive kept value.
+
+    theta_n = theta_{n-1} + (r / (1 - (1 - r)^n)) (v_n - theta_{n-1}), which is the
+    EMA m_n = (1 - r) m_{n-1} + r v_n divided by 1 - (1 - r)^n: theta_1 = v_1.
+    Batches that keep nothing positive leave it unchanged.
+    """
+    kept = jax.lax.stop_gradient(kept)
+    positive = kept > 0
+    smallest = jnp.min(jnp.where(positive, kept, jnp.inf))
+    update = jnp.any(positive)
+    count = state.count + update.astype(jnp.int32)
+    rate = settings.threshold_ema
+    gain = rate / (1.0 - (1.0 - rate) ** jnp.maximum(count, 1).astype(jnp.float32))
+    theta = jnp.where(update, state.threshold + gain * (smallest - state.threshold),
+                      state.threshold)
+    return ThresholdState(threshold=theta, count=count)
+
+  def metrics(self, output: base.Output, settings) -> dict:
+    return dict(threshold=output.state.threshold)
+
+  def fold(self, params: BatchTopKParams, state: ThresholdState, norm_scale: float):
+    """JumpReLU with theta_i = the running threshold, in raw units."""
+    if state is None:
+      raise ValueError("folding a BatchTopK SAE needs its family state (the running"
+                       " threshold); read it from the run with jsae.runs.read_run.")
+    theta = jnp.full((params.W_enc.shape[-1],), state.threshold, jnp.float32)
+    jr = JumpReLUParams(W_enc=params.W_enc, b_enc=params.b_enc, W_dec=params.W_dec,
+                        b_dec=params.b_dec, threshold=theta,
+                        pre_encoder_bias=params.pre_encoder_bias)
+    return "jumprelu", fold_norm_scale(base.fold_pre_encoder_bias(jr), norm_scale)
+
+  def infer(self, params, x):
+    raise NotImplementedError("BatchTopK is a training family; fold it to JumpReLU.")
+
+
+topk_family = base.register(TopKFamily())
+batchtopk_family = base.register(BatchTopKFamily())
