@@ -13,4 +13,5 @@ def get_config(arg: str | None = None):
   c = tiny.get_config("family=matryoshka")
   c.sae.k = 6
   c.sae.group_sizes = (32, 32, 64, 128)  # nested prefixes of 32, 64, 128, 256 latents
+  c.sae.k_aux = 32  # d_in / 2 (dictionary_learning's heuristic); 512 would sort whole rows
   return c

@@ -12,4 +12,5 @@ def get_config(arg: str | None = None):
   del arg
   c = tiny.get_config("family=topk")
   c.sae.k = 6  # the planted L0
+  c.sae.k_aux = 32  # d_in / 2 (dictionary_learning's heuristic); 512 would sort whole rows
   return c

@@ -81,9 +81,9 @@ def parse_config_flags(prog: str, args: list[str], *, workdir_required: bool = T
   try:
     fv([prog] + _resolve_config_arg(args))
   except flags.Error as e:
-    raise UsageError(_explain_flag_error(str(e))) from None
+    raise UsageError(_explain_flag_error(str(e), args)) from None
   except (AttributeError, KeyError) as e:  # config_flags: a field that does not exist
-    raise UsageError(_explain_flag_error(f"Could not override: {e}")) from None
+    raise UsageError(_explain_flag_error(f"Could not override: {e}", args)) from None
   if fv.config is None:
     raise UsageError(f"{prog} needs --config=FILE (e.g. --config=configs/tiny.py).")
   if workdir_required and not fv.workdir:
@@ -93,12 +93,34 @@ def parse_config_flags(prog: str, args: list[str], *, workdir_required: bool = T
   return fv.config, fv.workdir
 
 
-def _explain_flag_error(message: str) -> str:
+def _explain_flag_error(message: str, args: list[str] = ()) -> str:
+  """One paragraph for a config flag error: the field, whose it is, the fix."""
+  if "Error whilst parsing config file" in message:  # get_config raised: keep its last line
+    lines = [l for l in message.splitlines() if l.strip()]
+    return f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
   if "Could not override" in message or "not found" in message:
     message = message.replace("\\n", " ").replace("\n", " ")
-    return (f"{message}. That config field does not exist; see configs/default.py"
-            " for every field (overrides look like --config.optim.lr=3e-4).")
+    owner = _family_field_owner(args)
+    return (f"{message}. That config field does not exist in this config;"
+            + (f" {owner}" if owner else " see configs/default.py for every field")
+            + " (overrides look like --config.optim.lr=3e-4).")
   return message
+
+
+def _family_field_owner(args) -> str:
+  """'config.sae.k is a field of the topk/... families; ...' for an override of a family field."""
+  from jsae import saes
+  for a in args:
+    if not a.startswith("--config.") or "=" not in a:
+      continue
+    group, _, key = a[len("--config."):].split("=", 1)[0].partition(".")
+    owners = [n for n in saes.names() if key in saes.get(n).fields.get(group, {})]
+    if owners:
+      return (f"config.{group}.{key} is a field of the {'/'.join(owners)} SAE"
+              f" famil{'ies' if len(owners) > 1 else 'y'}, not of this config's family. To"
+              f" train {owners[0]}, use --config=configs/default.py:family={owners[0]} or"
+              f" --config=configs/tiny_{owners[0]}.py")
+  return ""
 
 
 def cmd_train(args: list[str]) -> int:

@@ -161,14 +161,13 @@ def _brute_batch_topk(pre, n):
   return mask.reshape(pre.shape)
 
 
-@pytest.mark.parametrize("per_row", [1, 4])
-def test_batch_topk_mask_equals_brute_force_with_ties_and_fallback(per_row):
+def test_batch_topk_mask_equals_brute_force_with_ties():
   rng = np.random.default_rng(0)
   pre = np.round(rng.normal(size=(16, 40)), 1).astype(np.float32)  # many ties
-  pre[3] = 5.0 + rng.random(40)  # one row owns the whole top: forces the flat fallback
-  for k in (1, 2, 3):
+  pre[3] = 5.0 + rng.random(40)  # one row owns much of the top
+  for k in (1, 2, 3):  # traced k below the capacity 3, as in a sweep
     for pre_case in (pre, pre[4:]):
-      mask, kept = topk_lib.batch_topk_mask(jnp.asarray(pre_case), 3, jnp.int32(k), per_row)
+      mask, kept = topk_lib.batch_topk_mask(jnp.asarray(pre_case), 3, jnp.int32(k))
       n = k * pre_case.shape[0]
       np.testing.assert_array_equal(mask, _brute_batch_topk(pre_case, n))
       np.testing.assert_allclose(np.sort(np.asarray(kept)[:n])[::-1],
@@ -324,3 +323,18 @@ def test_every_family_has_a_spec_for_every_parameter_and_documents_fields():
     param_spec_table = {"W_enc": None}
   with pytest.raises(ValueError, match="no sharding spec for parameter"):
     NoSpec().param_specs(broken.init(jax.random.key(0), d_in=4, d_sae=8))
+
+
+def test_cli_names_the_family_that_owns_an_override():
+  from jsae import cli
+  with pytest.raises(cli.UsageError) as e:
+    cli.parse_config_flags("jsae train", ["--config=configs/tiny_gated.py", "--config.sae.k=32",
+                                          "--workdir=/tmp/unused"])
+  assert "config.sae.k is a field of the batchtopk/matryoshka/topk" in str(e.value)
+  assert "family=batchtopk" in str(e.value)
+  with pytest.raises(cli.UsageError, match="unknown SAE family 'topkk'.*Did you mean 'topk'"):
+    cli.parse_config_flags("jsae train", ["--config=configs/default.py:family=topkk",
+                                          "--workdir=/tmp/unused"])
+  config, _ = cli.parse_config_flags("jsae train", ["--config=configs/default.py:family=topk",
+                                                    "--config.sae.k=64", "--workdir=/tmp/u"])
+  assert config.sae.family == "topk" and config.sae.k == 64
