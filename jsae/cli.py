@@ -98,7 +98,8 @@ def _explain_flag_error(message: str, args: list[str] = ()) -> str:
   if "Error whilst parsing config file" in message:  # get_config raised: keep its last line
     lines = [l for l in message.splitlines() if l.strip()]
     return f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
-  if "Could not override" in message or "not found" in message:
+  if ("Could not override" in message or "not found" in message
+      or "Unknown command line flag 'config." in message):
     message = message.replace("\\n", " ").replace("\n", " ")
     owner = _family_field_owner(args)
     return (f"{message}. That config field does not exist in this config;"

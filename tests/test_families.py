@@ -335,6 +335,3 @@ def test_cli_names_the_family_that_owns_an_override():
   with pytest.raises(cli.UsageError, match="unknown SAE family 'topkk'.*Did you mean 'topk'"):
     cli.parse_config_flags("jsae train", ["--config=configs/default.py:family=topkk",
                                           "--workdir=/tmp/unused"])
-  config, _ = cli.parse_config_flags("jsae train", ["--config=configs/default.py:family=topk",
-                                                    "--config.sae.k=64", "--workdir=/tmp/u"])
-  assert config.sae.family == "topk" and config.sae.k == 64
