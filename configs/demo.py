@@ -4,6 +4,7 @@ and report. Everything installs offline from PyPI; about 10 minutes on 2 CPU cor
 
   jsae demo                                   # this config, workdir runs/demo
   jsae demo --config.loss.sparsity_coeff=2e-3 --workdir=runs/demo_l2
+  jsae demo --config=demo:family=topk --workdir=runs/demo_topk   # another family (untuned)
 """
 
 from configs import default
@@ -27,20 +28,25 @@ def get_config(arg: str | None = None):
   c.sae.d_in = 640  # Gemma 3 270M residual width
   c.sae.d_sae = 4096
   c.sae.init_b_dec = "mean"  # Gemma's massive dimensions: start b_dec at the data mean
-  # A few thousand steps instead of a million: a wider straight-through window
-  # and a faster learning rate, as short GDM-style runs need (see README).
-  c.sae.bandwidth = 0.02
-  c.sae.init_threshold = 0.02
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.decay = "cosine"
-  c.loss.sparsity_coeff = 1e-3
-  # 80k tokens give most of 4096 latents few chances to fire; the pre-activation
-  # loss on dead latents (Anthropic / SAELens) revives them. Measured on this demo:
-  # dead latents 74% -> 44% at the same L0 (11.3), for FVU 0.054 -> 0.059 and
-  # delta LM loss 1.76 -> 1.98 nats; set it to 0 for the tighter reconstruction.
-  c.loss.pre_act_coeff = 3e-3
-  c.loss.sparsity_warmup_steps = 300
+  if c.sae.family == "jumprelu":
+    # A few thousand steps instead of a million: a wider straight-through window
+    # and a faster learning rate, as short GDM-style runs need (see README).
+    c.sae.bandwidth = 0.02
+    c.sae.init_threshold = 0.02
+    c.loss.sparsity_coeff = 1e-3
+    # 80k tokens give most of 4096 latents few chances to fire; the pre-activation
+    # loss on dead latents (Anthropic / SAELens) revives them. Measured on this demo:
+    # dead latents 74% -> 44% at the same L0 (11.3), for FVU 0.054 -> 0.059 and
+    # delta LM loss 1.76 -> 1.98 nats; set it to 0 for the tighter reconstruction.
+    c.loss.pre_act_coeff = 3e-3
+  if "k" in c.sae:  # topk, batchtopk, matryoshka (jsae demo --config=demo:family=topk)
+    c.sae.k = 12  # about the JumpReLU demo's L0; not tuned further
+    c.sae.k_aux = 320  # d_in / 2
+  if "sparsity_warmup_steps" in c.loss:
+    c.loss.sparsity_warmup_steps = 300
   c.loss.dead_window_steps = 500
   c.train.num_tokens = 600 * 1024  # ~8 epochs over the harvested tokens
   c.train.log_every = 50

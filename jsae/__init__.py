@@ -1,4 +1,4 @@
-"""jsae: JumpReLU sparse autoencoders in JAX.
+"""jsae: JumpReLU (and ReLU, TopK, BatchTopK, Matryoshka, Gated) sparse autoencoders in JAX.
 
     import jsae
     f = jsae.jumprelu(z, threshold, bandwidth)         # straight-through JumpReLU

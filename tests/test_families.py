@@ -161,17 +161,22 @@ def _brute_batch_topk(pre, n):
   return mask.reshape(pre.shape)
 
 
-def test_batch_topk_mask_equals_brute_force_with_ties():
+@pytest.mark.parametrize("per_row", [1, 4, 100])
+def test_batch_topk_mask_equals_brute_force_with_ties(per_row):
+  """Candidates path, flat fallback (one row owns the top) and flat-only (cap = d_sae)."""
   rng = np.random.default_rng(0)
   pre = np.round(rng.normal(size=(16, 40)), 1).astype(np.float32)  # many ties
-  pre[3] = 5.0 + rng.random(40)  # one row owns much of the top
+  pre[5, :8] = -0.0  # signed zeros order as equal
+  owner = pre.copy()
+  owner[3] = 5.0 + rng.random(40)  # one row owns much of the top: forces the fallback
+  select = jax.jit(topk_lib.batch_topk_mask, static_argnums=(1, 3))
   for k in (1, 2, 3):  # traced k below the capacity 3, as in a sweep
-    for pre_case in (pre, pre[4:]):
-      mask, kept = topk_lib.batch_topk_mask(jnp.asarray(pre_case), 3, jnp.int32(k))
-      n = k * pre_case.shape[0]
-      np.testing.assert_array_equal(mask, _brute_batch_topk(pre_case, n))
-      np.testing.assert_allclose(np.sort(np.asarray(kept)[:n])[::-1],
-                                 np.sort(pre_case[np.asarray(mask)])[::-1])
+    for case in (pre, owner, -np.abs(pre)):
+      mask, smallest = select(jnp.asarray(case), 3, jnp.int32(k), per_row)
+      want = _brute_batch_topk(case, k * case.shape[0])
+      np.testing.assert_array_equal(mask, want)
+      positive = case[want][case[want] > 0]
+      assert float(smallest) == (positive.min() if positive.size else np.inf)
 
 
 # ----------------------------------------------------------------------------- 4. Matryoshka

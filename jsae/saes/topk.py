@@ -61,15 +61,11 @@ class TopKParams:
 
 
 @struct.dataclass
-class BatchTopKParams:
-  """Parameters of a BatchTopK (or Matryoshka BatchTopK) SAE: as `TopKParams`, k per row on average."""
+class BatchTopKParams(TopKParams):
+  """Parameters of a BatchTopK SAE: as `TopKParams`, with k per row on average.
 
-  W_enc: jax.Array
-  b_enc: jax.Array
-  W_dec: jax.Array
-  b_dec: jax.Array
-  k: int = struct.field(pytree_node=False, default=32)
-  pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
+  A type of its own so that `jsae.encode` dispatches to the batch-level selection.
+  """
 
 
 @struct.dataclass
@@ -122,26 +118,75 @@ def topk_mask(pre: jax.Array, capacity: int, k: jax.Array) -> jax.Array:
   return mask.reshape(pre.shape)
 
 
-def batch_topk_mask(pre: jax.Array, capacity: int, k: jax.Array
+def _sort_key(v: jax.Array) -> jax.Array:
+  """uint32 keys that order like the float32 values `v` (-0.0 and +0.0 alike)."""
+  v = v.astype(jnp.float32) + 0.0  # -0.0 + 0.0 = +0.0: one key for both zeros
+  u = jax.lax.bitcast_convert_type(v, jnp.uint32)
+  sign = u >> 31
+  return jnp.where(sign == 1, ~u, u | jnp.uint32(0x80000000))
+
+
+def _nth_largest_key(keys: jax.Array, n: jax.Array) -> jax.Array:
+  """The largest key T with #{keys >= T} >= n (the n-th largest, with multiplicity).
+
+  Exact: 32 halvings of the uint32 key range, each a count over `keys`.
+  """
+  def body(_, bounds):
+    lo, hi = bounds  # invariant: count(keys >= lo) >= n; the answer is in [lo, hi]
+    mid = lo + (hi - lo) // 2 + jnp.uint32(1)
+    ok = (hi > lo) & (jnp.sum(keys >= mid) >= n)
+    return jnp.where(ok, mid, lo), jnp.where(ok | (hi <= lo), hi, mid - jnp.uint32(1))
+  lo, _ = jax.lax.fori_loop(0, 33, body, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+  return lo
+
+
+def batch_topk_mask(pre: jax.Array, capacity: int, k: jax.Array, candidates_per_row: int = 4
                     ) -> tuple[jax.Array, jax.Array]:
   """The floor(k * rows) largest entries of the whole batch `pre: [..., d_sae]`.
 
-  One `top_k` over the flattened batch: exact, ties to the lower row-major
-  index. (A two-stage selection, each row's top entries first, measured 25x
-  slower on XLA:CPU at [4096, 16384], so it is not used.)
+  Exact, with ties to the lower row-major index. Each row's
+  `candidates_per_row * capacity` largest entries are the candidates; the cut
+  (the n-th largest candidate, found by counting, no sort) and its ties (taken in
+  row-major order) give the selection. When some row's last candidate reaches
+  the cut, entries beyond the candidates could belong to the top, and one
+  `top_k` over the flat batch decides instead (`lax.cond`: only one branch runs).
+  At [4096, 16384], k = 32 the candidates path costs half the flat `top_k`.
 
   Returns:
-    (mask `[..., d_sae]` bool, kept `[n_max]` the selected values sorted
-    descending with entries past floor(k * rows) set to -inf).
+    (mask `[..., d_sae]` bool, the smallest positive selected value `[]`, +inf
+    when none is positive).
   """
-  flat = pre.reshape(-1, pre.shape[-1])
+  flat = jax.lax.stop_gradient(pre).reshape(-1, pre.shape[-1]).astype(jnp.float32)
   rows, d_sae = flat.shape
   n_max = min(int(capacity * rows), rows * d_sae)
-  n = jnp.floor(jnp.asarray(k, jnp.float32) * rows).astype(jnp.int32)
-  values, pos = jax.lax.top_k(flat.reshape(-1), n_max)
-  keep = jnp.arange(n_max) < n
-  mask = jnp.zeros(flat.shape, bool).at[pos // d_sae, pos % d_sae].set(keep)
-  return mask.reshape(pre.shape), jnp.where(keep, values, -jnp.inf)
+  n = jnp.minimum(jnp.floor(jnp.asarray(k, jnp.float32) * rows).astype(jnp.int32), n_max)
+  cap = min(d_sae, max(int(candidates_per_row) * int(capacity), int(capacity)))
+  row_ids = jnp.arange(rows)[:, None]
+
+  def from_flat(_):
+    values, pos = jax.lax.top_k(flat.reshape(-1), n_max)
+    keep = jnp.arange(n_max) < n
+    mask = jnp.zeros(flat.shape, bool).at[pos // d_sae, pos % d_sae].set(keep)
+    return mask, jnp.min(jnp.where(keep & (values > 0), values, jnp.inf))
+
+  if cap == d_sae:
+    mask, smallest = from_flat(None)
+    return mask.reshape(pre.shape), smallest
+  v1, i1 = jax.lax.top_k(flat, cap)  # [rows, cap], each row sorted, ties by index
+  keys = _sort_key(v1)
+  cut = _nth_largest_key(keys, n)
+  above, at = keys > cut, keys == cut
+  need = n - jnp.sum(above)
+  tie_rank = jnp.cumsum(at.reshape(-1)).reshape(at.shape)  # row-major order of ties
+  keep = above | (at & (tie_rank <= need))
+
+  def from_candidates(_):
+    mask = jnp.zeros(flat.shape, bool).at[row_ids, i1].set(keep)
+    return mask, jnp.min(jnp.where(keep & (v1 > 0), v1, jnp.inf))
+
+  safe = jnp.all(keys[:, cap - 1] < cut)
+  mask, smallest = jax.lax.cond(safe, from_candidates, from_flat, None)
+  return mask.reshape(pre.shape), smallest
 
 
 def _aux_loss(pre, x, x_hat, W_dec, dead, settings: TopKSettings) -> jax.Array:
@@ -300,9 +345,9 @@ class BatchTopKFamily(TopKFamily):
 
   def select(self, params, pre, k, settings):
     del settings
-    return batch_topk_mask(pre, params.k, k)
+    return batch_topk_mask(pre, params.k, k)  # (mask, smallest positive kept value)
 
-  def next_state(self, state: ThresholdState, kept: jax.Array, settings: TopKSettings
+  def next_state(self, state: ThresholdState, smallest: jax.Array, settings: TopKSettings
                  ) -> ThresholdState:
     """Bias-corrected EMA of the smallest positive kept value.
 
@@ -310,10 +355,8 @@ class BatchTopKFamily(TopKFamily):
     EMA m_n = (1 - r) m_{n-1} + r v_n divided by 1 - (1 - r)^n: theta_1 = v_1.
     Batches that keep nothing positive leave it unchanged.
     """
-    kept = jax.lax.stop_gradient(kept)
-    positive = kept > 0
-    smallest = jnp.min(jnp.where(positive, kept, jnp.inf))
-    update = jnp.any(positive)
+    smallest = jax.lax.stop_gradient(smallest)
+    update = jnp.isfinite(smallest)
     count = state.count + update.astype(jnp.int32)
     rate = settings.threshold_ema
     gain = rate / (1.0 - (1.0 - rate) ** jnp.maximum(count, 1).astype(jnp.float32))
