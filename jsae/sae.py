@@ -106,11 +106,8 @@ def _last_axis_replicated(a) -> jax.sharding.NamedSharding | None:
 
 
 def canonical(params):
-  """The inference layout every format saves: pre-encoder bias folded, raw threshold."""
-  family = saes.family_of(params)
-  if family.name == "jumprelu":
-    return saes.jumprelu.canonical(params)
-  return saes_base.fold_pre_encoder_bias(params)
+  """The inference layout every format saves (the family's: pre-encoder bias folded, ...)."""
+  return saes.family_of(params).canonical(params)
 
 
 # ----------------------------------------------------------------------------- provenance

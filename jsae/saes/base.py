@@ -17,7 +17,7 @@ know nothing of any family's specifics:
   param_specs / state_specs            PartitionSpecs per field: a field without
                                        one is an error, never silently replicated
   fold(params, state, norm_scale)      training form -> (inference family, params)
-                                       in raw LM units
+                                       in raw LM units; `canonical` the saved layout
   encode / decode                      the training-form forward (functional API)
 
 Inference families (those an exported SAE can be: jumprelu, relu, topk) also
@@ -214,6 +214,10 @@ class Family:
   def fold(self, params: Params, state: Any, norm_scale: float) -> tuple[str, Params]:
     """(inference family name, its params in raw LM units) of trained params."""
     raise NotImplementedError
+
+  def canonical(self, params: Params) -> Params:
+    """The layout every format saves: the pre-encoder bias folded into b_enc."""
+    return fold_pre_encoder_bias(params)
 
   def infer(self, params: Params, x: jax.Array) -> jax.Array:
     """Inference forward (plain jnp; defined by inference families)."""

@@ -261,6 +261,10 @@ class JumpReLUFamily(base.Family):
     del state
     return "jumprelu", fold_norm_scale(canonical(params), norm_scale)
 
+  def canonical(self, params: JumpReLUParams) -> JumpReLUParams:
+    """Raw float32 threshold and the pre-encoder bias folded into b_enc."""
+    return canonical(params)
+
   def infer(self, params: JumpReLUParams, x: jax.Array) -> jax.Array:
     """f = pi * 1[pi > max(theta, 0)] in float32, plain jnp."""
     pre = base.plain_pre_activations(params, x)
