@@ -201,6 +201,25 @@ def _held_out_batches(config, batch_sharding) -> list:
     source.close()
 
 
+def restore_state(workdir, target: TrainState) -> TrainState:
+  """The latest checkpoint's TrainState in `target`'s structure and shardings.
+
+  Fields are restored by name, so a checkpoint written before the family
+  state existed (jsae 0.1) resumes when the family keeps none. A manager of its
+  own: Orbax fixes an item's handler at first use, and the run's manager saves.
+  """
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  try:
+    names = [f.name for f in dataclasses.fields(TrainState)
+             if f.name != "family_state" or jax.tree.leaves(target.family_state)]
+    fields = checkpoint.restore_fields(manager, manager.latest_step(),
+                                       {n: getattr(target, n) for n in names})
+  finally:
+    manager.close()
+  fields.setdefault("family_state", target.family_state)
+  return TrainState(**fields)
+
+
 def held_out_metrics(params, family_state, batches: list, norm_scale: float) -> dict:
   """FVU, L0 and dead fraction (never fired on the set) of the inference form on held-out batches."""
   model = sae_lib.SAE.from_training(params, norm_scale, state=family_state)
@@ -424,7 +443,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     # Restoring onto this run's mesh works whatever mesh saved the checkpoint.
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
-    state, meta = checkpoint.restore(manager, target)
+    state = restore_state(workdir, target)
   else:
     b_dec = initial_b_dec(config, source) if config.sae.init_b_dec == "mean" else None
     state = jax.jit(init, out_shardings=state_sharding)(key, b_dec=b_dec)

@@ -154,3 +154,19 @@ def test_latent_sharded_selection_is_global(family):
   np.testing.assert_allclose(np.asarray(sharded), single, rtol=1e-5)
   per_row = (single != 0).sum(-1)
   assert per_row.mean() == pytest.approx(4.0) and per_row.max() < 8 * 4 / 2
+
+
+def test_batchtopk_resume_is_exact_including_the_threshold(tmp_path):
+  """N steps + restart + N steps = 2N steps, the family state (running threshold) too."""
+  def config(steps):
+    c = _config("batchtopk")
+    c.train.num_tokens = steps * c.data.batch_size
+    c.ckpt.every_steps = 40
+    return c
+  straight = train.train(config(80), tmp_path / "straight", progress=False)
+  train.train(config(40), tmp_path / "resumed", progress=False)
+  resumed = train.train(config(80), tmp_path / "resumed", progress=False)
+  for a, b in zip(jax.tree.leaves((straight.state.params, straight.state.family_state)),
+                  jax.tree.leaves((resumed.state.params, resumed.state.family_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(resumed.state.family_state.count) == 80
