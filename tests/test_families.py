@@ -340,3 +340,31 @@ def test_cli_names_the_family_that_owns_an_override():
   with pytest.raises(cli.UsageError, match="unknown SAE family 'topkk'.*Did you mean 'topk'"):
     cli.parse_config_flags("jsae train", ["--config=configs/default.py:family=topkk",
                                           "--workdir=/tmp/unused"])
+
+
+@pytest.mark.parametrize("family", ["jumprelu", "relu", "topk", "batchtopk", "matryoshka",
+                                    "gated"])
+def test_the_sparsity_knob_is_traced_so_a_sweep_can_vmap_it(family):
+  """Two members with different knobs in one vmapped loss equal two separate losses."""
+  fam = saes.get(family)
+  c = default.get_config(f"family={family}")
+  c.sae.d_in, c.sae.d_sae = 8, 32
+  if "k" in c.sae:
+    c.sae.k = 4
+  settings = fam.settings(c)
+  params = fam.init(jax.random.key(0), d_in=8, d_sae=32, **fam.init_kwargs(c))
+  state = fam.init_state(32, settings)
+  x = jax.random.normal(jax.random.key(1), (16, 8))
+  base_hp = fam.hyperparams(c)
+  knob = "k" if "k" in base_hp else "sparsity_coeff"
+  values = [jnp.asarray(v, base_hp[knob].dtype) for v in ((2, 4) if knob == "k" else (1e-3, 0.3))]
+  members = [dict(base_hp, **{knob: v}) for v in values]
+
+  def loss(hp):
+    return fam.loss(params, state, x, settings=settings, hparams=hp,
+                    dead=jnp.zeros(32, bool).at[:5].set(True), step=jnp.int32(10**6))[0]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+  together = jax.jit(jax.vmap(loss))(stacked)
+  apart = [float(loss(hp)) for hp in members]
+  np.testing.assert_allclose(together, apart, rtol=1e-5)
+  assert apart[0] != pytest.approx(apart[1])  # the knob matters
