@@ -3,9 +3,11 @@ the compiled program, for data-, latent- and 2-D sharding; measured where a GPU 
 
     XLA_FLAGS=--xla_force_host_platform_device_count=64 python bench/sharded_step.py
     python bench/sharded_step.py --measure          # on a GPU/TPU host: time it, report MFU
+    python bench/sharded_step.py --family topk      # any SAE family (default jumprelu)
 
 Shape (d_in, d_sae, batch) = (3584, 131072, 4096) by default; a step counts
-10 * batch * d_in * d_sae FLOPs. The Gemma Scope reference: 45 ms per step at
+2 * batch * d_in * d_sae FLOPs per matmul of that size (the family's
+`step_matmuls`: 5, or 8 for Gated). The Gemma Scope reference: 45 ms per step at
 50.8% MFU on 8 TPUv3 chips; the target is >= 60% MFU on one H100 (bfloat16 matmuls).
 Faked CPU devices compile the real partitioned program, so the per-device
 memory and the collectives are those of the real mesh; only timings need hardware.
@@ -47,8 +49,8 @@ def _compiled(config, mesh):
   return step, step.lower(abstract, batch).compile(), init, state_sh, batch_sh
 
 
-def analyse(d_in, d_sae, batch, data, model, dtype, devices):
-  config = default.get_config()
+def analyse(d_in, d_sae, batch, data, model, dtype, devices, family="jumprelu"):
+  config = default.get_config(f"family={family}")
   config.sae.d_in, config.sae.d_sae, config.sae.compute_dtype = d_in, d_sae, dtype
   config.data.batch_size = batch
   mesh = sharding.make_mesh(ConfigDict(dict(data=data, model=model)), devices)
@@ -99,11 +101,13 @@ def main():
   p.add_argument("--shape", default="3584x131072x4096")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--measure", action="store_true", help="time the step on real devices")
+  p.add_argument("--family", default="jumprelu", choices=saes.names())
   args = p.parse_args()
   d_in, d_sae, batch = map(int, args.shape.split("x"))
   n = jax.device_count()
-  step_flops = 10 * batch * d_in * d_sae
-  print(f"{jax.device_count()} {jax.devices()[0].device_kind} device(s); SAE {d_in}x{d_sae},"
+  step_flops = saes.get(args.family).step_matmuls * 2 * batch * d_in * d_sae
+  print(f"{jax.device_count()} {jax.devices()[0].device_kind} device(s); {args.family} SAE"
+        f" {d_in}x{d_sae},"
         f" batch {batch}, {args.dtype} matmuls; {step_flops / 1e12:.2f} TFLOP per step")
   print(f"{'devices':>7} {'mesh':>7} {'GiB/device':>10} {'temp GiB':>9} {'TFLOP/dev':>9}"
         f" {'compile s':>9}" + (f" {'step ms':>8} {'MFU':>6} {'fwd+bwd ms':>10}" if args.measure else ""))
@@ -113,7 +117,7 @@ def main():
       if count == 1 and (data, model) != (1, 1):
         continue
       try:
-        r = analyse(d_in, d_sae, batch, data, model, args.dtype, devices)
+        r = analyse(d_in, d_sae, batch, data, model, args.dtype, devices, args.family)
       except Exception as e:  # e.g. a shape the mesh cannot divide
         print(f"{count:>7} {data}x{model:<5} skipped: {str(e).splitlines()[0][:80]}")
         continue
