@@ -111,7 +111,9 @@ def plot_pareto(runs: list[dict], key: str, label: str, path: Path) -> None:
 
 
 def _fmt(v, spec=".3g"):
-  return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else html.escape(str(v))
+  if isinstance(v, int) and not isinstance(v, bool):
+    return str(v)  # d_sae, steps: whole numbers as they are (16384, not 1.64e+04)
+  return "—" if v is None else format(v, spec) if isinstance(v, float) else html.escape(str(v))
 
 
 def _knob(config: dict) -> str:
