@@ -109,10 +109,6 @@ class Family:
 
   # -- config
 
-  def field_names(self) -> dict[str, tuple[str, ...]]:
-    """{group: own field names} ('sae', 'loss')."""
-    return {g: tuple(f) for g, f in self.fields.items()}
-
   def traced_names(self) -> tuple[str, ...]:
     """'group.field' names of the traced hyperparameters."""
     return tuple(f"{g}.{n}" for g, fs in self.fields.items()

@@ -36,8 +36,6 @@ from jsae.saes.base import Field
 from jsae.saes.jumprelu import JumpReLUParams, fold_norm_scale
 from jsae.saes.relu import LinearFamily
 
-P = jax.sharding.PartitionSpec
-
 
 @struct.dataclass
 class TopKParams:
