@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices along the batch axis (-1: all devices not used by 'model')
   c.mesh.model = 1  # devices along the latent axis (Megatron-style SAE sharding)
+  c.mesh.sweep = 1  # devices along a sweep's member axis (jsae sweep only; divides the members)
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 5000  # steps between checkpoints (and one at the end)

@@ -90,9 +90,14 @@ def scale_by_adam_no_momentum(b2: float = 0.999, eps: float = 1e-8
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim_config, *, total_steps: int) -> optax.GradientTransformation:
-  """The optimizer chain described in the module docstring, from `config.optim`."""
+def make_optimizer(optim_config, *, total_steps: int, lr=None) -> optax.GradientTransformation:
+  """The optimizer chain described in the module docstring, from `config.optim`.
+
+  `lr` overrides `optim_config.lr`; it may be a traced scalar (a sweep member's
+  learning rate under `vmap`), since the schedule is plain jnp arithmetic.
+  """
   o = optim_config
+  lr = o.lr if lr is None else lr
   chain = []
   if o.decoder_unit_norm:
     chain.append(project_decoder_gradient())
@@ -103,7 +108,7 @@ def make_optimizer(optim_config, *, total_steps: int) -> optax.GradientTransform
   else:
     chain.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
   chain.append(optax.scale_by_learning_rate(lr_schedule(
-      lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, decay=o.decay,
+      lr=lr, warmup_steps=o.warmup_steps, total_steps=total_steps, decay=o.decay,
       decay_start_frac=o.decay_start_frac, final_lr_frac=o.final_lr_frac)))
   return optax.chain(*chain)
 

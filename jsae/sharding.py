@@ -45,19 +45,30 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
   return data, model
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
+def make_mesh(mesh_config, devices=None, *, sweep: int | None = None) -> Mesh:
   """A 2-D ('data', 'model') mesh over `devices` (default: all) from `config.mesh`.
 
-  An explicit mesh smaller than the device count uses the first devices
-  (single-process runs only; useful for debugging and tests).
+  With `sweep` (the size of a sweep's member axis, `config.mesh.sweep`) the mesh
+  is 3-D, ('sweep', 'data', 'model'): members are split over 'sweep' and each
+  member's batch and latents over the other two. An explicit mesh smaller than
+  the device count uses the first devices (single-process runs only; useful for
+  debugging and tests).
   """
   devices = jax.devices() if devices is None else devices
-  wanted = int(mesh_config.data) * int(mesh_config.model)
+  members = 1 if sweep is None else int(sweep)
+  if members < 1 or len(devices) % members:
+    raise ConfigError(f"config.mesh.sweep={sweep} does not divide the {len(devices)}"
+                      " devices; pick a divisor of the device count (1 keeps every member"
+                      " on every device).")
+  wanted = members * int(mesh_config.data) * int(mesh_config.model)
   if wanted > 0 and wanted < len(devices) and jax.process_count() == 1:
     devices = devices[:wanted]
-  data, model = mesh_shape(mesh_config, len(devices))
-  grid = np.asarray(devices).reshape(data, model)
-  return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+  data, model = mesh_shape(mesh_config, len(devices) // members)
+  if sweep is None:
+    grid = np.asarray(devices).reshape(data, model)
+    return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+  grid = np.asarray(devices).reshape(members, data, model)
+  return Mesh(grid, ("sweep", "data", "model"), axis_types=(AxisType.Auto,) * 3)
 
 
 def check_divisible(mesh: Mesh, *, d_sae: int, batch_size: int) -> None:

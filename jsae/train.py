@@ -305,6 +305,28 @@ def _shape_meta(config) -> dict:
               pre_encoder_bias=s.pre_encoder_bias)
 
 
+def check_source(config, source, meta: dict | None, ckpt_dir) -> None:
+  """Raises ConfigError when `source` does not fit the config or the checkpoint's data."""
+  if source.d_in != config.sae.d_in:
+    raise config_lib.ConfigError(
+        f"config.sae.d_in: the data has rows of width {source.d_in} but the config"
+        f" says {config.sae.d_in}; set --config.sae.d_in={source.d_in}.")
+  fingerprint = getattr(source, "fingerprint", None)
+  if meta is not None and meta.get("data_fingerprint") != fingerprint:
+    raise config_lib.ConfigError(
+        f"config.data: the checkpoint in {ckpt_dir} was trained on data with"
+        f" fingerprint {meta.get('data_fingerprint')!r}, this run reads {fingerprint!r};"
+        " resuming on other data would not continue the same run. Use a new --workdir.")
+
+
+def checkpoint_meta(config, source) -> dict:
+  """The `meta` item a run's checkpoints carry: shape, data identity, the whole config."""
+  return dict(_shape_meta(config), norm_scale=source.norm_scale,
+              data_fingerprint=getattr(source, "fingerprint", None),
+              data_seed=config.data.seed, batch_size=config.data.batch_size,
+              config=config.to_dict())
+
+
 def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
   """Raises if the checkpoint in `ckpt_dir` was made for another SAE shape or run.
 
@@ -417,16 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   # -- Data.
   own_source = source is None
   source = data.make_source(config) if own_source else source
-  if source.d_in != config.sae.d_in:
-    raise config_lib.ConfigError(
-        f"config.sae.d_in: the data has rows of width {source.d_in} but the config"
-        f" says {config.sae.d_in}; set --config.sae.d_in={source.d_in}.")
-  fingerprint = getattr(source, "fingerprint", None)
-  if meta is not None and meta.get("data_fingerprint") != fingerprint:
-    raise config_lib.ConfigError(
-        f"config.data: the checkpoint in {manager.directory} was trained on data with"
-        f" fingerprint {meta.get('data_fingerprint')!r}, this run reads {fingerprint!r};"
-        " resuming on other data would not continue the same run. Use a new --workdir.")
+  check_source(config, source, meta, manager.directory)
   settings = StepSettings.from_config(config, source.norm_scale)
 
   # -- Mesh, model and optimizer; restore or init, already sharded.
@@ -459,9 +472,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           in_shardings=(state_sharding, batch_sharding, None),
           out_shardings=(state_sharding, None), donate_argnums=0)
       for with_metrics in (False, True)}
-  meta = dict(_shape_meta(config), norm_scale=source.norm_scale, data_fingerprint=fingerprint,
-              data_seed=config.data.seed, batch_size=config.data.batch_size,
-              config=config.to_dict())
+  meta = checkpoint_meta(config, source)
 
   # -- Held-out evaluation set (fixed batches), if configured.
   held_out = _held_out_batches(config, batch_sharding)
