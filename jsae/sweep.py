@@ -1,0 +1,694 @@
+"""Sweeps: many SAEs trained in one compiled step, each batch read once.
+
+  jsae sweep --config=configs/sweep_tiny.py --workdir=runs/sweep
+
+A sweep config is a single-run config holding the fields every member shares
+(data, optim, train, ckpt, mesh, lm, text, eval, sae.d_in, sae.d_sae, ...) and
+`config.sweep.groups`: named groups, each of one family with that family's
+own fields and the values its members take (`swept`). Members of a group differ only
+in traced values (the family's sparsity knob, k, target L0, bandwidth, ...,
+plus `seed` and `lr`), so a group is one `vmap`ped, jitted step over a leading
+member axis; groups of other families or shapes are further compiled steps on
+the same batch. k is shape-affecting: a group's TopK selection runs at the
+group's largest k and keeps each member's first k (families.md section 6a),
+which equals `top_k(pre, k)` exactly.
+
+Layout of the sweep's workdir:
+
+  sweep.json            the plan: groups, members and their values (resume check)
+  checkpoints/          the whole sweep's state (every group stacked, frozen flags)
+  members/NAME/         each member as a single run (config.json, metrics.jsonl,
+                        checkpoints/ written at the end or on preemption), so
+                        `jsae report`, `export` and `eval` take a member directory
+  summary.json          per member: values, status, last metrics
+  report/index.html     the report over all members (Pareto plots across families)
+
+Resuming restores the sweep checkpoint: batches are a function of (seed, step),
+so a killed and rerun sweep equals an uninterrupted one bit for bit. A member
+whose loss or parameters become NaN/Inf is frozen at its last good state
+(and reported) while the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+from tqdm.auto import tqdm
+
+from jsae import checkpoint, data, optim, saes, sharding, train
+from jsae import config as config_lib
+
+P = jax.sharding.PartitionSpec
+
+# Swept values that are not family fields: the init seed and the learning rate.
+COMMON_SWEPT = ("seed", "lr")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def group(family_config: ml_collections.ConfigDict, values: dict, *, mode: str = "grid"
+          ) -> ml_collections.ConfigDict:
+  """A sweep group: the family fields of `family_config` and the members' `values`.
+
+  Args:
+    family_config: a full config of the group's family (e.g.
+      `tiny.get_config('family=topk')`); its own sae./loss. fields and its
+      family's optim defaults are kept, the shared fields come from the sweep.
+    values: {field: sequence} of swept values: the family's traced fields (bare
+      names: 'sparsity_coeff', 'k', ...), 'seed' and 'lr'.
+    mode: 'grid' (every combination) or 'zip' (the i-th of every sequence;
+      sequences of length 1 are repeated).
+  """
+  family = saes.get(family_config.sae.family)
+  g = ml_collections.ConfigDict()
+  g.family = family.name  # the group's SAE family
+  g.mode = mode  # 'grid' (cartesian product of values) or 'zip' (i-th of each)
+  for name in ("sae", "loss"):
+    g[name] = ml_collections.ConfigDict(
+        {k: family_config[name][k] for k in family.fields.get(name, {})})
+  g.optim = ml_collections.ConfigDict(
+      {d.split(".")[1]: family_config.optim[d.split(".")[1]]
+       for d in family.config_defaults if d.startswith("optim.")})
+  g.swept = ml_collections.ConfigDict({k: tuple(v) for k, v in values.items()})
+  return g
+
+
+def sweep_config(base: ml_collections.ConfigDict, groups: dict[str, ml_collections.ConfigDict],
+                 ) -> ml_collections.ConfigDict:
+  """`base` (the shared fields) with its family fields removed and `sweep.groups` added."""
+  c = ml_collections.ConfigDict(base.to_dict())
+  for name in ("sae", "loss"):
+    common = set(saes.base.COMMON_FIELDS[name]) - {"family"}
+    for key in [k for k in c[name].keys() if k not in common]:
+      del c[name][key]
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.groups = ml_collections.ConfigDict(groups)  # name -> `group(...)`
+  c.sweep.memory_limit_gb = 0.0  # device memory a group may use (0: the device's own)
+  c.sweep.report = True  # write report/ over all members at the end
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One SAE of a sweep.
+
+  Attributes:
+    name: unique directory name (group and swept values).
+    group: its group's name.
+    index: its position on the group's member axis.
+    values: {field: value} it was given.
+    config: the member as a single-run config (what `jsae train` would take).
+  """
+
+  name: str
+  group: str
+  index: int
+  values: dict
+  config: ml_collections.ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Members of one family and shape, trained by one compiled step.
+
+  Attributes:
+    name: the group's name in `config.sweep.groups`.
+    family: its SAE family.
+    members: the members, in member-axis order.
+    config: the group's compiled config: the first member's, at the largest k.
+  """
+
+  name: str
+  family: saes.Family
+  members: tuple[Member, ...]
+  config: ml_collections.ConfigDict
+
+
+def _field_error(group_name: str, field: str, message: str) -> config_lib.ConfigError:
+  return config_lib.ConfigError(f"config.sweep.groups.{group_name}.{field}: {message}")
+
+
+def _combinations(group_name: str, g) -> list[dict]:
+  """The members' {field: value} dicts of a group, by its mode."""
+  values = {k: list(v) if isinstance(v, (tuple, list)) else [v] for k, v in g.swept.items()}
+  if not values:
+    return [{}]
+  for k, v in values.items():
+    if not v:
+      raise _field_error(group_name, f"swept.{k}", "is empty; give at least one value.")
+  keys = sorted(values)
+  if g.mode == "grid":
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(values[k] for k in keys))]
+  if g.mode == "zip":
+    n = max(len(v) for v in values.values())
+    bad = [k for k, v in values.items() if len(v) not in (1, n)]
+    if bad:
+      raise _field_error(group_name, f"swept.{bad[0]}",
+                         f"has {len(values[bad[0]])} values but mode='zip' pairs {n}; give"
+                         " every field the same number of values (or one), or use"
+                         " mode='grid'.")
+    return [{k: v[i if len(v) > 1 else 0] for k, v in values.items()} for i in range(n)]
+  raise _field_error(group_name, "mode", f"{g.mode!r} is not 'grid' or 'zip'.")
+
+
+def _format_value(v) -> str:
+  return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def _member_name(group_name: str, values: dict, varying: list[str]) -> str:
+  parts = [f"{k}={_format_value(values[k])}" for k in varying]
+  return "-".join([group_name] + parts)
+
+
+def _swept_group(family: saes.Family, field: str) -> str | None:
+  """The config group ('sae', 'loss', ...) a swept field is set in, or None if not sweepable."""
+  if field == "seed":
+    return ""
+  if field == "lr":
+    return "optim"
+  for dotted in family.traced_names():
+    group_name, name = dotted.split(".")
+    if name == field:
+      return group_name
+  return None
+
+
+def member_config(config: ml_collections.ConfigDict, group_name: str, values: dict
+                  ) -> ml_collections.ConfigDict:
+  """The single-run config of the member of group `group_name` with `values`."""
+  g = config.sweep.groups[group_name]
+  c = config.to_dict()
+  del c["sweep"]
+  c = ml_collections.ConfigDict(c)
+  c.sae.family = g.family
+  saes.base.configure(c, g.family)
+  for name in ("sae", "loss", "optim"):
+    for k, v in g[name].items():
+      c[name][k] = v
+  family = saes.get(g.family)
+  for field, value in values.items():
+    where = _swept_group(family, field)
+    if where == "":
+      c[field] = value
+    elif where == "optim":
+      c.optim.lr = value
+    else:
+      c[where][field] = value
+  return c
+
+
+def plan(config: ml_collections.ConfigDict) -> tuple[Group, ...]:
+  """The sweep's groups and members from `config.sweep`; ConfigError on bad input.
+
+  Checks: every swept field is traced (a shape or static setting needs its own
+  group), member names are unique, and every member is a valid single-run config.
+  """
+  if "sweep" not in config or not config.sweep.groups:
+    raise config_lib.ConfigError(
+        "config.sweep.groups: a sweep config needs at least one group; build it with"
+        " jsae.sweep.sweep_config(base, {name: jsae.sweep.group(family_config, values)})"
+        " (see configs/sweep_tiny.py).")
+  groups, names = [], {}
+  for group_name in sorted(config.sweep.groups):
+    g = config.sweep.groups[group_name]
+    if g.family not in saes.names():
+      raise _field_error(group_name, "family", f"unknown family {g.family!r}; known:"
+                         f" {saes.names()}.")
+    family = saes.get(g.family)
+    for field in g.swept:
+      if _swept_group(family, field) is None:
+        static = [f"{grp}.{field}" for grp in ("sae", "loss", "optim", "data", "train")
+                  if field in family.fields.get(grp, {}) or field in config.get(grp, {})]
+        what = (f"{static[0]} is a static (shape or compiled) setting, so members that"
+                " differ in it cannot share one compiled step; give each value a group of"
+                " its own" if static else f"{field!r} is not a field of family {family.name!r}")
+        raise _field_error(group_name, f"swept.{field}",
+                           f"{what}. Sweepable here: "
+                           + ", ".join(n.split(".")[1] for n in family.traced_names())
+                           + ", seed, lr.")
+    combos = _combinations(group_name, g)
+    varying = [k for k in sorted(g.swept) if len({repr(c[k]) for c in combos}) > 1]
+    members = []
+    for i, values in enumerate(combos):
+      name = _member_name(group_name, values, varying)
+      if name in names:
+        raise _field_error(group_name, "swept",
+                           f"members {names[name]} and {group_name}[{i}] are both named"
+                           f" {name!r} (the same values twice, or the same group name and"
+                           " values in two groups); remove the duplicate value.")
+      names[name] = f"{group_name}[{i}]"
+      mc = member_config(config, group_name, values)
+      try:
+        config_lib.validate(mc)
+      except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"sweep member {name} (group {group_name}): {e}") from None
+      members.append(Member(name=name, group=group_name, index=i, values=values, config=mc))
+    compiled = ml_collections.ConfigDict(members[0].config.to_dict())
+    if "k" in family.fields.get("sae", {}):
+      compiled.sae.k = max(int(m.config.sae.k) for m in members)  # the selection's capacity
+    groups.append(Group(name=group_name, family=family, members=tuple(members),
+                        config=compiled))
+  return tuple(groups)
+
+
+def plan_json(groups: tuple[Group, ...]) -> dict:
+  """The plan as JSON: what defines the sweep (checked on resume)."""
+  return {"groups": [
+      {"name": g.name, "family": g.family.name,
+       "members": [{"name": m.name, "values": m.values, "config": m.config.to_dict()}
+                   for m in g.members]}
+      for g in groups]}
+
+
+def check_resume_plan(saved: dict, groups: tuple[Group, ...], ckpt_dir) -> None:
+  """Raises ConfigError when the sweep in `ckpt_dir` had other groups, members or fields."""
+  now = json.loads(json.dumps(plan_json(groups)))  # tuples as lists, as saved
+  before = {g["name"]: g for g in saved["groups"]}
+  after = {g["name"]: g for g in now["groups"]}
+  fix = (" Resume with the grid the sweep started with, or use a new --workdir"
+         " (a changed grid would silently continue other runs).")
+  if sorted(before) != sorted(after):
+    raise config_lib.ConfigError(
+        f"config.sweep.groups: the checkpoint in {ckpt_dir} has groups {sorted(before)},"
+        f" the config {sorted(after)}.{fix}")
+  for name, g in after.items():
+    b = before[name]
+    if b["family"] != g["family"] or [m["name"] for m in b["members"]] != [
+        m["name"] for m in g["members"]]:
+      raise config_lib.ConfigError(
+          f"config.sweep.groups.{name}.swept: the checkpoint's members are"
+          f" {[m['name'] for m in b['members']]}, the config's"
+          f" {[m['name'] for m in g['members']]}.{fix}")
+    for saved_member, member in zip(b["members"], next(gr for gr in groups
+                                                     if gr.name == name).members):
+      meta = dict(train._shape_meta(ml_collections.ConfigDict(saved_member["config"])),
+                  config=saved_member["config"])
+      try:
+        train.check_resume_compatible(meta, member.config, ckpt_dir)
+      except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"sweep member {member.name}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@struct.dataclass
+class GroupState:
+  """A group's members stacked on a leading axis.
+
+  Attributes:
+    members: a `train.TrainState` whose every leaf has a leading `[n]` axis.
+    frozen: `[n]` bool, members stopped after a non-finite loss or parameter.
+    frozen_step: `[n]` int32, the step whose update was rejected (-1: running).
+  """
+
+  members: train.TrainState
+  frozen: jax.Array
+  frozen_step: jax.Array
+
+
+def group_hyperparams(group: Group) -> dict:
+  """{name: [n]} the members' traced values: the family's knobs and 'lr'."""
+  per_member = [dict(group.family.hyperparams(m.config),
+                     lr=jnp.asarray(m.config.optim.lr, jnp.float32)) for m in group.members]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *per_member)
+
+
+def init_group(group: Group, *, total_steps: int, b_dec=None) -> GroupState:
+  """The group's state at step 0: member i initialised from `jax.random.key(seed_i)`."""
+  optimizer = optim.make_optimizer(group.config.optim, total_steps=total_steps)
+  keys = jnp.stack([jax.random.key(int(m.config.seed)) for m in group.members])
+  members = jax.vmap(lambda key: train.create_state(key, group.config, optimizer, b_dec=b_dec)
+                     )(keys)
+  n = len(group.members)
+  return GroupState(members=members, frozen=jnp.zeros([n], bool),
+                    frozen_step=jnp.full([n], -1, jnp.int32))
+
+
+def _member_step(state, batch, hparams, *, settings, optim_config, total_steps, with_metrics):
+  """`train.train_step` for one member, its optimizer built at its own (traced) lr."""
+  hparams = dict(hparams)
+  optimizer = optim.make_optimizer(optim_config, total_steps=total_steps, lr=hparams.pop("lr"))
+  return train.train_step(state, batch, hparams, settings=settings, optimizer=optimizer,
+                          with_metrics=with_metrics)
+
+
+def _finite_per_member(tree) -> jax.Array:
+  """`[n]` bool: every float leaf of member i is finite."""
+  leaves = [jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+            for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves), axis=0)
+
+
+def group_step(state: GroupState, batch: jax.Array, hparams: dict, *, settings: train.StepSettings,
+               optim_config, total_steps: int, with_metrics: bool = True
+               ) -> tuple[GroupState, dict]:
+  """One update of every member on the shared `batch: [batch, d_in]`; metrics are `[n]`.
+
+  A member whose loss or updated parameters are not finite keeps its previous
+  state and is frozen from then on; the others are unaffected (vmap keeps
+  members independent).
+  """
+  step = functools.partial(_member_step, settings=settings, optim_config=optim_config,
+                           total_steps=total_steps, with_metrics=with_metrics)
+  new, metrics = jax.vmap(step, in_axes=(0, None, 0))(state.members, batch, hparams)
+  ok = jnp.isfinite(metrics["loss"]) & _finite_per_member(new.params) & ~state.frozen
+
+  def keep(n, o):
+    return jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+  members = jax.tree.map(keep, new, state.members)
+  newly = ~ok & ~state.frozen
+  frozen_step = jnp.where(newly, state.members.step, state.frozen_step)
+  return GroupState(members=members, frozen=state.frozen | newly,
+                    frozen_step=frozen_step), metrics
+
+
+def group_specs(abstract: GroupState, family: saes.Family) -> GroupState:
+  """PartitionSpecs of a GroupState: the member axis on 'sweep', the rest as a single run."""
+  member = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract.members)
+  specs = sharding.state_specs(member, family)
+  stacked = jax.tree.map(lambda s: P("sweep", *s), specs, is_leaf=lambda s: isinstance(s, P))
+  return GroupState(members=stacked, frozen=P("sweep"), frozen_step=P("sweep"))
+
+
+def member_state(state: GroupState, member: Member, family: saes.Family) -> train.TrainState:
+  """Member `member.index`'s TrainState, its TopK capacity set back to its own k."""
+  one = jax.tree.map(lambda x: x[member.index], state.members)
+  if "k" in family.fields.get("sae", {}):
+    one = one.replace(params=one.params.replace(k=int(member.config.sae.k)))
+  return one
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def state_bytes(abstract_group: GroupState, mesh) -> int:
+  """Bytes of a group's state on one device: members split over 'sweep', latents over 'model'.
+
+  An upper bound's close neighbour: the few replicated vectors (b_dec) count as
+  if they were split too.
+  """
+  total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_group))
+  return int(total // (mesh.shape.get("sweep", 1) * mesh.shape["model"]))
+
+
+def step_working_bytes(group: Group, mesh) -> int:
+  """Bytes of one step's activations per device: ~6 float32 [batch, d_sae] per member."""
+  c = group.config
+  per_device_rows = c.data.batch_size // mesh.shape["data"]
+  latents = c.sae.d_sae // mesh.shape["model"]
+  members = len(group.members) // mesh.shape.get("sweep", 1)
+  return int(6 * 4 * per_device_rows * latents * members)
+
+
+def device_memory_bytes(config) -> int | None:
+  """Memory one device offers: config.sweep.memory_limit_gb, the device's, or None if unknown."""
+  if config.sweep.memory_limit_gb > 0:
+    return int(config.sweep.memory_limit_gb * 2**30)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  try:  # CPU: the machine's memory
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_fits(groups: tuple[Group, ...], abstracts: dict, mesh, limit: int | None) -> None:
+  """Raises ConfigError (before compiling) when the sweep's state and step exceed `limit`."""
+  if limit is None:
+    return
+  need = {g.name: state_bytes(abstracts[g.name], mesh) + step_working_bytes(g, mesh)
+          for g in groups}
+  total = sum(need.values())
+  if total <= limit:
+    return
+  worst = max(groups, key=lambda g: need[g.name])
+  per_member = need[worst.name] / len(worst.members)
+  others = total - need[worst.name]
+  fits = max(int((limit - others) // per_member), 0)
+  raise config_lib.ConfigError(
+      f"config.sweep.groups.{worst.name}: the sweep needs about {total / 2**30:.2f} GiB per"
+      f" device (state and one step's activations) but a device has {limit / 2**30:.2f}"
+      f" GiB; group {worst.name!r} has {len(worst.members)} members and about {fits} fit."
+      " Split the group into several sweeps, shard the members with config.mesh.sweep,"
+      " the latents with config.mesh.model, or lower config.data.batch_size.")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """What `sweep` returns.
+
+  Attributes:
+    states: {group name: GroupState} after the last step.
+    groups: the plan.
+    metrics: {member name: last logged metrics}.
+    steps: the step reached.
+    workdir: the sweep directory.
+    preempted: True when SIGTERM stopped the sweep (after a checkpoint).
+    frozen: {member name: step} of the members frozen by a non-finite value.
+  """
+
+  states: dict
+  groups: tuple
+  metrics: dict
+  steps: int
+  workdir: Path
+  preempted: bool = False
+  frozen: dict = dataclasses.field(default_factory=dict)
+
+
+def _member_dir(workdir, member: Member):
+  return workdir / "members" / member.name
+
+
+def _write_members(workdir, groups, states, meta_of) -> None:
+  """Each member's checkpoint in its own directory, as a single run writes it."""
+  for g in groups:
+    for m in g.members:
+      state = member_state(states[g.name], m, g.family)
+      manager = checkpoint.make_manager(_member_dir(workdir, m), max_to_keep=1,
+                                        async_save=False)
+      try:
+        step = int(state.step)
+        if manager.latest_step() != step:
+          checkpoint.save(manager, step, state, meta_of(m))
+        manager.wait_until_finished()
+      finally:
+        manager.close()
+
+
+def _summary(groups, states, last_metrics, steps) -> dict:
+  members = []
+  for g in groups:
+    frozen = np.asarray(states[g.name].frozen)
+    frozen_step = np.asarray(states[g.name].frozen_step)
+    for m in g.members:
+      members.append(dict(
+          name=m.name, group=g.name, family=g.family.name, values=m.values,
+          status=f"frozen at step {int(frozen_step[m.index])} (non-finite loss or"
+                 " parameters)" if frozen[m.index] else "ok",
+          metrics=last_metrics.get(m.name, {}), dir=f"members/{m.name}"))
+  return dict(steps=steps, members=members)
+
+
+def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          progress: bool = True, source=None) -> SweepResult:
+  """Trains every member of `config.sweep` in `workdir`; resumes from its checkpoint.
+
+  Args:
+    config: a sweep config (`sweep_config`).
+    workdir: the sweep directory (layout in the module docstring).
+    progress: show a progress bar.
+    source: an `ActivationSource` to use instead of the one the config names.
+  """
+  # -- Plan and validate, before any compilation.
+  groups = plan(config)
+  base = groups[0].members[0].config  # the shared fields
+  workdir = train.prepare_workdir(workdir)
+  num_steps = config_lib.total_steps(base)
+  manager = checkpoint.make_manager(workdir, max_to_keep=base.ckpt.max_to_keep,
+                                    async_save=base.ckpt.async_save)
+  meta = checkpoint.latest_meta(manager)
+  if meta is not None:
+    check_resume_plan(meta["plan"], groups, manager.directory)
+
+  # -- Data, read once per step for every group.
+  own_source = source is None
+  source = data.make_source(base) if own_source else source
+  for g in groups:
+    train.check_source(g.config, source, meta, manager.directory)
+
+  # -- Mesh and states, restored or initialised, already sharded.
+  mesh = sharding.make_mesh(base.mesh, sweep=base.mesh.sweep)
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
+  abstracts, shardings, b_decs = {}, {}, {}
+  for g in groups:
+    sharding.check_divisible(mesh, d_sae=g.config.sae.d_sae, batch_size=base.data.batch_size)
+    if len(g.members) % mesh.shape["sweep"]:
+      raise _field_error(g.name, "swept", f"{len(g.members)} members do not split over"
+                         f" config.mesh.sweep={mesh.shape['sweep']}; use a member count that"
+                         " is a multiple of it, or config.mesh.sweep=1.")
+    abstracts[g.name] = jax.eval_shape(lambda g=g: init_group(g, total_steps=num_steps))
+    shardings[g.name] = sharding.named(mesh, group_specs(abstracts[g.name], g.family))
+  check_fits(groups, abstracts, mesh, device_memory_bytes(config))
+  if meta is not None:
+    target = {name: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstracts[name],
+        shardings[name]) for name in abstracts}
+    states = checkpoint.restore_fields(manager, manager.latest_step(), target)
+  else:
+    states = {}
+    for g in groups:
+      b_dec = None
+      if g.config.sae.init_b_dec == "mean":
+        n = g.config.sae.init_b_dec_batches
+        b_decs.setdefault(n, train.initial_b_dec(g.config, source))
+        b_dec = b_decs[n]
+      states[g.name] = jax.jit(functools.partial(init_group, g, total_steps=num_steps),
+                               out_shardings=shardings[g.name])(b_dec=b_dec)
+  start = int(manager.latest_step()) if meta is not None else 0
+
+  # -- Compile: per group, a step with and one without metrics.
+  hparams, step_fns = {}, {}
+  for g in groups:
+    hparams[g.name] = jax.device_put(group_hyperparams(g), jax.sharding.NamedSharding(
+        mesh, P("sweep")))
+    settings = train.StepSettings.from_config(g.config, source.norm_scale)
+    step_fns[g.name] = {
+        wm: jax.jit(functools.partial(group_step, settings=settings, optim_config=g.config.optim,
+                                      total_steps=num_steps, with_metrics=wm),
+                    in_shardings=(shardings[g.name], batch_sharding, None),
+                    out_shardings=(shardings[g.name], None), donate_argnums=0)
+        for wm in (False, True)}
+  sweep_meta = dict(plan=plan_json(groups), norm_scale=source.norm_scale,
+                    data_fingerprint=getattr(source, "fingerprint", None),
+                    config=config.to_dict())
+  if jax.process_index() == 0:
+    checkpoint.write_json(workdir / "sweep.json", sweep_meta["plan"])
+    for g in groups:
+      for m in g.members:
+        d = train.prepare_workdir(_member_dir(workdir, m))
+        checkpoint.write_json(d / "config.json", m.config.to_dict())
+
+  # -- Held-out evaluation set (fixed batches), if configured.
+  held_out = train._held_out_batches(base, batch_sharding)
+
+  # -- Loop.
+  logs = ({m.name: train._MetricsLog(_member_dir(workdir, m), start)
+           for g in groups for m in g.members} if jax.process_index() == 0 else {})
+  n_members = sum(len(g.members) for g in groups)
+  bar = tqdm(total=num_steps, initial=start, unit="step",
+             disable=not progress or jax.process_index() != 0, dynamic_ncols=True,
+             desc=f"sweep ({n_members} SAEs)", mininterval=1.0)
+  last_metrics: dict = {}
+  reported_frozen: set = set()
+  t0 = time.perf_counter()
+  preemption = train._Preemption(manager)
+  done, preempted = start, False
+  try:
+    preemption.__enter__()
+    for step in range(start, num_steps):
+      batch = sharding.global_batch(source.batch(step), batch_sharding, base.data.batch_size)
+      done = step + 1
+      is_log = done % base.train.log_every == 0 or done == num_steps
+      is_ckpt = done % base.ckpt.every_steps == 0 or done == num_steps
+      is_eval = bool(held_out) and (done % base.eval.every_steps == 0 or done == num_steps)
+      is_log = is_log or is_eval
+      metrics = {}
+      for g in groups:
+        states[g.name], metrics[g.name] = step_fns[g.name][is_log or is_ckpt](
+            states[g.name], batch, hparams[g.name])
+      if is_log or is_ckpt:
+        _log_members(groups, states, metrics, logs, last_metrics, reported_frozen,
+                     done=done, start=start, elapsed=time.perf_counter() - t0,
+                     num_steps=num_steps, held_out=held_out if is_eval else [],
+                     norm_scale=source.norm_scale)
+        running = [v for v in last_metrics.values() if "fvu" in v]
+        if running:
+          bar.set_postfix(FVU=f"{np.median([v['fvu'] for v in running]):.3f}",
+                          L0=f"{np.median([v['l0'] for v in running]):.1f}",
+                          frozen=len(reported_frozen), refresh=False)
+      preempted = preemption.reached(done) and done < num_steps
+      if is_ckpt or preempted:
+        checkpoint.save(manager, done, states, sweep_meta)
+      bar.update(1)
+      if preempted:
+        tqdm.write(f"preempted (SIGTERM): saved sweep checkpoint {done} in"
+                   f" {manager.directory}; run the same command again to resume.")
+        break
+  finally:
+    preemption.__exit__()
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    if own_source:
+      source.close()
+
+  # -- Members as single runs, the summary and the report.
+  meta_of = lambda m: train.checkpoint_meta(m.config, source)
+  _write_members(workdir, groups, states, meta_of)
+  last_lines = {name: json.loads(log.lines[-1]) for name, log in logs.items() if log.lines}
+  summary = _summary(groups, states, last_lines, done)
+  frozen = {m["name"]: m["status"] for m in summary["members"] if m["status"] != "ok"}
+  if jax.process_index() == 0:
+    checkpoint.write_json(workdir / "summary.json", summary)
+    if config.sweep.report and not preempted:
+      from jsae import report  # matplotlib only when a report is wanted
+      report.write_report([_member_dir(workdir, m) for g in groups for m in g.members],
+                          workdir / "report")
+  return SweepResult(states=states, groups=groups, metrics=last_metrics, steps=done,
+                     workdir=Path(str(workdir)), preempted=preempted, frozen=frozen)
+
+
+def _log_members(groups, states, metrics, logs, last_metrics, reported_frozen, *, done, start,
+                 elapsed, num_steps, held_out, norm_scale) -> None:
+  """Writes each running member's metrics line; reports newly frozen members once.
+
+  With `held_out` batches, each member's held-out FVU, L0 and dead fraction too.
+  """
+  for g in groups:
+    host = {k: np.asarray(v) for k, v in jax.device_get(metrics[g.name]).items()}
+    frozen = np.asarray(states[g.name].frozen)
+    frozen_step = np.asarray(states[g.name].frozen_step)
+    batch = g.config.data.batch_size
+    for m in g.members:
+      if frozen[m.index]:
+        if m.name not in reported_frozen:
+          reported_frozen.add(m.name)
+          tqdm.write(f"sweep member {m.name}: non-finite loss or parameters at step"
+                     f" {int(frozen_step[m.index])}; frozen at its last good state, the other"
+                     " members go on. Lower its lr or enable config.optim.clip_grad_norm.")
+        continue
+      record = {k: float(v[m.index]) for k, v in host.items()}
+      record.update(step=done, tokens=done * batch,
+                    lr=train.optim_lr(m.config, num_steps, done - 1),
+                    tokens_per_s=(done - start) * batch / max(elapsed, 1e-9))
+      if held_out:
+        one = member_state(states[g.name], m, g.family)
+        record.update(train.held_out_metrics(one.params, one.family_state, held_out,
+                                             norm_scale))
+      last_metrics[m.name] = record
+      if m.name in logs:
+        logs[m.name].write(record)
+
+
+__all__ = ["Group", "GroupState", "Member", "SweepResult", "check_fits", "group",
+           "group_hyperparams", "group_step", "init_group", "member_config", "member_state",
+           "plan", "sweep", "sweep_config"]
