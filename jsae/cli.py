@@ -19,6 +19,8 @@ commands:
           evaluation -> report (configs/demo.py); a second run reuses finished stages
   harvest --config=CONFIG --workdir=DIR     LM activations -> shards (train and eval)
   train   --config=CONFIG --workdir=DIR     train an SAE; the same workdir resumes it
+  sweep   --config=SWEEP_CONFIG --workdir=DIR   many SAEs in one compiled step per group
+          (configs/sweep_tiny.py); members land in DIR/members/NAME as single runs
   eval    --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_DIR   writes eval.json
   export  RUN_DIR OUT [--format=jsae|gemma_scope|gemma_scope_2|saelens] [--layer=L ...]
   report  RUN_DIR... [--out=DIR]            plots and index.html over runs
@@ -147,6 +149,34 @@ def cmd_train(args: list[str]) -> int:
   return 0
 
 
+def cmd_sweep(args: list[str]) -> int:
+  """`jsae sweep`: train every member of a sweep config (resumes from the workdir)."""
+  if _wants_help(args, "usage: jsae sweep --config=SWEEP_CONFIG --workdir=DIR"
+                 " [--config.FIELD=VALUE ...]\n  e.g. --config=configs/sweep_tiny.py;"
+                 " group fields: --config.sweep.groups.NAME.loss.FIELD=V"):
+    return 0
+  from jsae import sharding
+  sharding.initialize_distributed()
+  import jax
+  from jsae import sweep
+  config, workdir = parse_config_flags("jsae sweep", args)
+  if "sweep" not in config:
+    raise UsageError("jsae sweep needs a sweep config (with config.sweep.groups), such as"
+                     " --config=configs/sweep_tiny.py; for one SAE use `jsae train`.")
+  result = sweep.sweep(config, workdir)
+  if jax.process_index() != 0:
+    return 0
+  state = "stopped by SIGTERM at" if result.preempted else "trained"
+  print(f"{state} {sum(len(g.members) for g in result.groups)} SAEs,"
+        f" {result.steps} steps, in {result.workdir}")
+  for name, m in sorted(result.metrics.items()):
+    print(f"  {name:40s} L0 {m.get('l0', float('nan')):7.2f}  FVU {m.get('fvu', float('nan')):.4f}")
+  for name, status in sorted(result.frozen.items()):
+    print(f"  {name:40s} {status}")
+  print(f"summary: {result.workdir / 'summary.json'}")
+  return 0
+
+
 def cmd_shards(args: list[str]) -> int:
   """`jsae shards info DIR` / `jsae shards verify DIR`."""
   if len(args) != 2 or args[0] not in ("info", "verify"):
@@ -260,7 +290,8 @@ def cmd_report(args: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"demo": cmd_demo, "harvest": cmd_harvest, "train": cmd_train, "eval": cmd_eval,
+COMMANDS = {"demo": cmd_demo, "harvest": cmd_harvest, "train": cmd_train, "sweep": cmd_sweep,
+            "eval": cmd_eval,
             "export": cmd_export, "report": cmd_report, "shards": cmd_shards}
 
 
