@@ -414,25 +414,34 @@ def step_working_bytes(group: Group, mesh) -> int:
   return int(6 * 4 * per_device_rows * latents * members)
 
 
-def device_memory_bytes(config) -> int | None:
-  """Memory one device offers: config.sweep.memory_limit_gb, the device's, or None if unknown."""
+def device_memory_bytes(config) -> tuple[int | None, str]:
+  """(bytes one device offers, where that figure comes from); None when unknown.
+
+  config.sweep.memory_limit_gb when set, else the accelerator's limit, else
+  (CPU) the machine's memory.
+  """
   if config.sweep.memory_limit_gb > 0:
-    return int(config.sweep.memory_limit_gb * 2**30)
+    return int(config.sweep.memory_limit_gb * 2**30), "config.sweep.memory_limit_gb"
   stats = jax.local_devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:
-    return int(stats["bytes_limit"])
+    return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind}'s memory"
   try:  # CPU: the machine's memory
-    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "host memory"
   except (ValueError, OSError, AttributeError):
-    return None
+    return None, "unknown"
 
 
-def check_fits(groups: tuple[Group, ...], abstracts: dict, mesh, limit: int | None) -> None:
+def group_bytes(group: Group, abstract_group: GroupState, mesh) -> int:
+  """Bytes per device a group needs: its state and one step's activations."""
+  return state_bytes(abstract_group, mesh) + step_working_bytes(group, mesh)
+
+
+def check_fits(groups: tuple[Group, ...], abstracts: dict, mesh, limit: int | None,
+               limit_source: str = "device memory") -> None:
   """Raises ConfigError (before compiling) when the sweep's state and step exceed `limit`."""
   if limit is None:
     return
-  need = {g.name: state_bytes(abstracts[g.name], mesh) + step_working_bytes(g, mesh)
-          for g in groups}
+  need = {g.name: group_bytes(g, abstracts[g.name], mesh) for g in groups}
   total = sum(need.values())
   if total <= limit:
     return
@@ -441,11 +450,12 @@ def check_fits(groups: tuple[Group, ...], abstracts: dict, mesh, limit: int | No
   others = total - need[worst.name]
   fits = max(int((limit - others) // per_member), 0)
   raise config_lib.ConfigError(
-      f"config.sweep.groups.{worst.name}: the sweep needs about {total / 2**30:.2f} GiB per"
-      f" device (state and one step's activations) but a device has {limit / 2**30:.2f}"
-      f" GiB; group {worst.name!r} has {len(worst.members)} members and about {fits} fit."
-      " Split the group into several sweeps, shard the members with config.mesh.sweep,"
-      " the latents with config.mesh.model, or lower config.data.batch_size.")
+      f"config.sweep.groups.{worst.name}: the sweep needs about {total / 2**30:.3g} GiB per"
+      f" device (state and one step's activations) but a device has {limit / 2**30:.3g}"
+      f" GiB ({limit_source}); group {worst.name!r} has {len(worst.members)} members and"
+      f" about {fits} fit. Split the group into several sweeps, shard the members with"
+      " config.mesh.sweep, the latents with config.mesh.model, or lower"
+      " config.data.batch_size.")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -472,6 +482,20 @@ class SweepResult:
   workdir: Path
   preempted: bool = False
   frozen: dict = dataclasses.field(default_factory=dict)
+
+
+def _restore(workdir, target: dict) -> dict:
+  """The latest sweep checkpoint's {group: GroupState} in `target`'s shardings.
+
+  A manager of its own: Orbax fixes an item's handler at first use, and the
+  sweep's manager saves.
+  """
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  try:
+    state, _ = checkpoint.restore(manager, target)
+  finally:
+    manager.close()
+  return dict(state)
 
 
 def _member_dir(workdir, member: Member):
@@ -547,12 +571,12 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                          " is a multiple of it, or config.mesh.sweep=1.")
     abstracts[g.name] = jax.eval_shape(lambda g=g: init_group(g, total_steps=num_steps))
     shardings[g.name] = sharding.named(mesh, group_specs(abstracts[g.name], g.family))
-  check_fits(groups, abstracts, mesh, device_memory_bytes(config))
+  check_fits(groups, abstracts, mesh, *device_memory_bytes(config))
   if meta is not None:
     target = {name: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstracts[name],
         shardings[name]) for name in abstracts}
-    states = checkpoint.restore_fields(manager, manager.latest_step(), target)
+    states = _restore(workdir, target)
   else:
     states = {}
     for g in groups:

@@ -1,0 +1,200 @@
+"""Sweeps: a vmapped group step equals separate single runs, each batch is read once,
+resume is bit for bit, a diverging member is frozen alone, and bad grids are refused."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sweep_tiny, tiny, tiny_jumprelu, tiny_topk
+from jsae import config as config_lib
+from jsae import data, sharding, sweep, train
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 20
+
+
+def _config(families="jumprelu+topk", steps=STEPS, swept=None, mode="grid"):
+  """sweep_tiny.py over `families`, two members a group unless `swept` says otherwise."""
+  c = sweep_tiny.get_config(f"families={families}")
+  c.train.num_tokens = steps * c.data.batch_size
+  c.ckpt.every_steps = 10
+  c.train.log_every = 10
+  c.mesh.data = c.mesh.model = 1
+  c.sweep.report = False
+  for name, g in c.sweep.groups.items():
+    g.mode = mode
+    for field, values in (swept or {}).get(name, {k: v[::2] for k, v in g.swept.items()}).items():
+      g.swept[field] = tuple(values)
+  return c
+
+
+def _assert_close(a, b, what):
+  """Every leaf of `a` equals `b` within 1e-6 of the leaf's largest magnitude."""
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * max(np.abs(y).max(), 1e-30),
+                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+class _CountingSource:
+  """Wraps a source, counting the batches read and optionally raising at one step."""
+
+  def __init__(self, inner, crash_at=None):
+    self.inner, self.crash_at, self.reads = inner, crash_at, []
+    self.d_in, self.batch_size, self.norm_scale = inner.d_in, inner.batch_size, inner.norm_scale
+
+  def batch(self, step):
+    if step == self.crash_at:
+      raise KeyboardInterrupt("simulated preemption")
+    self.reads.append(step)
+    return self.inner.batch(step)
+
+  def close(self):
+    self.inner.close()
+
+
+def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path):
+  """Six families, two members each (k swept for the TopK kinds; seed, lr and
+  bandwidth zipped for JumpReLU), against twelve `train.train` runs."""
+  c = _config("+".join(sweep_tiny.KNOBS))
+  c.sweep.groups.jumprelu = sweep.group(
+      tiny_jumprelu.get_config(), {"sparsity_coeff": (0.04, 0.01), "seed": (0, 7),
+                                   "lr": (2e-3, 1e-3), "bandwidth": (0.05, 0.1)}, mode="zip")
+  source = _CountingSource(data.make_source(c))
+  result = sweep.sweep(c, tmp_path / "sweep", progress=False, source=source)
+  assert sorted(source.reads) == list(range(STEPS))  # 12 SAEs, one read per step
+
+  members = [(g, m) for g in result.groups for m in g.members]
+  assert len(members) == 12
+  assert {m.values["k"] for g, m in members if g.name == "topk"} == {4, 9}
+  for g, m in members:
+    single = train.train(m.config, tmp_path / "single" / m.name, progress=False)
+    swept = sweep.member_state(result.states[g.name], m, g.family)
+    _assert_close(swept.params, single.state.params, f"{m.name} params")
+    _assert_close(swept.opt_state, single.state.opt_state, f"{m.name} opt_state")
+    # The member's metrics line is the single run's (same step, same numbers).
+    line = json.loads((result.workdir / "members" / m.name / "metrics.jsonl")
+                      .read_text().splitlines()[-1])
+    assert line["step"] == STEPS
+    assert line["fvu"] == pytest.approx(single.metrics["fvu"], rel=1e-4)
+
+
+def test_killed_sweep_resumes_bit_for_bit(tmp_path):
+  c = _config()
+  straight = sweep.sweep(c, tmp_path / "straight", progress=False)
+  crashing = _CountingSource(data.make_source(c), crash_at=13)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.sweep(c, tmp_path / "resumed", progress=False, source=crashing)
+  rerun = _CountingSource(data.make_source(c))
+  resumed = sweep.sweep(c, tmp_path / "resumed", progress=False, source=rerun)
+  assert rerun.reads == list(range(10, STEPS))  # from the step-10 checkpoint
+  for name in straight.states:
+    for a, b in zip(jax.tree.leaves(straight.states[name]), jax.tree.leaves(resumed.states[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  m = resumed.groups[0].members[0]
+  steps = [json.loads(l)["step"] for l in
+           (resumed.workdir / "members" / m.name / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [10, 20]
+  # Each member directory is a single run that `train` resumes and `export` reads.
+  assert train.train(m.config, resumed.workdir / "members" / m.name, progress=False).steps == STEPS
+
+
+def test_diverging_member_is_frozen_and_the_others_are_unchanged(tmp_path):
+  values = {"sparsity_coeff": (0.04, 0.02, 0.01), "lr": (2e-3, float("inf"), 1e-3)}
+  c = _config("jumprelu", swept={"jumprelu": values}, mode="zip")
+  result = sweep.sweep(c, tmp_path / "with", progress=False)
+  good = {k: (v[0], v[2]) for k, v in values.items()}
+  without = sweep.sweep(_config("jumprelu", swept={"jumprelu": good}, mode="zip"), tmp_path / "without",
+                        progress=False)
+  (g,) = result.groups
+  bad = g.members[1]
+  assert list(result.frozen) == [bad.name] and "frozen at step 0" in result.frozen[bad.name]
+  frozen_state = sweep.member_state(result.states["jumprelu"], bad, g.family)
+  assert int(frozen_state.step) == 0  # its last good state: the initialisation
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(frozen_state.params))
+  for m, other in zip((g.members[0], g.members[2]), without.groups[0].members):
+    a = sweep.member_state(result.states["jumprelu"], m, g.family)
+    b = sweep.member_state(without.states["jumprelu"], other, g.family)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  summary = json.loads((result.workdir / "summary.json").read_text())
+  assert [m["status"] for m in summary["members"]][1].startswith("frozen")
+
+
+def test_sweep_over_a_sweep_data_model_mesh_matches_one_device(tmp_path):
+  c = _config("topk")
+  one = sweep.sweep(c, tmp_path / "one", progress=False)
+  c.mesh.sweep, c.mesh.data, c.mesh.model = 2, 2, 2
+  meshed = sweep.sweep(c, tmp_path / "mesh", progress=False)
+  leaf = meshed.states["topk"].members.params.W_dec
+  assert leaf.sharding.spec[0] == "sweep" and len(leaf.sharding.device_set) == 8
+  _assert_close(meshed.states["topk"].members.params, one.states["topk"].members.params, "W")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.sweep.groups.topk.swept.update(k_aux=(16, 32)),
+     r"groups.topk.swept.k_aux: sae.k_aux is a static .* give each value a group of its own"),
+    (lambda c: c.sweep.groups.topk.swept.update(d_sae=(128, 256)),
+     r"groups.topk.swept.d_sae: sae.d_sae is a static"),
+    (lambda c: c.sweep.groups.topk.swept.update(k=(4, 4)), r"both named 'topk'"),
+    (lambda c: c.sweep.groups.topk.swept.update(lrr=(1.0,)), r"'lrr' is not a field"),
+    (lambda c: setattr(c.sweep.groups.topk, "mode", "zip") or c.sweep.groups.topk.swept.update(
+        seed=(0, 1, 2)), r"zip"),
+    (lambda c: c.sweep.groups.topk.swept.update(k=(4, 0)), r"sweep member .*k"),
+])
+def test_bad_grids_are_refused_before_compiling(change, message):
+  c = _config("topk")
+  change(c)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    sweep.plan(c)
+
+
+def test_sweep_larger_than_memory_and_changed_grid_are_refused(tmp_path):
+  c = _config("topk")
+  (g,) = sweep.plan(c)
+  mesh = sharding.make_mesh(c.mesh, sweep=1)
+  need = sweep.group_bytes(g, jax.eval_shape(lambda: sweep.init_group(g, total_steps=STEPS)), mesh)
+  c.sweep.memory_limit_gb = 0.75 * need / 2**30  # room for one of the two members
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"groups.topk: .* \(config.sweep.memory_limit_gb\); group 'topk' has"
+                     r" 2 members and about 1 fit"):
+    sweep.sweep(c, tmp_path / "small", progress=False)
+  assert not (tmp_path / "small/checkpoints").exists() or not list(
+      (tmp_path / "small/checkpoints").iterdir())
+  c = _config("topk", steps=10)
+  sweep.sweep(c, tmp_path / "run", progress=False)
+  c.sweep.groups.topk.swept.k = (4, 6)
+  with pytest.raises(config_lib.ConfigError, match=r"groups.topk.swept: the checkpoint's members"
+                     r".*new --workdir"):
+    sweep.sweep(c, tmp_path / "run", progress=False)
+
+
+def _jsae(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "jsae.cli", *args], cwd=cwd, text=True,
+                        capture_output=True, timeout=300)
+
+
+def test_cli_sweep_writes_members_summary_and_report(tmp_path):
+  run = _jsae("sweep", "--config=configs/sweep_tiny.py:families=topk+relu",
+              f"--workdir={tmp_path}/sw", "--config.train.num_tokens=20480",
+              "--config.mesh.data=1")
+  assert run.returncode == 0, run.stderr
+  assert "trained 6 SAEs, 40 steps" in run.stdout
+  summary = json.loads((tmp_path / "sw/summary.json").read_text())
+  assert sorted(m["name"] for m in summary["members"]) == [
+      "relu-sparsity_coeff=0.075", "relu-sparsity_coeff=0.15", "relu-sparsity_coeff=0.3",
+      "topk-k=4", "topk-k=6", "topk-k=9"]
+  assert all(m["metrics"]["step"] == 40 for m in summary["members"])
+  assert (tmp_path / "sw/report/index.html").is_file()
+  export = _jsae("export", f"{tmp_path}/sw/members/topk-k=9", f"{tmp_path}/out",
+                 "--format=saelens")
+  assert export.returncode == 0, export.stderr
+  assert json.loads((tmp_path / "out/cfg.json").read_text())["k"] == 9
+  single = _jsae("sweep", "--config=configs/tiny.py", f"--workdir={tmp_path}/x")
+  assert single.returncode == 2 and "needs a sweep config" in single.stderr
+  assert "Traceback" not in single.stderr
