@@ -106,6 +106,28 @@ def state_specs(state: Any, family) -> Any:
                        family_state=family.state_specs(state.family_state))
 
 
+def per_device_bytes(abstract: Any, specs: Any, axis_sizes: dict[str, int]) -> int:
+  """Bytes one device holds of `abstract` laid out by `specs` on a mesh of `axis_sizes`.
+
+  Needs no devices (dry runs of pod meshes on a laptop): each dimension is
+  split over the product of the axes its spec entry names, rounded up.
+  """
+  leaves = jax.tree.leaves(abstract)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
+  if len(leaves) != len(spec_leaves):
+    raise ValueError(f"{len(leaves)} arrays but {len(spec_leaves)} specs.")
+  total = 0
+  for leaf, spec in zip(leaves, spec_leaves):
+    size = 1
+    for i, dim in enumerate(leaf.shape):
+      names = spec[i] if i < len(spec) else None
+      names = () if names is None else (names,) if isinstance(names, str) else names
+      split = int(np.prod([axis_sizes.get(n, 1) for n in names]))
+      size *= -(-dim // split)
+    total += size * np.dtype(leaf.dtype).itemsize
+  return int(total)
+
+
 def named(mesh: Mesh, specs: Any) -> Any:
   """NamedShardings on `mesh` for a pytree of PartitionSpecs."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,

@@ -395,23 +395,20 @@ def member_state(state: GroupState, member: Member, family: saes.Family) -> trai
 # ----------------------------------------------------------------------------- memory
 
 
-def state_bytes(abstract_group: GroupState, mesh) -> int:
-  """Bytes of a group's state on one device: members split over 'sweep', latents over 'model'.
-
-  An upper bound's close neighbour: the few replicated vectors (b_dec) count as
-  if they were split too.
-  """
-  total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_group))
-  return int(total // (mesh.shape.get("sweep", 1) * mesh.shape["model"]))
+def state_bytes(abstract_group: GroupState, family: saes.Family, axis_sizes) -> int:
+  """Bytes of a group's state on one device of a mesh of `axis_sizes` (members over
+  'sweep', latents over 'model'; exact, from the specs)."""
+  return sharding.per_device_bytes(abstract_group, group_specs(abstract_group, family),
+                                   dict(axis_sizes))
 
 
-def step_working_bytes(group: Group, mesh) -> int:
-  """Bytes of one step's activations per device: ~6 float32 [batch, d_sae] per member."""
-  c = group.config
-  per_device_rows = c.data.batch_size // mesh.shape["data"]
-  latents = c.sae.d_sae // mesh.shape["model"]
-  members = len(group.members) // mesh.shape.get("sweep", 1)
-  return int(6 * 4 * per_device_rows * latents * members)
+def step_working_bytes(config, members: int, axis_sizes) -> int:
+  """Bytes of one step's activations per device: ~6 float32 `[batch, d_sae]` per member
+  (pre-activations, codes, their gradients and the masks), split over the mesh."""
+  axis_sizes = dict(axis_sizes)
+  rows = -(-config.data.batch_size // axis_sizes.get("data", 1))
+  latents = -(-config.sae.d_sae // axis_sizes.get("model", 1))
+  return int(6 * 4 * rows * latents * -(-members // axis_sizes.get("sweep", 1)))
 
 
 def device_memory_bytes(config) -> tuple[int | None, str]:
@@ -431,9 +428,10 @@ def device_memory_bytes(config) -> tuple[int | None, str]:
     return None, "unknown"
 
 
-def group_bytes(group: Group, abstract_group: GroupState, mesh) -> int:
+def group_bytes(group: Group, abstract_group: GroupState, axis_sizes) -> int:
   """Bytes per device a group needs: its state and one step's activations."""
-  return state_bytes(abstract_group, mesh) + step_working_bytes(group, mesh)
+  return (state_bytes(abstract_group, group.family, axis_sizes)
+          + step_working_bytes(group.config, len(group.members), axis_sizes))
 
 
 def check_fits(groups: tuple[Group, ...], abstracts: dict, mesh, limit: int | None,
@@ -441,7 +439,7 @@ def check_fits(groups: tuple[Group, ...], abstracts: dict, mesh, limit: int | No
   """Raises ConfigError (before compiling) when the sweep's state and step exceed `limit`."""
   if limit is None:
     return
-  need = {g.name: group_bytes(g, abstracts[g.name], mesh) for g in groups}
+  need = {g.name: group_bytes(g, abstracts[g.name], mesh.shape) for g in groups}
   total = sum(need.values())
   if total <= limit:
     return

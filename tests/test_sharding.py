@@ -80,6 +80,20 @@ def test_state_specs_follow_parameters():
   assert specs.steps_since_fired == P("model") and specs.step == P()
 
 
+def test_per_device_bytes_equals_the_shards_jax_places():
+  c = _config(2, 4)
+  opt = train.optim.make_optimizer(c.optim, total_steps=10)
+  state = train.create_state(jax.random.key(0), config=c, optimizer=opt)
+  specs = sharding.state_specs(state, train.saes.get("jumprelu"))
+  mesh = sharding.make_mesh(c.mesh)
+  placed = jax.device_put(state, sharding.named(mesh, specs))
+  device = mesh.devices.flat[0]
+  on_device = sum(s.data.nbytes for leaf in jax.tree.leaves(placed)
+                  for s in leaf.addressable_shards if s.device == device)
+  assert sharding.per_device_bytes(state, specs, dict(mesh.shape)) == on_device
+  whole = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  assert sharding.per_device_bytes(state, specs, {}) == whole
+
 def test_indivisible_shapes_are_clear_errors(tmp_path):
   c = _config(1, 8)
   c.sae.d_sae = 252

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import sweep_tiny, tiny, tiny_jumprelu, tiny_topk
+from configs import sweep_tiny, tiny_jumprelu
 from jsae import config as config_lib
 from jsae import data, sharding, sweep, train
 
@@ -158,7 +158,8 @@ def test_sweep_larger_than_memory_and_changed_grid_are_refused(tmp_path):
   c = _config("topk")
   (g,) = sweep.plan(c)
   mesh = sharding.make_mesh(c.mesh, sweep=1)
-  need = sweep.group_bytes(g, jax.eval_shape(lambda: sweep.init_group(g, total_steps=STEPS)), mesh)
+  need = sweep.group_bytes(g, jax.eval_shape(lambda: sweep.init_group(g, total_steps=STEPS)),
+                          mesh.shape)
   c.sweep.memory_limit_gb = 0.75 * need / 2**30  # room for one of the two members
   with pytest.raises(config_lib.ConfigError,
                      match=r"groups.topk: .* \(config.sweep.memory_limit_gb\); group 'topk' has"
@@ -187,7 +188,7 @@ def test_cli_sweep_writes_members_summary_and_report(tmp_path):
   assert "trained 6 SAEs, 40 steps" in run.stdout
   summary = json.loads((tmp_path / "sw/summary.json").read_text())
   assert sorted(m["name"] for m in summary["members"]) == [
-      "relu-sparsity_coeff=0.075", "relu-sparsity_coeff=0.15", "relu-sparsity_coeff=0.3",
+      "relu-sparsity_coeff=0.3", "relu-sparsity_coeff=0.6", "relu-sparsity_coeff=1.2",
       "topk-k=4", "topk-k=6", "topk-k=9"]
   assert all(m["metrics"]["step"] == 40 for m in summary["members"])
   assert (tmp_path / "sw/report/index.html").is_file()
