@@ -16,11 +16,11 @@ from jsae import sweep
 # The knob each family sweeps around the planted L0 (6), from sparse to dense.
 KNOBS = {
     "jumprelu": {"sparsity_coeff": (0.04, 0.02, 0.01)},
-    "relu": {"sparsity_coeff": (0.3, 0.15, 0.075)},
+    "relu": {"sparsity_coeff": (1.2, 0.6, 0.3)},
     "topk": {"k": (4, 6, 9)},
     "batchtopk": {"k": (4, 6, 9)},
     "matryoshka": {"k": (4, 6, 9)},
-    "gated": {"sparsity_coeff": (0.6, 0.3, 0.15)},
+    "gated": {"sparsity_coeff": (1.2, 0.6, 0.3)},
 }
 
 

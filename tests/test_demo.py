@@ -60,7 +60,7 @@ def test_second_run_reuses_finished_stages(demo_run, capsys):
   out = capsys.readouterr().out
   for stage in ("tokenised text", "train activations", "eval activations", "finished SAE",
                 "evaluation"):
-    assert f"reusing" in out and stage in out, stage
+    assert "reusing" in out and stage in out, stage
   assert again["fvu"] == pytest.approx(first["fvu"])
 
 

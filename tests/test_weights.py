@@ -146,7 +146,7 @@ def test_gemma_tree_mapping(model):
   tree = weights.params_to_gemma_tree(params, cfg)
   i = 0
   lt, lp = tree[f"layer_{i}"], params["layers"][i]
-  H, K, h, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+  H, h, d = cfg.n_heads, cfg.head_dim, cfg.d_model
   x = _x(2, 5, d)
   # The gemma library's own einsum equations, applied to its layout.
   np.testing.assert_allclose(np.einsum("BTD,NDH->BTNH", x, lt["attn"]["q_einsum"]["w"]),
