@@ -19,8 +19,10 @@ commands:
           evaluation -> report (configs/demo.py); a second run reuses finished stages
   harvest --config=CONFIG --workdir=DIR     LM activations -> shards (train and eval)
   train   --config=CONFIG --workdir=DIR     train an SAE; the same workdir resumes it
+          [--dry_run]: memory, FLOPs, storage and wall time, nothing read or trained
   sweep   --config=SWEEP_CONFIG --workdir=DIR   many SAEs in one compiled step per group
-          (configs/sweep_tiny.py); members land in DIR/members/NAME as single runs
+          (configs/sweep_tiny.py); members land in DIR/members/NAME as single runs;
+          --dry_run as for train (configs/gemma2_9b.py: the paper's 9B sweeps)
   eval    --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_DIR   writes eval.json
   export  RUN_DIR OUT [--format=jsae|gemma_scope|gemma_scope_2|saelens] [--layer=L ...]
   report  RUN_DIR... [--out=DIR]            plots and index.html over runs
@@ -74,14 +76,17 @@ def parse_config_flags(prog: str, args: list[str], *, workdir_required: bool = T
 
   if default_config and not any(a.startswith("--config=") for a in args):
     args = [f"--config={default_config}"] + list(args)
+  args = [prog] + _resolve_config_arg(args)
   fv = flags.FlagValues()
+  # sys_argv: config_flags finds the override flags in it (sys.argv by default,
+  # which is not these args when main() is called from Python).
   config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                  flag_values=fv, lock_config=True)
+                                  flag_values=fv, lock_config=True, sys_argv=args)
   flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
   for name in extra:
     flags.DEFINE_string(name, None, name, flag_values=fv)
   try:
-    fv([prog] + _resolve_config_arg(args))
+    fv(args)
   except flags.Error as e:
     raise UsageError(_explain_flag_error(str(e), args)) from None
   except (AttributeError, KeyError) as e:  # config_flags: a field that does not exist
@@ -126,11 +131,27 @@ def _family_field_owner(args) -> str:
   return ""
 
 
+def _dry_run(prog: str, args: list[str]) -> int:
+  """`--dry_run`: print what the config costs (memory, FLOPs, storage, wall time); train nothing."""
+  from jsae import dryrun
+  config, _ = parse_config_flags(prog, [a for a in args if a != "--dry_run"],
+                                 workdir_required=False)
+  if prog == "jsae sweep" and "sweep" not in config:
+    raise UsageError("jsae sweep needs a sweep config (with config.sweep.groups); for one SAE"
+                     " use `jsae train --dry_run`.")
+  print(dryrun.format_estimate(dryrun.estimate(config)))
+  return 0
+
+
 def cmd_train(args: list[str]) -> int:
   """`jsae train`: train an SAE (resumes when the workdir has a checkpoint)."""
   if "--help" in args or "-h" in args:
-    print("usage: jsae train --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]")
+    print("usage: jsae train --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]"
+          " [--dry_run]\n  --dry_run: memory, FLOPs, tokens, storage and wall-time estimates"
+          " (no data read, nothing trained)")
     return 0
+  if "--dry_run" in args:
+    return _dry_run("jsae train", args)
   from jsae import sharding
   sharding.initialize_distributed()  # multi-process runs; before JAX touches devices
   import jax
@@ -152,9 +173,11 @@ def cmd_train(args: list[str]) -> int:
 def cmd_sweep(args: list[str]) -> int:
   """`jsae sweep`: train every member of a sweep config (resumes from the workdir)."""
   if _wants_help(args, "usage: jsae sweep --config=SWEEP_CONFIG --workdir=DIR"
-                 " [--config.FIELD=VALUE ...]\n  e.g. --config=configs/sweep_tiny.py;"
+                 " [--config.FIELD=VALUE ...] [--dry_run]\n  e.g. --config=configs/sweep_tiny.py;"
                  " group fields: --config.sweep.groups.NAME.loss.FIELD=V"):
     return 0
+  if "--dry_run" in args:
+    return _dry_run("jsae sweep", args)
   from jsae import sharding
   sharding.initialize_distributed()
   import jax

@@ -1,0 +1,87 @@
+"""`--dry_run` on the Gemma 2 9B configs: figures against a hand computation."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import gemma2_9b
+from jsae import dryrun
+
+REPO = Path(__file__).resolve().parent.parent
+H100 = next(h for h in dryrun.HARDWARE if h.name == "1x H100")
+V3 = next(h for h in dryrun.HARDWARE if h.name == "TPU v3-8")
+
+# Gemma 2 9B, one block: q, k, v, o (16 query and 8 key/value heads of 256) and the
+# gated MLP (3 x 3584 x 14336).
+LAYER_WEIGHTS = 3584 * 256 * (16 + 8 + 8 + 16) + 3 * 3584 * 14336
+
+
+def _harvest_flops_per_token(layer, seq_len=1024):
+  attention = 4 * (seq_len + 1) / 2 * 16 * 256  # scores and values over the causal context
+  return (layer + 1) * (2 * LAYER_WEIGHTS + attention)
+
+
+def test_single_run_dry_run_matches_hand_computation():
+  e = dryrun.estimate(gemma2_9b.get_config("site=resid_post,layer=20,width=131072,"
+                                           "family=jumprelu"))
+  d, n, b = 3584, 131072, 4096
+  params = 2 * d * n + 2 * n + d  # W_enc, W_dec, b_enc, threshold, b_dec
+  (g,) = e["groups"]
+  assert g["params_per_sae"] == params == 939_789_824
+  assert g["param_bytes"] == 4 * params
+  assert g["opt_bytes"] == pytest.approx(4 * params, abs=64)  # Adam's second moment (b1 = 0)
+  assert e["flops_per_step"] == 5 * 2 * b * d * n  # 19.2 TFLOP
+  assert e["steps"] == 8_000_000_000 // b == 1_953_125
+  assert e["shard_bytes"] == e["steps"] * b * d * 4
+  h = e["harvest"]
+  assert h["flops_per_token"] == pytest.approx(_harvest_flops_per_token(20), rel=1e-12)
+  assert h["disk_bytes"] == (8_000_000_000 + 2048 * 1024) * d * 4
+  rows = {r["hardware"]: r for r in e["hardware"]}
+  # Latent-parallel over TPU v3-8's 8 cores: every [d_sae]-sized array is split 8 ways.
+  v3 = rows["TPU v3-8"]
+  assert v3["mesh"] == {"sweep": 1, "data": 1, "model": 8}
+  assert v3["state_bytes"] == pytest.approx(2 * 4 * params / 8, rel=1e-3)
+  h100 = rows["1x H100"]
+  step_s = 5 * 2 * b * d * n / (989e12 * 0.246)  # float32 matmuls: the TF32 MFU
+  assert h100["step_s"] == pytest.approx(step_s, rel=1e-9)
+  assert h100["wall_s"] == pytest.approx(step_s * 1_953_125, rel=1e-9)
+  # The program compiled for this machine's devices counts about the same FLOPs.
+  assert e["compiled"]["flops_per_step"] == pytest.approx(e["flops_per_step"], rel=0.05)
+
+
+def test_sweep_dry_run_matches_hand_computation():
+  e = dryrun.estimate(gemma2_9b.get_config("site=attn_z,layer=9,width=16384,"
+                                           "families=gated+topk"))
+  d, n, b = 16 * 256, 16384, 4096
+  groups = {g["name"]: g for g in e["groups"]}
+  assert groups["gated"]["params_per_sae"] == 2 * d * n + 3 * n + d  # b_gate, b_mag, r_mag
+  assert groups["topk"]["params_per_sae"] == 2 * d * n + n + d
+  assert groups["gated"]["members"] == groups["topk"]["members"] == 6
+  assert e["saes"] == 12
+  assert e["flops_per_step"] == 6 * (8 + 5) * 2 * b * d * n
+  assert e["steps"] == 4_000_000_000 // b  # GS's 4B tokens at width 2^14
+  assert e["harvest"]["flops_per_token"] == pytest.approx(_harvest_flops_per_token(9),
+                                                          rel=1e-12)
+  v3 = {r["hardware"]: r for r in e["hardware"]}["TPU v3-8"]
+  assert v3["mesh"] == {"sweep": 1, "data": 8, "model": 1}  # data parallel at 2^14
+  state = 6 * 2 * 4 * (groups["gated"]["params_per_sae"] + groups["topk"]["params_per_sae"])
+  assert v3["state_bytes"] == pytest.approx(state, rel=1e-3)  # replicated over 'data'
+  assert v3["activation_bytes"] == 12 * 6 * 4 * (b // 8) * n
+  assert v3["step_s"] == pytest.approx(e["flops_per_step"] / (8 * 61.5e12 * 0.508))
+
+
+def test_cli_dry_run_prints_the_figures_without_data_or_workdir():
+  run = subprocess.run(
+      [sys.executable, "-m", "jsae.cli", "train", "--dry_run",
+       "--config=configs/gemma2_9b.py:site=resid_post,layer=20,family=jumprelu"],
+      cwd=REPO, text=True, capture_output=True, timeout=300)
+  assert run.returncode == 0, run.stderr
+  for text in ("939,789,824 params per SAE", "19.2 TFLOP per step", "1,953,125 steps",
+               "TPU v3-8", "TPU v5p-8", "1x H100", "compiled for the local"):
+    assert text in run.stdout, run.stdout
+  bad = subprocess.run([sys.executable, "-m", "jsae.cli", "sweep", "--dry_run",
+                        "--config=configs/gemma2_9b.py:site=mlp,layer=20"],
+                       cwd=REPO, text=True, capture_output=True, timeout=300)
+  assert bad.returncode == 2 and "site=mlp: one of" in bad.stderr
