@@ -85,23 +85,53 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
   return front
 
 
+def sparsity_point(run: dict, key: str) -> tuple[tuple[float, float], str] | None:
+  """(L0, `key`) of a run and where it comes from, or None.
+
+  From eval.json when the run was evaluated; for FVU otherwise from the last
+  metrics line: held-out batches (eval.every_steps) before the training batch.
+  """
+  if run["eval"] and key in run["eval"]:
+    return (run["eval"]["l0"], run["eval"][key]), "held-out eval (eval.json)"
+  if key != "fvu":
+    return None
+  last = next((m for m in reversed(run["metrics"]) if "fvu" in m), None)
+  if last is None:
+    return None
+  if "eval_fvu" in last:
+    return (last["eval_l0"], last["eval_fvu"]), "held-out batches (metrics.jsonl)"
+  return (last["l0"], last["fvu"]), "last training batch (metrics.jsonl)"
+
+
 def plot_pareto(runs: list[dict], key: str, label: str, path: Path) -> None:
   """`key` vs L0 across runs: one marker per run, the Pareto frontier per family."""
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   families: dict[str, list] = {}
+  sources = set()
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for run in runs:
-    if run["eval"] and key in run["eval"]:
-      family = run["config"]["sae"]["family"]
-      point = (run["eval"]["l0"], run["eval"][key])
-      families.setdefault(family, []).append(point)
-      ax.scatter(*point, s=40, zorder=3)
+    found = sparsity_point(run, key)
+    if found is None:
+      continue
+    point, source = found
+    sources.add(source)
+    family = run["config"]["sae"]["family"]
+    families.setdefault(family, []).append(point)
+    color = colors[list(families).index(family) % len(colors)]
+    ax.scatter(*point, s=40, zorder=3, color=color)
+    if len(runs) <= 12:  # beyond that, names only clutter the frontier
       ax.annotate(run["name"], point, fontsize=7, xytext=(4, 4), textcoords="offset points")
-  for family, points in families.items():
+  for i, (family, points) in enumerate(families.items()):
     front = pareto_front(points)
-    ax.plot(*zip(*front), "-", alpha=0.6, label=f"{family} frontier")
+    ax.plot(*zip(*front), "-", alpha=0.7, color=colors[i % len(colors)],
+            label=f"{family} ({len(points)})")
   ax.set_xlabel("L0")
   ax.set_ylabel(label)
   ax.set_xscale("log")
+  if key == "fvu" and families:
+    ax.set_yscale("log")
+  if sources:
+    ax.set_title("; ".join(sorted(sources)), fontsize=8)
   ax.grid(alpha=0.3)
   if families:
     ax.legend(fontsize=8)
@@ -128,8 +158,12 @@ def _knob(config: dict) -> str:
 def _row(run: dict) -> str:
   c, e = run["config"], run["eval"] or {}
   last = run["metrics"][-1] if run["metrics"] else {}
+  l0 = fvu = None
+  found = sparsity_point(run, "fvu")
+  if found:  # not evaluated: the training log's figures (see the Pareto plot's title)
+    (l0, fvu), _ = found
   cells = [run["name"], c["sae"]["family"], c["sae"]["d_sae"], _knob(c),
-           last.get("step"), e.get("l0"), e.get("fvu"), e.get("delta_lm_loss"),
+           last.get("step"), l0, fvu, e.get("delta_lm_loss"),
            e.get("delta_lm_loss_zero"), e.get("dead_frac"), e.get("dense_frac")]
   return "<tr>" + "".join(f"<td>{v if i == 3 else _fmt(v)}</td>"
                           for i, v in enumerate(cells)) + "</tr>"

@@ -51,6 +51,19 @@ def test_report_files_and_table(tmp_path):
     report.write_report([tmp_path / "nope"], tmp_path / "r2")
 
 
+def test_unevaluated_runs_plot_their_logged_fvu(tmp_path):
+  """A sweep member without eval.json: held-out batches first, else the last training batch."""
+  run = _fake_run(tmp_path, "a", 20, 0.9, 0)
+  (run / "eval.json").unlink()
+  loaded = report.load_run(run)
+  assert report.sparsity_point(loaded, "delta_lm_loss") is None
+  (l0, fvu), source = report.sparsity_point(loaded, "fvu")
+  assert (l0, fvu) == (20 + 100 / 200, 0.5 / np.sqrt(200)) and "training batch" in source
+  loaded["metrics"].append(dict(step=300, l0=1.0, fvu=9.0, eval_l0=21.0, eval_fvu=0.25))
+  assert report.sparsity_point(loaded, "fvu") == ((21.0, 0.25),
+                                                  "held-out batches (metrics.jsonl)")
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("JSAE_REQUIRE_CHROMIUM"),
                     reason="needs Debian's chromium (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(tmp_path):
