@@ -23,7 +23,7 @@ commands:
   sweep   --config=SWEEP_CONFIG --workdir=DIR   many SAEs in one compiled step per group
           (configs/sweep_tiny.py); members land in DIR/members/NAME as single runs;
           --dry_run as for train (configs/gemma2_9b.py: the paper's 9B sweeps)
-  eval    --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_DIR   writes eval.json
+  eval    --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_DIR|SWEEP_DIR   writes eval.json
   export  RUN_DIR OUT [--format=jsae|gemma_scope|gemma_scope_2|saelens] [--layer=L ...]
   report  RUN_DIR... [--out=DIR]            plots and index.html over runs
   shards  info DIR | verify DIR             summarise / checksum activation shards
@@ -260,23 +260,41 @@ def _load_sae(path: str):
 
 def cmd_eval(args: list[str]) -> int:
   """`jsae eval`: evaluate an SAE (run dir or exported) on held-out text; writes eval.json."""
-  usage = ("usage: jsae eval --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_PATH [--out=FILE]\n"
-           "  DIR holds (or receives) the harvested eval activations of config.lm.site")
+  usage = ("usage: jsae eval --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_PATH|SWEEP_DIR"
+           " [--out=FILE]\n"
+           "  DIR holds (or receives) the harvested eval activations of config.lm.site;\n"
+           "  a SWEEP_DIR (from jsae sweep) evaluates every member, the LM prefix shared")
   if _wants_help(args, usage):
     return 0
   from jsae import pipeline
   config, workdir, extra = parse_config_flags("jsae eval", args, extra=("sae", "out"))
   if not extra["sae"]:
     raise UsageError("jsae eval needs --sae=RUN_DIR (a training workdir) or an exported SAE.")
-  sae, run_dir = _load_sae(extra["sae"])
-  out = Path(extra["out"]) if extra["out"] else (run_dir or Path(workdir)) / "eval.json"
+  sweep_dir = Path(extra["sae"])
+  if (sweep_dir / "sweep.json").is_file():  # every member, the LM prefix shared
+    if extra["out"]:
+      raise UsageError("--out is for one SAE; a sweep's members get members/NAME/eval.json.")
+    members = sorted(p for p in (sweep_dir / "members").iterdir() if p.is_dir())
+    saes = {p.name: (_load_sae(str(p))[0], p / "eval.json") for p in members}
+  else:
+    sae, run_dir = _load_sae(extra["sae"])
+    out = Path(extra["out"]) if extra["out"] else (run_dir or Path(workdir)) / "eval.json"
+    saes = {"": (sae, out)}
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   lm = pipeline.load_lm(config)
   contexts, text_source = pipeline.text_contexts(config, lm, workdir)
   dirs = pipeline.harvest_stage(config, lm, contexts, text_source, workdir)
-  metrics = pipeline.eval_stage(config, lm, sae, contexts, dirs["eval"], out, reuse=False)
-  print(f"wrote {out}\n" + pipeline.summary_table(metrics, 0.0))
+  metrics = pipeline.eval_many_stage(config, lm, saes, contexts, dirs["eval"])
+  if "" in metrics:
+    print(f"wrote {saes[''][1]}\n" + pipeline.summary_table(metrics[""], 0.0))
+    return 0
+  for name, m in metrics.items():
+    print(f"  {name:40s} L0 {m['l0']:7.2f}  FVU {m['fvu']:.4f}  delta LM loss"
+          f" {m['delta_lm_loss']:.4f}")
+  from jsae import report
+  index = report.write_report(members, sweep_dir / "report")
+  print(f"wrote {len(metrics)} members' eval.json; report: {index}")
   return 0
 
 

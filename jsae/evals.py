@@ -21,6 +21,7 @@ It is passed to jitted functions as an argument, never baked in as a constant.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, Iterable
@@ -191,12 +192,110 @@ def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, context
     bar.update(int(np.asarray(mask).sum()))
   bar.close()
   out = _finish(stats)
-  targets, clean, spliced, zero, kl = sums
-  out.update(
+  out.update(_lm_summary(*sums), site=site, d_in=d_in, d_sae=d_sae)
+  return out
+
+
+def _lm_summary(targets, clean, spliced, zero, kl) -> dict:
+  """Delta LM loss and its companions from summed NLLs over `targets` tokens."""
+  out = dict(
       ce_clean=clean / targets, ce_spliced=spliced / targets, ce_zero_ablation=zero / targets,
       delta_lm_loss=(spliced - clean) / targets, delta_lm_loss_zero=(zero - clean) / targets,
-      kl_div=kl / targets, lm_targets=int(targets), site=site, d_in=d_in, d_sae=d_sae)
+      kl_div=kl / targets, lm_targets=int(targets))
   out["loss_recovered"] = 1 - out["delta_lm_loss"] / max(out["delta_lm_loss_zero"], 1e-12)
+  return out
+
+
+# ---------------------------------------------------------------- many SAEs, one prefix
+
+
+def _shared_fn(lm_config: gemma.GemmaConfig, site: str):
+  """A jitted fn(lm_params, tokens, mask) -> (resid, x, logp_clean, w, sums[4]).
+
+  What every SAE of a site shares: the LM up to the hooked block (`resid`), the
+  clean suffix (the site's activations `x` and clean log-probabilities) and the
+  zero ablation; sums = (targets, clean NLL, zero-ablation NLL, 0).
+  """
+  layer = gemma.parse_site(site, lm_config)[1]
+
+  def fn(lm_params, tokens, mask):
+    resid = gemma.residual_before(lm_params, tokens, lm_config, layer)
+    suffix = functools.partial(gemma.forward, lm_params, tokens, lm_config, start_layer=layer,
+                               resid=resid)
+    clean, acts = suffix(capture=(site,))
+    zero = lambda a: jnp.where(mask[..., None], jnp.zeros_like(a), a)
+    zeroed, _ = suffix(splice={site: zero})
+    nll_clean, w = gemma.token_nll(clean, tokens, mask)
+    nll_zero, _ = gemma.token_nll(zeroed, tokens, mask)
+    logp_clean = jax.nn.log_softmax(clean[:, :-1], -1)
+    return resid, acts[site], logp_clean, w, jnp.stack(
+        [w.sum(), nll_clean.sum(), nll_zero.sum()])
+
+  return jax.jit(fn)
+
+
+def _member_fn(lm_config: gemma.GemmaConfig, site: str):
+  """A jitted fn(lm_params, sae, tokens, mask, resid, x, logp_clean, w, stats) ->
+  (stats, [spliced NLL, KL]): one SAE's part, the spliced suffix from the hooked block."""
+  layer = gemma.parse_site(site, lm_config)[1]
+
+  def fn(lm_params, sae, tokens, mask, resid, x, logp_clean, w, stats):
+    flat = x.reshape(-1, x.shape[-1])
+    f = sae.encode(flat)
+    stats = _accumulate(stats, flat, f, sae.decode(f), mask.reshape(-1))
+    keep = mask[..., None]  # splice only where the SAE was trained (see `_lm_eval_fn`)
+    reconstruct = lambda a: jnp.where(keep, sae.decode(sae.encode(a)).astype(a.dtype), a)
+    spliced, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: reconstruct},
+                               start_layer=layer, resid=resid)
+    nll_spliced, _ = gemma.token_nll(spliced, tokens, mask)
+    logp_spliced = jax.nn.log_softmax(spliced[:, :-1], -1)
+    kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_spliced), -1) * w
+    return stats, jnp.stack([nll_spliced.sum(), kl.sum()])
+
+  return jax.jit(fn)
+
+
+def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: str, contexts,
+                  batch_size: int = 4, progress: bool = True) -> dict:
+  """`evaluate` for many SAEs of one site: {name: metrics}, the LM shared.
+
+  Per batch of contexts the LM prefix up to the hooked block, the clean forward
+  and the zero ablation run once; each SAE adds only its encode/decode and its
+  spliced suffix (from the hooked block on). SAEs of one family and shape share
+  one compiled program. Equals `evaluate` per SAE to float tolerance.
+  """
+  d_in = site_width(lm_config, site)
+  widths = {}
+  for name, sae in saes.items():
+    probe = jax.eval_shape(sae.encode, jax.ShapeDtypeStruct((1, d_in), jnp.float32))
+    widths[name] = probe.shape[-1]
+  shared, member = _shared_fn(lm_config, site), _member_fn(lm_config, site)
+  stats = {name: _zero_stats(d_in, widths[name], 1024) for name in saes}
+  shared_sums = np.zeros(3)
+  member_sums = {name: np.zeros(2) for name in saes}
+  n = contexts.n_contexts
+  bar = tqdm(total=contexts.n_tokens * len(saes), disable=not progress, unit="tok",
+             desc=f"eval ({len(saes)} SAEs)", dynamic_ncols=True, mininterval=1.0)
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n  # pad the last batch as `evaluate` does
+    valid = (np.arange(start, start + batch_size) < n)[:, None]
+    tokens = jnp.asarray(contexts.tokens[idx])
+    mask = jnp.asarray(contexts.mask[idx] & valid)
+    resid, x, logp_clean, w, sums = shared(lm_params, tokens, mask)
+    shared_sums += np.asarray(sums, np.float64)
+    for name, sae in saes.items():
+      stats[name], sums = member(lm_params, sae, tokens, mask, resid, x, logp_clean, w,
+                                 stats[name])
+      member_sums[name] += np.asarray(sums, np.float64)
+      bar.update(int(np.asarray(mask).sum()))
+  bar.close()
+  targets, clean, zero = shared_sums
+  out = {}
+  for name in saes:
+    out[name] = _finish(stats[name])
+    spliced, kl = member_sums[name]
+    out[name].update(_lm_summary(targets, clean, spliced, zero, kl), site=site, d_in=d_in,
+                     d_sae=widths[name])
   return out
 
 

@@ -183,27 +183,38 @@ def eval_stage(config, lm: LM, sae, contexts: dict, eval_dir: Path, out_json: Pa
     freq_file = out_json.with_name(out_json.stem + "_firing_frequency.npy")
     metrics["firing_frequency"] = np.load(freq_file)
     return metrics
+  return eval_many_stage(config, lm, {"": (sae, out_json)}, contexts, eval_dir)[""]
+
+
+def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) -> dict:
+  """`eval_stage` for {name: (sae, out_json)} of one site: the LM prefix, clean and
+  zero-ablated forwards computed once per batch of text (`evals.evaluate_many`)."""
   manifest = shards_lib.load_manifest(eval_dir)
-  evals.check_sae_matches_site(sae.d_in, lm.config, config.lm.site)
+  for sae, _ in saes.values():
+    evals.check_sae_matches_site(sae.d_in, lm.config, config.lm.site)
   if manifest.num_rows < config.eval.min_density_tokens:
     raise ValueError(
         f"the eval shards in {eval_dir} hold {manifest.num_rows:,} tokens, fewer than the"
         f" {config.eval.min_density_tokens:,} the density statistic needs; raise"
         " config.text.max_eval_tokens or lower config.eval.min_density_tokens.")
-  say(f"evaluating on {manifest.num_rows:,} held-out tokens; delta LM loss on"
-      f" {config.eval.lm_contexts} contexts of {config.text.seq_len}")
-  metrics = evals.activation_metrics(sae, evals.shard_batches(eval_dir), d_in=sae.d_in,
-                                     d_sae=sae.d_sae)
+  say(f"evaluating {len(saes)} SAE(s) on {manifest.num_rows:,} held-out tokens; delta LM loss"
+      f" on {config.eval.lm_contexts} contexts of {config.text.seq_len}")
   lm_ctx = contexts["eval"].take(slice(0, config.eval.lm_contexts))
-  lm_metrics = evals.evaluate(lm.params, lm.config, sae, site=config.lm.site, contexts=lm_ctx,
-                              batch_size=config.eval.batch_size, min_density_tokens=0)
-  for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss", "delta_lm_loss_zero",
-            "kl_div", "loss_recovered", "lm_targets"):
-    metrics[k] = lm_metrics[k]
-  metrics["fvu_lm_contexts"] = lm_metrics["fvu"]
-  metrics.update(site=config.lm.site, model=lm.name, d_in=sae.d_in, d_sae=sae.d_sae)
-  evals.write_json(out_json, metrics)
-  return metrics
+  lm_metrics = evals.evaluate_many(lm.params, lm.config, {n: s for n, (s, _) in saes.items()},
+                                   site=config.lm.site, contexts=lm_ctx,
+                                   batch_size=config.eval.batch_size)
+  out = {}
+  for name, (sae, out_json) in saes.items():
+    metrics = evals.activation_metrics(sae, evals.shard_batches(eval_dir), d_in=sae.d_in,
+                                       d_sae=sae.d_sae)
+    for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss",
+              "delta_lm_loss_zero", "kl_div", "loss_recovered", "lm_targets"):
+      metrics[k] = lm_metrics[name][k]
+    metrics["fvu_lm_contexts"] = lm_metrics[name]["fvu"]
+    metrics.update(site=config.lm.site, model=lm.name, d_in=sae.d_in, d_sae=sae.d_sae)
+    evals.write_json(out_json, metrics)
+    out[name] = metrics
+  return out
 
 
 def summary_table(metrics: dict, wall_s: float) -> str:

@@ -19,8 +19,8 @@ pytestmark = [
 ]
 
 
-def _small_demo_config():
-  c = demo.get_config()
+def _small_demo_config(arg=None):
+  c = demo.get_config(arg)
   c.text.seq_len = 512
   c.text.max_train_tokens = 24_000
   c.text.max_eval_tokens = 8_000
@@ -89,3 +89,40 @@ def test_bad_inputs(demo_run, tmp_path):
   c.loss.sparsity_coeff *= 2
   with pytest.raises(ValueError, match=r"loss\.sparsity_coeff: checkpoint .* new --workdir"):
     pipeline.run(c, workdir)
+
+
+def test_sweep_on_the_demo_activations_then_eval_every_member(demo_run, tmp_path, capsys):
+  """A two-member TopK sweep on the demo's real shards; `jsae eval --sae=SWEEP_DIR` then
+  evaluates both on the real LM (the equality with one-SAE evaluation is in test_evals)."""
+  from jsae import cli, sweep
+  workdir, _ = demo_run
+  c = _small_demo_config()
+  c.data.source, c.data.shards_dir = "shards", str(workdir / "activations/train/resid_post.6")
+  c.train.num_tokens = 60 * 512
+  topk = _small_demo_config("family=topk")
+  sw = sweep.sweep_config(c, {"topk": sweep.group(topk, {"k": (16, 48)})})
+  sweep.sweep(sw, tmp_path / "sw", progress=False)
+  assert cli.main(["eval", "--config=configs/demo.py", f"--workdir={workdir}",
+                   f"--sae={tmp_path / 'sw'}", *_demo_flags(),
+                   "--config.eval.lm_contexts=1"]) == 0
+  assert "wrote 2 members' eval.json" in capsys.readouterr().out
+  results = {k: json.loads((tmp_path / f"sw/members/topk-k={k}/eval.json").read_text())
+             for k in (16, 48)}
+  assert results[16]["l0"] == pytest.approx(16, abs=1e-3)
+  assert results[48]["l0"] == pytest.approx(48, abs=1e-3)
+  assert results[48]["fvu"] < results[16]["fvu"]
+  # Each member's activation metrics are its own; the LM's clean and zero-ablated
+  # losses, computed once for both, are shared.
+  assert results[16]["ce_clean"] == results[48]["ce_clean"]
+  assert results[16]["delta_lm_loss_zero"] == results[48]["delta_lm_loss_zero"]
+  assert 0 < results[48]["delta_lm_loss"] < results[16]["delta_lm_loss"]
+  assert (tmp_path / "sw/report/index.html").is_file()
+
+
+def _demo_flags() -> list[str]:
+  """_small_demo_config's fields as CLI flags (the eval CLI rebuilds the config from them)."""
+  return ["--config.text.seq_len=512", "--config.text.max_train_tokens=24000",
+          "--config.text.max_eval_tokens=8000", "--config.eval.min_density_tokens=5000",
+          "--config.eval.lm_contexts=2", "--config.sae.d_sae=2048",
+          "--config.data.batch_size=512", f"--config.train.num_tokens={500 * 512}",
+          "--config.ckpt.every_steps=250"]

@@ -128,3 +128,47 @@ def test_shard_batches_cover_every_row_once(tmp_path):
   rows = np.concatenate([b[b_w == 1] for b, b_w in batches])
   np.testing.assert_array_equal(rows, x)
   assert {b.shape for b, _ in batches} == {(128, 8)}  # one compiled shape
+
+
+@pytest.mark.parametrize("site", ["resid_post.1", "mlp_out.2", "attn_z.0"])
+def test_shared_prefix_sweep_eval_equals_per_sae_evaluate(tiny_lm, site):
+  """evaluate_many (prefix, clean and zero-ablated forwards once per batch) equals
+  evaluate (three whole forwards per SAE) for SAEs of two families and widths."""
+  params, config = tiny_lm
+  d = evals.site_width(config, site)
+  models = {
+      "jumprelu": jsae.SAE.from_training(
+          saes.get("jumprelu").init(jax.random.key(1), d_in=d, d_sae=4 * d), 3.0),
+      "topk": jsae.SAE.from_training(
+          saes.get("topk").init(jax.random.key(2), d_in=d, d_sae=2 * d, k=5), 3.0),
+      "identity": ScaledIdentity(0.9),
+  }
+  contexts = _contexts(config, n=5)
+  many = evals.evaluate_many(params, config, models, site=site, contexts=contexts,
+                             batch_size=2, progress=False)
+  for name, sae in models.items():
+    one = evals.evaluate(params, config, sae, site=site, contexts=contexts, batch_size=2,
+                         min_density_tokens=0, progress=False)
+    assert one["delta_lm_loss"] != 0 and sorted(many[name]) == sorted(one)
+    for key, value in one.items():
+      if isinstance(value, (float, np.floating)):
+        assert many[name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+      elif isinstance(value, np.ndarray):
+        np.testing.assert_allclose(many[name][key], value, rtol=1e-5, atol=1e-7)
+      else:
+        assert many[name][key] == value, (name, key)
+
+
+def test_forward_from_a_shared_prefix_equals_the_whole_forward(tiny_lm):
+  params, config = tiny_lm
+  tokens = jnp.asarray(_contexts(config).tokens)
+  whole, acts = gemma.forward(params, tokens, config, capture=("mlp_out.2",))
+  resid = gemma.residual_before(params, tokens, config, 2)
+  suffix, acts2 = gemma.forward(params, tokens, config, capture=("mlp_out.2",), start_layer=2,
+                                resid=resid)
+  np.testing.assert_allclose(suffix, whole, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(acts2["mlp_out.2"], acts["mlp_out.2"], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="before start_layer=2"):
+    gemma.forward(params, tokens, config, capture=("resid_post.1",), start_layer=2, resid=resid)
+  with pytest.raises(ValueError, match="needs resid of shape"):
+    gemma.forward(params, tokens, config, start_layer=2)

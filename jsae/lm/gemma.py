@@ -53,7 +53,7 @@ import numpy as np
 __all__ = [
     "GemmaConfig", "get_config", "list_configs", "parse_site", "site_name",
     "param_shapes", "check_params", "init_params", "cast_params", "forward",
-    "make_forward", "token_nll", "mean_nll", "LOCAL", "GLOBAL", "SITE_KINDS",
+    "make_forward", "residual_before", "token_nll", "mean_nll", "LOCAL", "GLOBAL", "SITE_KINDS",
 ]
 
 LOCAL = "local"
@@ -505,15 +505,22 @@ def _block(lp: Params, x: jax.Array, positions, allowed_global, allowed_local,
   return hook(f"resid_post.{layer}", x + mlp)
 
 
-def _check_static(c: GemmaConfig, capture, splice, stop_at_layer) -> int:
-  """Validates sites and stop_at_layer; returns the number of blocks to run."""
+def _check_static(c: GemmaConfig, capture, splice, stop_at_layer, start_layer: int = 0) -> int:
+  """Validates sites, start_layer and stop_at_layer; returns the number of blocks to run."""
   if stop_at_layer is not None and not 1 <= stop_at_layer <= c.n_layers:
     raise ValueError(
         f"stop_at_layer={stop_at_layer} is out of range; use 1 <= stop_at_layer"
         f" <= {c.n_layers} (the number of blocks to run) or None.")
   n_run = c.n_layers if stop_at_layer is None else stop_at_layer
+  if not 0 <= start_layer < n_run:
+    raise ValueError(f"start_layer={start_layer} is out of range; use 0 <= start_layer <"
+                     f" {n_run} (the first block to run).")
   _check_sites(capture, c, n_run, stop_at_layer, "capture")
   _check_sites(splice or {}, c, n_run, stop_at_layer, "splice")
+  for name in (*capture, *(splice or {})):
+    if parse_site(name, c)[1] < start_layer:
+      raise ValueError(f"site {name!r} is before start_layer={start_layer}, so it is never"
+                       f" computed; start at layer {parse_site(name, c)[1]} or earlier.")
   return n_run
 
 
@@ -544,6 +551,8 @@ def forward(
     capture: Iterable[str] | str = (),
     splice: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
     stop_at_layer: int | None = None,
+    start_layer: int = 0,
+    resid: jax.Array | None = None,
 ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
   """Runs the LM, capturing and/or replacing activations at hook sites.
 
@@ -560,6 +569,11 @@ def forward(
       replacing the site's value downstream; captured values are the ones
       before splicing.
     stop_at_layer: run only blocks [0, stop_at_layer) and skip the unembedding.
+    start_layer: run from block `start_layer` on, with `resid` ([batch, seq,
+      d_model], the residual stream entering that block, from
+      `residual_before`) instead of the embedding: a prefix shared by many
+      spliced suffixes is computed once.
+    resid: the residual stream entering `start_layer` (required when > 0).
 
   Returns:
     (logits [batch, seq, vocab] float32, or None with stop_at_layer;
@@ -567,13 +581,20 @@ def forward(
   """
   capture = (capture,) if isinstance(capture, str) else tuple(capture)
   c = config
-  n_run = _check_static(c, capture, splice, stop_at_layer)
+  n_run = _check_static(c, capture, splice, stop_at_layer, start_layer)
   _check_inputs(tokens, mask, c)
   hook = _Hooks(capture, splice)
   dt = c.compute_dtype
   positions, allowed_global, allowed_local = _attention_masks(tokens, mask, c)
-  x = params["embed"][tokens].astype(dt) * jnp.asarray(math.sqrt(c.d_model), dt)
-  for layer in range(n_run):
+  if start_layer == 0:
+    x = params["embed"][tokens].astype(dt) * jnp.asarray(math.sqrt(c.d_model), dt)
+  elif resid is None or tuple(resid.shape) != (*tokens.shape, c.d_model):
+    raise ValueError(f"start_layer={start_layer} needs resid of shape"
+                     f" {(*tokens.shape, c.d_model)} (from residual_before); got"
+                     f" {None if resid is None else tuple(resid.shape)}.")
+  else:
+    x = resid.astype(dt)
+  for layer in range(start_layer, n_run):
     x = _block(params["layers"][layer], x, positions, allowed_global,
                allowed_local, layer, c, hook)
   if stop_at_layer is not None:
@@ -581,6 +602,21 @@ def forward(
   x = _rms_norm(x, params["final_norm"], c.rms_eps)
   logits = jnp.einsum("bsd,vd->bsv", x, params["embed"].astype(dt)).astype(jnp.float32)
   return _softcap(logits, c.final_logit_softcap), hook.captured
+
+
+def residual_before(params: Params, tokens: jax.Array, config: GemmaConfig, layer: int, *,
+                    mask: jax.Array | None = None) -> jax.Array:
+  """The residual stream entering block `layer`: [batch, seq, d_model] (compute dtype).
+
+  The embedding for layer 0; otherwise resid_post of layer - 1. Feed it to
+  `forward(..., start_layer=layer, resid=...)`.
+  """
+  if layer == 0:
+    _check_inputs(tokens, mask, config)
+    dt = config.compute_dtype
+    return params["embed"][tokens].astype(dt) * jnp.asarray(math.sqrt(config.d_model), dt)
+  site = f"resid_post.{layer - 1}"
+  return forward(params, tokens, config, mask=mask, capture=(site,), stop_at_layer=layer)[1][site]
 
 
 def make_forward(config: GemmaConfig, *, capture: Iterable[str] | str = (),
