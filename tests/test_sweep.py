@@ -62,6 +62,7 @@ def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path)
   """Six families, two members each (k swept for the TopK kinds; seed, lr and
   bandwidth zipped for JumpReLU), against twelve `train.train` runs."""
   c = _config("+".join(sweep_tiny.KNOBS))
+  c.ckpt.every_steps = STEPS  # the final checkpoint only: 24 fewer Orbax saves
   c.sweep.groups.jumprelu = sweep.group(
       tiny_jumprelu.get_config(), {"sparsity_coeff": (0.04, 0.01), "seed": (0, 7),
                                    "lr": (2e-3, 1e-3), "bandwidth": (0.05, 0.1)}, mode="zip")
