@@ -200,3 +200,18 @@ def test_cli_sweep_writes_members_summary_and_report(tmp_path):
   single = _jsae("sweep", "--config=configs/tiny.py", f"--workdir={tmp_path}/x")
   assert single.returncode == 2 and "needs a sweep config" in single.stderr
   assert "Traceback" not in single.stderr
+
+
+def test_gemma3_comparison_config_plans_every_family_at_each_site():
+  """configs/sweep_gemma3.py (docs/results.md): 17 members of five families, d_in the
+  site's width (640 for the residual stream and MLP output, 4 x 256 heads for attn_z)."""
+  from configs import sweep_gemma3
+  for site, d_in in (("resid_post.6", 640), ("mlp_out.6", 640), ("attn_z.6", 1024)):
+    groups = sweep.plan(sweep_gemma3.get_config(f"site={site}"))
+    assert sorted(g.name for g in groups) == ["batchtopk", "gated", "jumprelu", "relu", "topk"]
+    assert sum(len(g.members) for g in groups) == 17
+    for g in groups:
+      assert g.config.sae.d_in == d_in and g.config.lm.site == site
+      assert g.config.data.shards_dir == f"runs/acts/activations/train/{site}"
+  with pytest.raises(ValueError, match="unknown config argument"):
+    sweep_gemma3.get_config("layer=6")
