@@ -629,10 +629,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     for step in range(start, num_steps):
       batch = sharding.global_batch(source.batch(step), batch_sharding, base.data.batch_size)
       done = step + 1
-      is_log = done % base.train.log_every == 0 or done == num_steps
-      is_ckpt = done % base.ckpt.every_steps == 0 or done == num_steps
-      is_eval = bool(held_out) and (done % base.eval.every_steps == 0 or done == num_steps)
-      is_log = is_log or is_eval
+      is_log, is_ckpt, is_eval = train.step_events(base, done, num_steps, bool(held_out))
       metrics = {}
       for g in groups:
         states[g.name], metrics[g.name] = step_fns[g.name][is_log or is_ckpt](

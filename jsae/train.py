@@ -413,6 +413,17 @@ def _all_finite(tree) -> jax.Array:
                             if jnp.issubdtype(x.dtype, jnp.floating)]))
 
 
+def step_events(config, done: int, num_steps: int, evaluating: bool
+                ) -> tuple[bool, bool, bool]:
+  """(log, checkpoint, held-out eval) after `done` of `num_steps` steps; the last step
+  does all three, and an eval step is logged too."""
+  last = done == num_steps
+  is_ckpt = done % config.ckpt.every_steps == 0 or last
+  is_eval = evaluating and (done % config.eval.every_steps == 0 or last)
+  is_log = done % config.train.log_every == 0 or last or is_eval
+  return is_log, is_ckpt, is_eval
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           progress: bool = True, source=None) -> TrainResult:
   """Trains an SAE as `config` says, in `workdir`; resumes if it holds a checkpoint.
@@ -492,10 +503,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     for step in range(start, num_steps):
       batch = sharding.global_batch(source.batch(step), batch_sharding, config.data.batch_size)
       done = step + 1
-      is_log = done % config.train.log_every == 0 or done == num_steps
-      is_ckpt = done % config.ckpt.every_steps == 0 or done == num_steps
-      is_eval = bool(held_out) and (done % config.eval.every_steps == 0 or done == num_steps)
-      is_log = is_log or is_eval
+      is_log, is_ckpt, is_eval = step_events(config, done, num_steps, bool(held_out))
       state, metrics = step_fns[is_log or is_ckpt](state, batch, hparams)
       if is_log or is_ckpt:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}

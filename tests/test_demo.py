@@ -98,7 +98,7 @@ def test_sweep_on_the_demo_activations_then_eval_every_member(demo_run, tmp_path
   workdir, _ = demo_run
   c = _small_demo_config()
   c.data.source, c.data.shards_dir = "shards", str(workdir / "activations/train/resid_post.6")
-  c.train.num_tokens = 30 * 512
+  c.train.num_tokens = 60 * 512  # at 30 steps both members are too poor to order
   topk = _small_demo_config("family=topk")
   sw = sweep.sweep_config(c, {"topk": sweep.group(topk, {"k": (16, 48)})})
   sweep.sweep(sw, tmp_path / "sw", progress=False)
