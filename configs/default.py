@@ -124,7 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lm_contexts = 8  # held-out contexts on which delta LM loss is measured
-  c.eval.batch_size = 1  # contexts per spliced LM forward (logits are seq x vocab floats)
+  c.eval.batch_size = 0  # contexts per LM forward of delta LM loss (0: from eval.memory_mb)
+  c.eval.memory_mb = 2048  # working-set budget of the delta LM loss pass (forwards + logit chunks)
   c.eval.min_density_tokens = 100_000  # fewer held-out tokens than this is an error
   c.eval.every_steps = 0  # steps between held-out FVU/L0/dead checks during training (0: off)
   c.eval.batches = 4  # held-out batches for those checks (a fixed set)

@@ -53,7 +53,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(value, int) and value > 0, field,
              f"must be a positive integer; got {value!r}.")
   _require(config.optim.lr > 0, "optim.lr", f"must be > 0; got {config.optim.lr!r}.")
-  for field in ("optim.clip_grad_norm", "optim.warmup_steps"):
+  _require(isinstance(config.eval.memory_mb, int) and config.eval.memory_mb > 0,
+           "eval.memory_mb", f"must be a positive integer (MiB); got {config.eval.memory_mb!r}.")
+  for field in ("optim.clip_grad_norm", "optim.warmup_steps", "eval.batch_size"):
     value = _get(config, field)
     _require(value >= 0, field, f"must be >= 0; got {value!r}.")
   _require(0 <= config.optim.b1 < 1 and 0 < config.optim.b2 < 1, "optim.b1/b2",

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jsae.lm import gemma
+from jsae.lm import gemma, next_token
 
 DENSE_THRESHOLD = 0.1
 MIN_DENSITY_TOKENS = 100_000
@@ -127,73 +127,115 @@ def shard_batches(directory, batch_rows: int = 8192):
 
 
 # ---------------------------------------------------------------- LM splicing
+#
+# Per batch of contexts the LM runs its prefix up to the hooked block once;
+# from there the clean and zero-ablated suffixes run once and each SAE's
+# spliced suffix once, all stopping at the final-normed hidden states. The
+# unembedding, log-softmax, NLL and KL then run over all of them a chunk of
+# positions at a time (`next_token.loss_sums`): no [batch, seq, vocab] tensor.
+
+DEFAULT_MEMORY_BYTES = 2 << 30
 
 
-def _lm_eval_fn(lm_config: gemma.GemmaConfig, site: str):
-  """A jitted fn(lm_params, sae, tokens, mask, stats) -> (stats, lm sums)."""
+def _prefix_fn(lm_config: gemma.GemmaConfig, site: str):
+  """A jitted fn(lm_params, tokens, mask) -> (resid, x, h_clean, h_zero).
 
-  def fn(lm_params, sae, tokens, mask, stats):
-    clean, acts = gemma.forward(lm_params, tokens, lm_config, capture=(site,))
-    x = acts[site]
-    flat = x.reshape(-1, x.shape[-1])
-    f = sae.encode(flat)
-    stats = _accumulate(stats, flat, f, sae.decode(f), mask.reshape(-1))
-    # Splice only where the SAE was trained (mask True): BOS/EOS/pad keep their
-    # own activations. The BOS residual is huge (an attention sink) and never
-    # in the training data; replacing it would measure that, not the SAE.
-    keep = mask[..., None]
-    reconstruct = lambda a: jnp.where(keep, sae.decode(sae.encode(a)).astype(a.dtype), a)
-    zero = lambda a: jnp.where(keep, jnp.zeros_like(a), a)
-    spliced, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: reconstruct})
-    zeroed, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: zero})
-    nll_clean, w = gemma.token_nll(clean, tokens, mask)
-    nll_spliced, _ = gemma.token_nll(spliced, tokens, mask)
-    nll_zero, _ = gemma.token_nll(zeroed, tokens, mask)
-    logp_clean = jax.nn.log_softmax(clean[:, :-1], -1)
-    logp_spliced = jax.nn.log_softmax(spliced[:, :-1], -1)
-    kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_spliced), -1) * w
-    sums = jnp.stack([w.sum(), nll_clean.sum(), nll_spliced.sum(), nll_zero.sum(), kl.sum()])
-    return stats, sums
+  What every SAE of a site shares: the residual stream entering the hooked
+  block (`resid`), the site's activations `x`, and the final hidden states of
+  the clean and the zero-ablated forwards.
+  """
+  layer = gemma.parse_site(site, lm_config)[1]
+
+  def fn(lm_params, tokens, mask):
+    resid = gemma.residual_before(lm_params, tokens, lm_config, layer)
+    suffix = functools.partial(gemma.forward, lm_params, tokens, lm_config, start_layer=layer,
+                               resid=resid, logits=False)
+    h_clean, acts = suffix(capture=(site,))
+    zero = lambda a: jnp.where(mask[..., None], jnp.zeros_like(a), a)
+    h_zero, _ = suffix(splice={site: zero})
+    return resid, acts[site], h_clean, h_zero
 
   return jax.jit(fn)
 
 
+def _member_fn(lm_config: gemma.GemmaConfig, site: str):
+  """A jitted fn(lm_params, sae, tokens, mask, resid, x, stats) -> (stats, h_spliced):
+  one SAE's reconstruction metrics and its spliced suffix from the hooked block."""
+  layer = gemma.parse_site(site, lm_config)[1]
+
+  def fn(lm_params, sae, tokens, mask, resid, x, stats):
+    flat = x.reshape(-1, x.shape[-1])
+    f = sae.encode(flat)
+    x_hat = sae.decode(f)
+    stats = _accumulate(stats, flat, f, x_hat, mask.reshape(-1))
+    # Splice only where the SAE was trained (mask True): BOS/EOS/pad keep their
+    # own activations. The BOS residual is huge (an attention sink) and never
+    # in the training data; replacing it would measure that, not the SAE. The
+    # site's value in this suffix is `x` (same prefix), so x_hat is reused.
+    keep = mask[..., None]
+    reconstruct = lambda a: jnp.where(keep, x_hat.reshape(a.shape).astype(a.dtype), a)
+    h_spliced, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: reconstruct},
+                                 start_layer=layer, resid=resid, logits=False)
+    return stats, h_spliced
+
+  return jax.jit(fn)
+
+
+def _loss_fn(lm_config: gemma.GemmaConfig, chunk: int):
+  """A jitted fn(lm_params, h_clean, h_others [K, ...], tokens, mask) -> sums [2 + 2K]."""
+
+  def fn(lm_params, h_clean, h_others, tokens, mask):
+    return next_token.loss_sums(lm_params, lm_config, h_clean, h_others, tokens, mask,
+                                chunk=chunk)
+
+  return jax.jit(fn)
+
+
+def auto_batch_size(lm_config: gemma.GemmaConfig, site: str, seq_len: int, n_saes: int,
+                    budget_bytes: int) -> int:
+  """Contexts per batch whose forwards fit `budget_bytes` (at least 1, at most 64).
+
+  Per context: the hidden states kept for the loss (resid, the site, clean,
+  zero and one per SAE) and one block's transient tensors (attention scores
+  per head, the MLP's hidden layer), all float32.
+  """
+  c = lm_config
+  kept = seq_len * (c.d_model * (3 + n_saes) + site_width(c, site)) * 4
+  block = seq_len * (c.n_heads * seq_len + 3 * c.d_ff + 8 * c.d_model) * 4
+  return int(min(64, max(1, budget_bytes // (kept + block))))
+
+
+def _batches(contexts, batch_size: int):
+  """(tokens, mask) batches of `batch_size` contexts; the last is padded by wrapping
+  and masked out, so every batch has one compiled shape."""
+  n = contexts.n_contexts
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n
+    valid = (np.arange(start, start + batch_size) < n)[:, None]
+    yield jnp.asarray(contexts.tokens[idx]), jnp.asarray(contexts.mask[idx] & valid)
+
+
 def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, contexts,
-             batch_size: int = 4, min_density_tokens: int = MIN_DENSITY_TOKENS,
-             progress: bool = True) -> dict:
+             batch_size: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+             min_density_tokens: int = MIN_DENSITY_TOKENS, progress: bool = True) -> dict:
   """All metrics of the module docstring on held-out `contexts` (TokenContexts).
+
+  `batch_size` contexts per LM forward (0: from `memory_bytes`, see
+  `evaluate_many`).
 
   Raises:
     ValueError: when the SAE's width does not match the site, or the eval set
       has fewer than `min_density_tokens` tokens (too few for the density
       statistics; pass a smaller `min_density_tokens` to accept that).
   """
-  d_in = site_width(lm_config, site)
-  probe = jax.eval_shape(sae.encode, jax.ShapeDtypeStruct((1, d_in), jnp.float32))
-  d_sae = probe.shape[-1]
   if contexts.n_tokens < min_density_tokens:
     raise ValueError(
         f"the eval set has {contexts.n_tokens:,} tokens, fewer than the {min_density_tokens:,}"
         " needed for per-latent firing frequencies; use more eval text or lower"
         " min_density_tokens (config.eval.min_density_tokens).")
-  fn = _lm_eval_fn(lm_config, site)
-  stats = _zero_stats(d_in, d_sae, 1024)
-  sums = np.zeros(5)
-  n = contexts.n_contexts
-  bar = tqdm(total=contexts.n_tokens, disable=not progress, unit="tok", desc="eval",
-             dynamic_ncols=True, mininterval=1.0)
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping...
-    valid = (np.arange(start, start + batch_size) < n)[:, None]  # ...and masking it out
-    tokens = jnp.asarray(contexts.tokens[idx])
-    mask = jnp.asarray(contexts.mask[idx] & valid)
-    stats, batch_sums = fn(lm_params, sae, tokens, mask, stats)
-    sums += np.asarray(batch_sums, np.float64)
-    bar.update(int(np.asarray(mask).sum()))
-  bar.close()
-  out = _finish(stats)
-  out.update(_lm_summary(*sums), site=site, d_in=d_in, d_sae=d_sae)
-  return out
+  return evaluate_many(lm_params, lm_config, {"sae": sae}, site=site, contexts=contexts,
+                       batch_size=batch_size, memory_bytes=memory_bytes,
+                       progress=progress)["sae"]
 
 
 def _lm_summary(targets, clean, spliced, zero, kl) -> dict:
@@ -206,94 +248,53 @@ def _lm_summary(targets, clean, spliced, zero, kl) -> dict:
   return out
 
 
-# ---------------------------------------------------------------- many SAEs, one prefix
-
-
-def _shared_fn(lm_config: gemma.GemmaConfig, site: str):
-  """A jitted fn(lm_params, tokens, mask) -> (resid, x, logp_clean, w, sums[4]).
-
-  What every SAE of a site shares: the LM up to the hooked block (`resid`), the
-  clean suffix (the site's activations `x` and clean log-probabilities) and the
-  zero ablation; sums = (targets, clean NLL, zero-ablation NLL, 0).
-  """
-  layer = gemma.parse_site(site, lm_config)[1]
-
-  def fn(lm_params, tokens, mask):
-    resid = gemma.residual_before(lm_params, tokens, lm_config, layer)
-    suffix = functools.partial(gemma.forward, lm_params, tokens, lm_config, start_layer=layer,
-                               resid=resid)
-    clean, acts = suffix(capture=(site,))
-    zero = lambda a: jnp.where(mask[..., None], jnp.zeros_like(a), a)
-    zeroed, _ = suffix(splice={site: zero})
-    nll_clean, w = gemma.token_nll(clean, tokens, mask)
-    nll_zero, _ = gemma.token_nll(zeroed, tokens, mask)
-    logp_clean = jax.nn.log_softmax(clean[:, :-1], -1)
-    return resid, acts[site], logp_clean, w, jnp.stack(
-        [w.sum(), nll_clean.sum(), nll_zero.sum()])
-
-  return jax.jit(fn)
-
-
-def _member_fn(lm_config: gemma.GemmaConfig, site: str):
-  """A jitted fn(lm_params, sae, tokens, mask, resid, x, logp_clean, w, stats) ->
-  (stats, [spliced NLL, KL]): one SAE's part, the spliced suffix from the hooked block."""
-  layer = gemma.parse_site(site, lm_config)[1]
-
-  def fn(lm_params, sae, tokens, mask, resid, x, logp_clean, w, stats):
-    flat = x.reshape(-1, x.shape[-1])
-    f = sae.encode(flat)
-    stats = _accumulate(stats, flat, f, sae.decode(f), mask.reshape(-1))
-    keep = mask[..., None]  # splice only where the SAE was trained (see `_lm_eval_fn`)
-    reconstruct = lambda a: jnp.where(keep, sae.decode(sae.encode(a)).astype(a.dtype), a)
-    spliced, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: reconstruct},
-                               start_layer=layer, resid=resid)
-    nll_spliced, _ = gemma.token_nll(spliced, tokens, mask)
-    logp_spliced = jax.nn.log_softmax(spliced[:, :-1], -1)
-    kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_spliced), -1) * w
-    return stats, jnp.stack([nll_spliced.sum(), kl.sum()])
-
-  return jax.jit(fn)
-
-
 def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: str, contexts,
-                  batch_size: int = 4, progress: bool = True) -> dict:
+                  batch_size: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                  progress: bool = True) -> dict:
   """`evaluate` for many SAEs of one site: {name: metrics}, the LM shared.
 
-  Per batch of contexts the LM prefix up to the hooked block, the clean forward
-  and the zero ablation run once; each SAE adds only its encode/decode and its
-  spliced suffix (from the hooked block on). SAEs of one family and shape share
-  one compiled program. Equals `evaluate` per SAE to float tolerance.
+  Per batch of contexts the LM prefix up to the hooked block, the clean
+  forward and the zero ablation run once; each SAE adds only its
+  encode/decode and its spliced suffix (from the hooked block on), and the
+  losses of all of them are computed together a chunk of positions at a time.
+  SAEs of one family and shape share one compiled program. `memory_bytes`
+  bounds the working set: half for the forwards (`batch_size` 0 picks the
+  batch from it, `auto_batch_size`), half for the chunks of logits.
   """
   d_in = site_width(lm_config, site)
   widths = {}
   for name, sae in saes.items():
     probe = jax.eval_shape(sae.encode, jax.ShapeDtypeStruct((1, d_in), jnp.float32))
     widths[name] = probe.shape[-1]
-  shared, member = _shared_fn(lm_config, site), _member_fn(lm_config, site)
-  stats = {name: _zero_stats(d_in, widths[name], 1024) for name in saes}
-  shared_sums = np.zeros(3)
-  member_sums = {name: np.zeros(2) for name in saes}
   n = contexts.n_contexts
-  bar = tqdm(total=contexts.n_tokens * len(saes), disable=not progress, unit="tok",
-             desc=f"eval ({len(saes)} SAEs)", dynamic_ncols=True, mininterval=1.0)
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n  # pad the last batch as `evaluate` does
-    valid = (np.arange(start, start + batch_size) < n)[:, None]
-    tokens = jnp.asarray(contexts.tokens[idx])
-    mask = jnp.asarray(contexts.mask[idx] & valid)
-    resid, x, logp_clean, w, sums = shared(lm_params, tokens, mask)
-    shared_sums += np.asarray(sums, np.float64)
+  if batch_size <= 0:
+    batch_size = auto_batch_size(lm_config, site, contexts.tokens.shape[1], len(saes),
+                                 memory_bytes // 2)
+    batch_size = -(-n // -(-n // batch_size))  # as many batches, the least padding
+  chunk = next_token.chunk_positions(lm_config.vocab_size, memory_bytes // 2)
+  prefix, member = _prefix_fn(lm_config, site), _member_fn(lm_config, site)
+  losses = _loss_fn(lm_config, chunk)
+  stats = {name: _zero_stats(d_in, widths[name], 1024) for name in saes}
+  sums = np.zeros(2 + 2 * (1 + len(saes)))  # targets, clean, (zero, SAEs...) NLLs, ...KLs
+  bar = tqdm(total=contexts.n_tokens, disable=not progress, unit="tok",
+             desc=f"eval ({len(saes)} SAE{'s' if len(saes) > 1 else ''})", dynamic_ncols=True,
+             mininterval=1.0)
+  for tokens, mask in _batches(contexts, batch_size):
+    resid, x, h_clean, h_zero = prefix(lm_params, tokens, mask)
+    spliced = []
     for name, sae in saes.items():
-      stats[name], sums = member(lm_params, sae, tokens, mask, resid, x, logp_clean, w,
-                                 stats[name])
-      member_sums[name] += np.asarray(sums, np.float64)
-      bar.update(int(np.asarray(mask).sum()))
+      stats[name], h = member(lm_params, sae, tokens, mask, resid, x, stats[name])
+      spliced.append(h)
+    sums += np.asarray(losses(lm_params, h_clean, jnp.stack([h_zero, *spliced]), tokens, mask),
+                       np.float64)
+    bar.update(int(np.asarray(mask).sum()))
   bar.close()
-  targets, clean, zero = shared_sums
+  k = 1 + len(saes)
+  targets, clean, zero = sums[0], sums[1], sums[2]
   out = {}
-  for name in saes:
+  for i, name in enumerate(saes):
     out[name] = _finish(stats[name])
-    spliced, kl = member_sums[name]
+    spliced, kl = sums[3 + i], sums[2 + k + 1 + i]
     out[name].update(_lm_summary(targets, clean, spliced, zero, kl), site=site, d_in=d_in,
                      d_sae=widths[name])
   return out

@@ -202,7 +202,8 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
   lm_ctx = contexts["eval"].take(slice(0, config.eval.lm_contexts))
   lm_metrics = evals.evaluate_many(lm.params, lm.config, {n: s for n, (s, _) in saes.items()},
                                    site=config.lm.site, contexts=lm_ctx,
-                                   batch_size=config.eval.batch_size)
+                                   batch_size=config.eval.batch_size,
+                                   memory_bytes=config.eval.memory_mb << 20)
   out = {}
   for name, (sae, out_json) in saes.items():
     metrics = evals.activation_metrics(sae, evals.shard_batches(eval_dir), d_in=sae.d_in,

@@ -9,7 +9,8 @@ from flax import struct
 import jsae
 from jsae import evals, saes
 from jsae.data.text import TokenContexts
-from jsae.lm import gemma
+from jsae.lm import gemma, next_token
+from reference import three_forward_eval
 
 
 @struct.dataclass
@@ -130,10 +131,59 @@ def test_shard_batches_cover_every_row_once(tmp_path):
   assert {b.shape for b, _ in batches} == {(128, 8)}  # one compiled shape
 
 
+def _reference_lm_metrics(params, config, sae, site, contexts):
+  targets, clean, spliced, zero, kl = three_forward_eval.lm_sums(
+      params, config, sae, site=site, contexts=contexts, batch_size=2)
+  return dict(lm_targets=targets, ce_clean=clean / targets, ce_spliced=spliced / targets,
+              ce_zero_ablation=zero / targets, kl_div=kl / targets)
+
+
+def _assert_lm_metrics_equal(metrics, reference, label):
+  assert metrics["lm_targets"] == reference["lm_targets"], label
+  for key in ("ce_clean", "ce_spliced", "ce_zero_ablation", "kl_div"):
+    assert metrics[key] == pytest.approx(reference[key], rel=2e-5, abs=1e-6), (label, key)
+
+
+@pytest.mark.parametrize("model,site", [("tiny_gemma3", "resid_post.1"),
+                                        ("tiny_gemma3", "attn_z.2"),
+                                        ("tiny_gemma2", "mlp_out.0")])  # Gemma 2: soft-capped
+@pytest.mark.parametrize("memory_bytes", [100_000, evals.DEFAULT_MEMORY_BYTES])
+def test_chunked_eval_equals_the_three_forward_reference(model, site, memory_bytes):
+  """The shared-prefix, chunked evaluation equals three whole forwards with full
+  logits: CE clean/spliced/zero-ablated and KL, with BOS and padding masked and a
+  last batch padded by wrapping. 100 kB forces 8-position chunks that do not
+  divide the positions (padding); the default budget takes one chunk per batch."""
+  config = gemma.get_config(model)
+  params = gemma.init_params(jax.random.key(0), config)
+  d = evals.site_width(config, site)
+  sae = jsae.SAE.from_training(
+      saes.get("jumprelu").init(jax.random.key(1), d_in=d, d_sae=4 * d), 3.0)
+  contexts = _contexts(config, n=5)
+  m = evals.evaluate(params, config, sae, site=site, contexts=contexts, batch_size=2,
+                     memory_bytes=memory_bytes, min_density_tokens=0, progress=False)
+  reference = _reference_lm_metrics(params, config, sae, site, contexts)
+  assert m["kl_div"] > 1e-4 and m["ce_spliced"] != m["ce_clean"]  # a real difference
+  _assert_lm_metrics_equal(m, reference, site)
+
+
+def test_chunk_and_batch_sizes_follow_the_memory_budget():
+  vocab = 262_144
+  assert next_token.chunk_positions(vocab, 1 << 30) == 128  # 6 x 4 B x 262144 x 128 = 768 MiB
+  assert next_token.chunk_positions(vocab, 1 << 20) == 8  # never below 8 rows
+  assert next_token.chunk_positions(256, 1 << 40) == 4096  # nor above 4096
+  config = gemma.get_config("gemma3_270m")
+  one = evals.auto_batch_size(config, "resid_post.6", 1024, 1, 1 << 30)
+  assert one == (1 << 30) // (1024 * (640 * 5 + 4 * 1024 + 3 * 2048 + 8 * 640) * 4)
+  assert evals.auto_batch_size(config, "resid_post.6", 1024, 64, 1 << 30) < one
+  assert evals.auto_batch_size(config, "resid_post.6", 1024, 1, 1 << 20) == 1
+  assert evals.auto_batch_size(config, "resid_post.6", 8, 1, 1 << 40) == 64
+
+
 @pytest.mark.parametrize("site", ["resid_post.1", "attn_z.0"])  # after a block; inside one
-def test_shared_prefix_sweep_eval_equals_per_sae_evaluate(tiny_lm, site):
-  """evaluate_many (prefix, clean and zero-ablated forwards once per batch) equals
-  evaluate (three whole forwards per SAE) for SAEs of two families and widths."""
+def test_shared_prefix_sweep_eval_equals_the_reference_per_sae(tiny_lm, site):
+  """evaluate_many (prefix, clean and zero-ablated forwards once per batch, every
+  SAE's losses in one chunked pass) gives each SAE of two families and widths the
+  reference's LM numbers and `evaluate`'s reconstruction numbers."""
   params, config = tiny_lm
   d = evals.site_width(config, site)
   models = {
@@ -147,16 +197,15 @@ def test_shared_prefix_sweep_eval_equals_per_sae_evaluate(tiny_lm, site):
   many = evals.evaluate_many(params, config, models, site=site, contexts=contexts,
                              batch_size=2, progress=False)
   for name, sae in models.items():
-    one = evals.evaluate(params, config, sae, site=site, contexts=contexts, batch_size=2,
+    _assert_lm_metrics_equal(many[name], _reference_lm_metrics(params, config, sae, site,
+                                                               contexts), name)
+    one = evals.evaluate(params, config, sae, site=site, contexts=contexts, batch_size=3,
                          min_density_tokens=0, progress=False)
     assert one["delta_lm_loss"] != 0 and sorted(many[name]) == sorted(one)
-    for key, value in one.items():
-      if isinstance(value, (float, np.floating)):
-        assert many[name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
-      elif isinstance(value, np.ndarray):
-        np.testing.assert_allclose(many[name][key], value, rtol=1e-5, atol=1e-7)
-      else:
-        assert many[name][key] == value, (name, key)
+    for key in ("l0", "fvu", "cosine", "dead_frac", "delta_lm_loss"):
+      assert many[name][key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (name, key)
+    np.testing.assert_allclose(many[name]["firing_frequency"], one["firing_frequency"],
+                               rtol=1e-6)
 
 
 def test_forward_from_a_shared_prefix_equals_the_whole_forward(tiny_lm):

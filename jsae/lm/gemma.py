@@ -53,7 +53,7 @@ import numpy as np
 __all__ = [
     "GemmaConfig", "get_config", "list_configs", "parse_site", "site_name",
     "param_shapes", "check_params", "init_params", "cast_params", "forward",
-    "make_forward", "residual_before", "token_nll", "mean_nll", "LOCAL", "GLOBAL", "SITE_KINDS",
+    "make_forward", "residual_before", "unembed", "token_nll", "mean_nll", "LOCAL", "GLOBAL", "SITE_KINDS",
 ]
 
 LOCAL = "local"
@@ -553,6 +553,7 @@ def forward(
     stop_at_layer: int | None = None,
     start_layer: int = 0,
     resid: jax.Array | None = None,
+    logits: bool = True,
 ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
   """Runs the LM, capturing and/or replacing activations at hook sites.
 
@@ -574,10 +575,13 @@ def forward(
       `residual_before`) instead of the embedding: a prefix shared by many
       spliced suffixes is computed once.
     resid: the residual stream entering `start_layer` (required when > 0).
+    logits: False returns the final-normed hidden states [batch, seq, d_model]
+      (compute dtype) instead of the logits, for `unembed` to turn into logits
+      a chunk of positions at a time (the [batch, seq, vocab] tensor is large).
 
   Returns:
-    (logits [batch, seq, vocab] float32, or None with stop_at_layer;
-     {site: activation} for each captured site).
+    (logits [batch, seq, vocab] float32 (or hidden states, see `logits`), or
+     None with stop_at_layer; {site: activation} for each captured site).
   """
   capture = (capture,) if isinstance(capture, str) else tuple(capture)
   c = config
@@ -600,8 +604,17 @@ def forward(
   if stop_at_layer is not None:
     return None, hook.captured
   x = _rms_norm(x, params["final_norm"], c.rms_eps)
-  logits = jnp.einsum("bsd,vd->bsv", x, params["embed"].astype(dt)).astype(jnp.float32)
-  return _softcap(logits, c.final_logit_softcap), hook.captured
+  return (unembed(params, x, c) if logits else x), hook.captured
+
+
+def unembed(params: Params, hidden: jax.Array, config: GemmaConfig) -> jax.Array:
+  """Logits float32 [..., vocab] (soft-capped) from final-normed `hidden` [..., d_model].
+
+  The matmul runs in `hidden`'s dtype (the compute dtype in `forward`).
+  """
+  dt = hidden.dtype
+  out = jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(dt)).astype(jnp.float32)
+  return _softcap(out, config.final_logit_softcap)
 
 
 def residual_before(params: Params, tokens: jax.Array, config: GemmaConfig, layer: int, *,
