@@ -14,6 +14,10 @@ BOS/EOS/pad positions excluded, by jitted, batched passes:
                  tokens masked), with the zero-ablation delta (same positions)
                  and KL(clean || spliced) beside it
 
+The LM passes share the prefix below the hook site and never build a
+[batch, seq, vocab] tensor (see "LM splicing" below); tests/reference/
+three_forward_eval.py is the direct three-forward form they are tested against.
+
 An `sae` is any pytree with `encode(x) -> f` and `decode(f) -> x_hat` in the
 LM's units (e.g. `jsae.SAE`; `jsae.SAE.from_training` wraps training-time params).
 It is passed to jitted functions as an argument, never baked in as a constant.

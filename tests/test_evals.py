@@ -144,10 +144,10 @@ def _assert_lm_metrics_equal(metrics, reference, label):
     assert metrics[key] == pytest.approx(reference[key], rel=2e-5, abs=1e-6), (label, key)
 
 
-@pytest.mark.parametrize("model,site", [("tiny_gemma3", "resid_post.1"),
-                                        ("tiny_gemma3", "attn_z.2"),
-                                        ("tiny_gemma2", "mlp_out.0")])  # Gemma 2: soft-capped
-@pytest.mark.parametrize("memory_bytes", [100_000, evals.DEFAULT_MEMORY_BYTES])
+@pytest.mark.parametrize("model,site,memory_bytes", [
+    ("tiny_gemma3", "resid_post.1", 100_000),
+    ("tiny_gemma3", "attn_z.2", evals.DEFAULT_MEMORY_BYTES),
+    ("tiny_gemma2", "mlp_out.0", 100_000)])  # Gemma 2: soft-capped logits
 def test_chunked_eval_equals_the_three_forward_reference(model, site, memory_bytes):
   """The shared-prefix, chunked evaluation equals three whole forwards with full
   logits: CE clean/spliced/zero-ablated and KL, with BOS and padding masked and a
