@@ -283,6 +283,8 @@ def _config(family, **overrides):
      r"group_sizes: \(100, 200\) sums to 300, not d_sae = 16384"),
     ("gated", {"loss__penalty": "l2"}, "'ri_l1' or 'l1'"),
     ("batchtopk", {"sae__threshold_ema": 0.0}, r"threshold_ema: must lie in \(0, 1\]"),
+    ("jumprelu", {"eval__memory_mb": 0}, r"eval\.memory_mb: must be a positive integer \(MiB\)"),
+    ("relu", {"eval__batch_size": -1}, r"eval\.batch_size: must be >= 0"),
 ])
 def test_bad_family_values_are_config_errors(family, overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match):
