@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jsae import losses, ops
-from jsae.ops import jumprelu
+from jsae.ops import jumprelu, sparse
 from jsae.ops import step as heaviside
 from jsae.saes import base
 from jsae.saes.base import Field
@@ -76,6 +76,7 @@ class JumpReLUSettings:
     pre_act_dead_only: apply the pre-activation loss to dead latents only.
     sparsity_warmup_steps: lambda rises linearly from 0 over these steps.
     compute_dtype: dtype of the encoder/decoder matmuls ('float32'/'bfloat16').
+    sparse_capacity: latents per row the sparse step keeps (0: the dense step).
   """
 
   ste_to_input: bool = False
@@ -85,6 +86,7 @@ class JumpReLUSettings:
   pre_act_dead_only: bool = True
   sparsity_warmup_steps: int = 0
   compute_dtype: str = "float32"
+  sparse_capacity: int = 0
 
 
 def raw_threshold(params: JumpReLUParams) -> JumpReLUParams:
@@ -115,6 +117,8 @@ class JumpReLUFamily(base.Family):
                              traced=True),
           "ste_to_input": Field(False, "Anthropic variant: pass the estimator to the"
                                 " pre-activations too"),
+          "sparse_capacity": Field(-1, "latents per row of the sparse train step (active or"
+                                   " in the window); 0: dense; -1: auto (ops.sparse.capacity_rule)"),
       },
       "loss": {
           "sparsity": Field("step", "'step' (L0, Gemma Scope), 'tanh' (Anthropic),"
@@ -151,6 +155,13 @@ class JumpReLUFamily(base.Family):
         (l.sparsity_warmup_steps >= 0, "loss.sparsity_warmup_steps",
          f"must be >= 0; got {l.sparsity_warmup_steps!r}."),
         (l.target_l0 > 0, "loss.target_l0", f"must be > 0; got {l.target_l0!r}."),
+        (isinstance(s.sparse_capacity, int) and -1 <= s.sparse_capacity <= s.d_sae,
+         "sae.sparse_capacity", f"must be -1 (auto), 0 (dense) or 1..d_sae={s.d_sae};"
+         f" got {s.sparse_capacity!r}."),
+        (s.sparse_capacity <= 0 or not (s.ste_to_input or l.pre_act_coeff > 0),
+         "sae.sparse_capacity", "the sparse step needs gradients into the pre-activations"
+         " only where latents are active: set it to 0 (dense) with sae.ste_to_input or"
+         " loss.pre_act_coeff > 0."),
     ]
     for ok, field, message in checks:
       if not ok:
@@ -163,7 +174,18 @@ class JumpReLUFamily(base.Family):
         tanh_scale=float(l.tanh_scale), pre_act_coeff=float(l.pre_act_coeff),
         pre_act_dead_only=bool(l.pre_act_dead_only),
         sparsity_warmup_steps=int(l.sparsity_warmup_steps),
-        compute_dtype=s.compute_dtype)
+        compute_dtype=s.compute_dtype, sparse_capacity=self.sparse_capacity(config))
+
+  def sparse_capacity(self, config) -> int:
+    """The sparse step's capacity (0: dense): the config's, or with -1 the rule's on the
+    expected L0 (known in advance only for sparsity='quadratic', its target)."""
+    s, l = config.sae, config.loss
+    if s.ste_to_input or l.pre_act_coeff > 0:
+      return 0
+    if s.sparse_capacity >= 0:
+      return int(s.sparse_capacity)
+    expected = l.target_l0 if l.sparsity == "quadratic" else None
+    return sparse.capacity_rule(s.d_sae, expected)
 
   def init_kwargs(self, config) -> dict:
     """`init` options from the config."""
@@ -212,12 +234,13 @@ class JumpReLUFamily(base.Family):
       dead: `[d_sae]` bool, latents that have not fired for a while.
       step: `[]` the update's step (for the lambda warm-up).
     """
-    eps, ste, cdt = hparams["bandwidth"], settings.ste_to_input, settings.compute_dtype
+    eps, ste = hparams["bandwidth"], settings.ste_to_input
     coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
-    pre = self.pre_activations(params, x, compute_dtype=cdt)
     theta = params.theta()
-    f = jumprelu(pre, theta, eps, ste_to_input=ste)
-    x_hat = self.decode(params, f, compute_dtype=cdt)
+    if settings.sparse_capacity:
+      pre, f, x_hat = self._sparse_forward(params, x, theta, eps, settings)
+    else:
+      pre, f, x_hat = self._dense_forward(params, x, theta, eps, settings)
     gates = heaviside(pre, theta, eps, ste_to_input=ste)
     rec = losses.reconstruction(x, x_hat)
     if settings.sparsity == "step":
@@ -238,6 +261,37 @@ class JumpReLUFamily(base.Family):
     parts = dict(reconstruction=rec, sparsity=sparsity, pre_act=pre_act, sparsity_coeff=coeff)
     return total, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
                               extras=dict(pre=pre, theta=theta, bandwidth=eps))
+
+  def _dense_forward(self, params, x, theta, eps, settings):
+    """(pre, f, x_hat) with dense matmuls."""
+    cdt = settings.compute_dtype
+    pre = self.pre_activations(params, x, compute_dtype=cdt)
+    f = jumprelu(pre, theta, eps, ste_to_input=settings.ste_to_input)
+    return pre, f, self.decode(params, f, compute_dtype=cdt)
+
+  def _sparse_forward(self, params, x, theta, eps, settings):
+    """`_dense_forward` with the decoder and the encoder's gradients over each row's
+    candidate latents (active or in the straight-through window: pi > theta - eps/2);
+    the dense path when a row has more than `settings.sparse_capacity` of them.
+
+    Exact because only candidates carry a value (f) or a gradient (df reaches
+    theta inside the window; dpi = df where active, as `ste_to_input` is off).
+    """
+    cap, cdt = settings.sparse_capacity, settings.compute_dtype
+    x_in = x - params.b_dec if params.pre_encoder_bias else x
+    value = jax.lax.stop_gradient(ops.matmul(x_in, params.W_enc, cdt))
+    low = jax.lax.stop_gradient(theta - eps / 2 - params.b_enc)
+    idx, valid, overflow = sparse.candidates(value > low, cap)
+    chunk = sparse.batch_chunk(x.shape[0])
+
+    def sparse_path():
+      pre = sparse.sparse_grad_matmul(x_in, params.W_enc, idx, valid, value, chunk) + params.b_enc
+      f = jumprelu(pre, theta, eps)
+      vals = jnp.where(valid, jnp.take_along_axis(f, idx, 1), 0.0)
+      return pre, f, sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
+
+    return jax.lax.cond(overflow, lambda: self._dense_forward(params, x, theta, eps, settings),
+                        sparse_path)
 
   def metrics(self, output: base.Output, settings) -> dict:
     """Threshold health: share of pre-activations in the window, theta quantiles."""

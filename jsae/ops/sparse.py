@@ -1,0 +1,149 @@
+"""Gathers and scatters for a train step in which few latents per row are non-zero.
+
+At L0 ~ 50 of 16k latents, four of a JumpReLU step's five [batch, d_in, d_sae]
+matmuls multiply mostly zeros: the decoder forward f @ W_dec, the decoder-weight
+gradient f^T g, the gradient into the latents g @ W_dec^T and the encoder
+gradients x^T dpre and dpre @ W_enc^T. Given per row the indices of the at most
+`capacity` latents that may carry a value or a gradient (`candidates`), each
+becomes a gather or a scatter-add of `capacity` rows of d_in; only the encoder
+forward stays dense (it decides which latents are candidates).
+
+The chunked shapes are the ones that run well on XLA:CPU (bench/sparse_ops.py):
+a scan over the capacity for the forward, chunks of batch rows for the
+gradients, so no [batch, capacity, d_in] tensor is built.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "batch_chunk", "capacity_rule"]
+
+# The sparse forms cost about capacity / d_sae x 3 of the dense matmuls on XLA:CPU
+# (bench/sparse_ops.py: ratio 0.14-0.21 at 64 of 16384), and the step adds a top_k
+# and keeps the dense encoder forward: the step wins below about 1 / 16.
+MAX_CAPACITY_FRACTION = 1 / 16
+
+
+def batch_chunk(batch: int, target: int = 256) -> int:
+  """The largest divisor of `batch` that is at most `target` (rows per gather/scatter step)."""
+  return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
+
+
+def capacity_rule(d_sae: int, expected_l0: float | None) -> int:
+  """The sparse step's capacity for an expected L0, or 0 (dense) when it would not pay.
+
+  4x the expected L0 (rows vary, and the straight-through window adds
+  candidates), rounded up to a power of two, at least 32; dense when the L0 is
+  not known in advance or the capacity exceeds `MAX_CAPACITY_FRACTION` of d_sae.
+  """
+  if expected_l0 is None or expected_l0 <= 0:
+    return 0
+  cap = max(32, 1 << (int(4 * expected_l0) - 1).bit_length())
+  return cap if cap <= MAX_CAPACITY_FRACTION * d_sae else 0
+
+
+def candidates(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each row's True entries of `mask: [batch, d_sae]`, padded to `capacity`.
+
+  Returns:
+    (idx [batch, capacity] int32, valid [batch, capacity] bool (False on
+    padding), overflow [] bool: some row has more than `capacity` True entries,
+    so the gathers would drop some and the caller must take the dense path).
+  """
+  top, idx = jax.lax.top_k(mask.astype(jnp.float32), capacity)
+  overflow = jnp.any(mask.sum(-1) > capacity)
+  return idx.astype(jnp.int32), top > 0, overflow
+
+
+def _gather_sum(vals: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
+  """sum_k vals[b, k] w[idx[b, k]]: [batch, cap] x [n, d] -> [batch, d] float32."""
+  body = lambda acc, vi: (acc + vi[0][:, None] * w[vi[1]], None)
+  init = jnp.zeros((vals.shape[0], w.shape[1]), jnp.float32)
+  return jax.lax.scan(body, init, (vals.T, idx.T))[0]
+
+
+def _gather_dot(g: jax.Array, idx: jax.Array, w: jax.Array, chunk: int) -> jax.Array:
+  """g[b] . w[idx[b, k]]: [batch, d] x [n, d] -> [batch, cap], `chunk` rows at a time."""
+  b, cap = idx.shape
+  one = lambda a: jnp.einsum("bd,bkd->bk", a[0], w[a[1]])
+  return jax.lax.map(one, (g.reshape(-1, chunk, g.shape[1]), idx.reshape(-1, chunk, cap))
+                     ).reshape(b, cap)
+
+
+def _scatter_outer(vals: jax.Array, idx: jax.Array, g: jax.Array, n: int,
+                   chunk: int) -> jax.Array:
+  """out[idx[b, k]] += vals[b, k] g[b]: -> [n, d] float32, `chunk` rows at a time."""
+  cap, d = idx.shape[1], g.shape[1]
+
+  def body(acc, a):
+    v, i, gg = a
+    return acc.at[i.reshape(-1)].add((v[..., None] * gg[:, None, :]).reshape(-1, d)), None
+
+  return jax.lax.scan(body, jnp.zeros((n, d), jnp.float32),
+                      (vals.reshape(-1, chunk, cap), idx.reshape(-1, chunk, cap),
+                       g.reshape(-1, chunk, d)))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sparse_decode(vals: jax.Array, idx: jax.Array, w_dec: jax.Array, chunk: int) -> jax.Array:
+  """f @ W_dec for f non-zero only at `idx`: `vals, idx: [batch, cap]`, `w_dec: [d_sae, d_in]`.
+
+  `vals[b, k]` is f[b, idx[b, k]] (0 on padding). Gradients: into `vals` by
+  gathered dot products, into `w_dec` by a scatter-add (`idx` gets none).
+  """
+  del chunk
+  return _gather_sum(vals, idx, w_dec)
+
+
+def _sparse_decode_fwd(vals, idx, w_dec, chunk):
+  del chunk
+  return _gather_sum(vals, idx, w_dec), (vals, idx, w_dec)
+
+
+def _sparse_decode_bwd(chunk, residuals, g):
+  vals, idx, w_dec = residuals
+  g = g.astype(jnp.float32)
+  d_vals = _gather_dot(g, idx, w_dec, chunk)
+  d_w = _scatter_outer(vals, idx, g, w_dec.shape[0], chunk)
+  return d_vals, None, d_w.astype(w_dec.dtype)
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def sparse_grad_matmul(x: jax.Array, w: jax.Array, idx: jax.Array, valid: jax.Array,
+                       value: jax.Array, chunk: int) -> jax.Array:
+  """`x @ w` (`x: [batch, d_in]`, `w: [d_in, d_sae]`), already computed as `value`,
+  whose backward assumes the cotangent is zero outside `idx`.
+
+  The forward returns `value` (the caller's dense matmul, which also decided
+  the candidates); the backward gathers the cotangent at `idx` (`valid` masks
+  the padding) and forms dx and dw from those entries alone. Exact only when
+  every non-zero of the cotangent lies in `idx`, e.g. JumpReLU without
+  straight-through gradients into its input, whose dpre is non-zero only
+  where a latent is active.
+  """
+  del x, w, idx, valid, chunk
+  return value
+
+
+def _sparse_grad_matmul_fwd(x, w, idx, valid, value, chunk):
+  del chunk
+  return value, (x, w, idx, valid)
+
+
+def _sparse_grad_matmul_bwd(chunk, residuals, g):
+  x, w, idx, valid = residuals
+  d_vals = jnp.where(valid, jnp.take_along_axis(g.astype(jnp.float32), idx, 1), 0.0)
+  w_t = w.T  # [d_sae, d_in]: the latents' rows, contiguous for the gathers
+  dx = _gather_sum(d_vals, idx, w_t)
+  dw = _scatter_outer(d_vals, idx, x.astype(jnp.float32), w.shape[1], chunk).T
+  return dx.astype(x.dtype), dw.astype(w.dtype), None, None, jnp.zeros_like(g)
+
+
+sparse_grad_matmul.defvjp(_sparse_grad_matmul_fwd, _sparse_grad_matmul_bwd)

@@ -1,0 +1,147 @@
+"""The sparse JumpReLU train step against the dense one, its ops against dense
+matmuls, and the rule that picks it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from jsae import config as config_lib
+from jsae import optim, saes, train
+from jsae.ops import sparse
+
+
+def _sparse_rows(rng, b, n, cap, active):
+  """(f [b, n] with `active` non-zeros per row, their idx [b, cap], valid [b, cap])."""
+  idx = np.stack([rng.choice(n, cap, replace=False) for _ in range(b)]).astype(np.int32)
+  valid = np.arange(cap)[None, :] < active
+  vals = np.where(valid, rng.random((b, cap)), 0).astype(np.float32)
+  f = np.zeros((b, n), np.float32)
+  np.put_along_axis(f, idx, vals, 1)
+  return jnp.asarray(f), jnp.asarray(idx), jnp.asarray(valid), jnp.asarray(vals)
+
+
+def test_sparse_decode_and_its_gradients_equal_the_dense_matmul():
+  rng = np.random.default_rng(0)
+  f, idx, _, vals = _sparse_rows(rng, 12, 40, 6, 4)
+  w = jnp.asarray(rng.standard_normal((40, 5)).astype(np.float32))
+  g = jnp.asarray(rng.standard_normal((12, 5)).astype(np.float32))
+  np.testing.assert_allclose(sparse.sparse_decode(vals, idx, w, 4), f @ w, rtol=1e-5, atol=1e-6)
+  d_vals, d_w = jax.grad(lambda v, w: jnp.sum(sparse.sparse_decode(v, idx, w, 4) * g),
+                         argnums=(0, 1))(vals, w)
+  d_f, d_w_dense = jax.grad(lambda f, w: jnp.sum((f @ w) * g), argnums=(0, 1))(f, w)
+  np.testing.assert_allclose(d_vals, jnp.take_along_axis(d_f, idx, 1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(d_w, d_w_dense, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_grad_matmul_equals_the_dense_gradients_when_the_cotangent_is_sparse():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((12, 5)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal((5, 40)).astype(np.float32))
+  weights, idx, valid, _ = _sparse_rows(rng, 12, 40, 6, 4)  # cotangent non-zero on idx only
+
+  def loss(x, w, fn):
+    return jnp.sum(fn(x, w) * weights)
+
+  sparse_fn = lambda x, w: sparse.sparse_grad_matmul(x, w, idx, valid, x @ w, 3)
+  got = jax.grad(loss, argnums=(0, 1))(x, w, sparse_fn)
+  want = jax.grad(loss, argnums=(0, 1))(x, w, lambda x, w: x @ w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_candidates_pad_and_report_overflow():
+  mask = jnp.asarray([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]], bool)
+  idx, valid, overflow = sparse.candidates(mask, 3)
+  assert [sorted(np.asarray(i)[np.asarray(v)].tolist()) for i, v in zip(idx, valid)] == [
+      [0, 2], [], [0, 1, 2]]
+  assert bool(overflow)  # the last row has 4 > 3
+  assert not bool(sparse.candidates(mask[:2], 3)[2])
+
+
+@pytest.mark.parametrize("d_sae,expected_l0,capacity", [
+    (16384, 50, 256),  # 4 x 50 -> 256 <= 16384 / 16
+    (16384, None, 0),  # L0 unknown in advance: dense
+    (16384, 300, 0),  # 2048 > 1024: the dense step is faster
+    (4096, 3, 32),  # never below 32
+])
+def test_capacity_rule(d_sae, expected_l0, capacity):
+  assert sparse.capacity_rule(d_sae, expected_l0) == capacity
+
+
+def _config(capacity, **loss):
+  c = default.get_config("family=jumprelu")
+  c.sae.d_in, c.sae.d_sae, c.data.batch_size = 16, 256, 64
+  c.sae.sparse_capacity = capacity
+  c.sae.bandwidth = 0.05
+  c.loss.sparsity_warmup_steps = 0
+  c.optim.warmup_steps = 0
+  # Adam divides by sqrt(v) + eps: at eps 1e-8 a gradient that is rounding noise
+  # (a few 1e-9, e.g. a latent's b_enc sum that cancels) takes a full step whose
+  # sign depends on the summation order. 1e-4 keeps such noise noise.
+  c.optim.eps = 1e-4
+  for k, v in loss.items():
+    c.loss[k] = v
+  return c
+
+
+def _train(config, x, steps=10):
+  settings = train.StepSettings.from_config(config, 1.0)
+  optimizer = optim.make_optimizer(config.optim, total_steps=steps)
+  state = train.create_state(jax.random.key(0), config, optimizer)
+  state = state.replace(params=state.params.replace(
+      threshold=jnp.full_like(state.params.threshold, config.sae.init_threshold)))
+  step = jax.jit(lambda s, b: train.train_step(s, b, train.hyperparams(config),
+                                               settings=settings, optimizer=optimizer))
+  overflowed = []
+  for i in range(steps):
+    pre = saes.get("jumprelu").pre_activations(state.params, x[i])
+    low = state.params.theta() - config.sae.bandwidth / 2
+    overflowed.append(int(jnp.max(jnp.sum(pre > low, -1))) > max(config.sae.sparse_capacity, 0))
+    state, metrics = step(state, x[i])
+  return state, metrics, overflowed
+
+
+@pytest.mark.parametrize("init_threshold,capacity,overflow", [
+    (2.6, 32, "never"),  # L0 ~ 1 (at most 15 candidates a row): always sparse
+    (1.5, 64, "never"),  # L0 ~ 16 (at most 55)
+    (1.5, 24, "always"),  # every batch has rows of 37+ candidates: the dense fallback
+    (1.8, 32, "some"),  # 26-41 a row: both paths in one run
+])
+def test_sparse_step_equals_the_dense_step(init_threshold, capacity, overflow):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((10, 64, 16)).astype(np.float32))
+  dense = _config(0, sparsity_coeff=0.01)
+  dense.sae.init_threshold = init_threshold
+  sparse_config = _config(capacity, sparsity_coeff=0.01)
+  sparse_config.sae.init_threshold = init_threshold
+  config_lib.validate(sparse_config)
+  assert saes.get("jumprelu").settings(sparse_config).sparse_capacity == capacity
+  want, want_metrics, _ = _train(dense, x)
+  got, got_metrics, overflowed = _train(sparse_config, x)
+  expected = {"never": [False] * 10, "always": [True] * 10}.get(overflow)
+  if expected is not None:
+    assert overflowed == expected
+  else:
+    assert any(overflowed) and not all(overflowed)
+  assert 0 < float(got_metrics["l0"]) < capacity
+  # Within 1e-5 relative, tensor by tensor (the sums run in another order).
+  for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+    a, b = np.asarray(getattr(got.params, name)), np.asarray(getattr(want.params, name))
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), name
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), name
+  assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+
+
+def test_the_sparse_step_refuses_settings_that_make_it_inexact():
+  c = _config(64, pre_act_coeff=1e-3)
+  with pytest.raises(config_lib.ConfigError, match="sparse_capacity.*pre_act_coeff"):
+    config_lib.validate(c)
+  c = _config(-1, pre_act_coeff=1e-3)  # auto simply stays dense
+  config_lib.validate(c)
+  assert saes.get("jumprelu").settings(c).sparse_capacity == 0
+  c = _config(-1, sparsity="quadratic", target_l0=50.0)
+  c.sae.d_sae = 16384  # auto from the target L0: 4 x 50 -> 256 latents per row
+  assert saes.get("jumprelu").settings(c).sparse_capacity == 256
+  assert saes.get("jumprelu").settings(_config(-1)).sparse_capacity == 0  # L0 unknown
