@@ -12,6 +12,14 @@ ratio is the step's FLOP rate over the matmul's, so it measures everything
 that is not matmul (selection, elementwise work, the optimizer). AuxK runs
 only while some latent is dead (as on a fresh state here, none is). Target on
 CPU: >= 0.7 (JumpReLU), >= 0.75 for the other families at 640x16384x4096.
+
+    python bench/train_step.py --sparse 10,25,50,100,200 [--shapes 640x16384x4096]
+
+With `--sparse`: the JumpReLU step with thresholds set so that L0 is each
+given value, dense against the sparse step (`sae.sparse_capacity`: 4x L0
+rounded up to a power of two, more if a row needs it), on the same state and
+batch; the ratio is sparse / dense tokens/s (target >= 2 at L0 ~ 50 on CPU),
+and where it falls below 1 is the crossover.
 """
 
 from __future__ import annotations
@@ -70,6 +78,36 @@ def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int,
               matmul_gflops=mm_flops / 1e9, ratio=step_flops / mm_flops)
 
 
+def bench_sparse(d_in: int, d_sae: int, batch: int, l0: float, repeats: int) -> dict:
+  """Dense and sparse JumpReLU steps at L0 ~ `l0` (one threshold for every latent)."""
+  config = default.get_config("family=jumprelu")
+  config.sae.d_in, config.sae.d_sae, config.data.batch_size = d_in, d_sae, batch
+  optimizer = optim.make_optimizer(config.optim, total_steps=10**6)
+  state = jax.jit(functools.partial(train.create_state, config=config, optimizer=optimizer))(
+      jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (batch, d_in)) / np.sqrt(d_in)
+  pre = saes.get("jumprelu").pre_activations(state.params, x)
+  theta = float(jnp.quantile(pre, 1 - l0 / d_sae))
+  state = state.replace(params=state.params.replace(
+      threshold=jnp.full_like(state.params.threshold, theta)))
+  row_candidates = int(jnp.max(jnp.sum(pre > theta - config.sae.bandwidth / 2, -1)))
+  capacity = max(32, 1 << (int(4 * l0) - 1).bit_length())
+  while capacity < row_candidates:
+    capacity *= 2
+  out = dict(shape=f"{d_in}x{d_sae}x{batch}", l0=float(jnp.mean(jnp.sum(pre > theta, -1))),
+             capacity=capacity, max_row=row_candidates)
+  for name, cap in (("dense", 0), ("sparse", capacity)):
+    config.sae.sparse_capacity = cap
+    settings = train.StepSettings.from_config(config, norm_scale=1.0)
+    step = jax.jit(functools.partial(train.train_step, hparams=train.hyperparams(config),
+                                     settings=settings, optimizer=optimizer,
+                                     with_metrics=False))
+    out[f"{name}_ms"] = 1e3 * _time(lambda s, b: step(s, b)[0].params.W_enc, state, x,
+                                    repeats=repeats)
+  out["ratio"] = out["dense_ms"] / out["sparse_ms"]
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="512x8192x2048,640x16384x4096")
@@ -77,7 +115,21 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--family", default="jumprelu",
                       help="comma-separated family names, or 'all'")
+  parser.add_argument("--sparse", default="",
+                      help="comma-separated L0 values: dense vs sparse JumpReLU step")
   args = parser.parse_args()
+  if args.sparse:
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); ratio ="
+          " sparse tokens/s / dense tokens/s")
+    print(f"{'d_in x d_sae x batch':>22} {'L0':>6} {'capacity':>8} {'dense ms':>9}"
+          f" {'sparse ms':>10} {'ratio':>6}")
+    for spec in args.shapes.split(","):
+      d_in, d_sae, batch = map(int, spec.split("x"))
+      for l0 in (float(v) for v in args.sparse.split(",")):
+        r = bench_sparse(d_in, d_sae, batch, l0, args.repeats)
+        print(f"{r['shape']:>22} {r['l0']:6.1f} {r['capacity']:8d} {r['dense_ms']:9.1f}"
+              f" {r['sparse_ms']:10.1f} {r['ratio']:6.2f}", flush=True)
+    return
   families = saes.names() if args.family == "all" else args.family.split(",")
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), dtype {args.dtype}")
   print(f"{'family':>11} {'d_in x d_sae x batch':>22} {'step ms':>9} {'tokens/s':>10}"

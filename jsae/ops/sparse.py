@@ -22,10 +22,11 @@ import jax.numpy as jnp
 
 __all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "batch_chunk", "capacity_rule"]
 
-# The sparse forms cost about capacity / d_sae x 3 of the dense matmuls on XLA:CPU
-# (bench/sparse_ops.py: ratio 0.14-0.21 at 64 of 16384), and the step adds a top_k
-# and keeps the dense encoder forward: the step wins below about 1 / 16.
-MAX_CAPACITY_FRACTION = 1 / 16
+# On XLA:CPU the gathers and scatter-adds cost about as much as the dense matmuls
+# at a capacity of 1/32-1/64 of d_sae (bench/sparse_ops.py, 4096 x 640 x 16384:
+# ratios 0.22-0.44 at 128, 0.53-0.74 at 256, 1.1-2.3 at 512), and the step keeps
+# the dense encoder forward and adds a top_k: sparse only up to 1/64.
+MAX_CAPACITY_FRACTION = 1 / 64
 
 
 def batch_chunk(batch: int, target: int = 256) -> int:
