@@ -38,17 +38,19 @@ def test_sparse_decode_and_its_gradients_equal_the_dense_matmul():
 def test_sparse_grad_matmul_equals_the_dense_gradients_when_the_cotangent_is_sparse():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((12, 5)).astype(np.float32))
+  b = jnp.asarray(rng.standard_normal(5).astype(np.float32))
   w = jnp.asarray(rng.standard_normal((5, 40)).astype(np.float32))
   weights, idx, valid, _ = _sparse_rows(rng, 12, 40, 6, 4)  # cotangent non-zero on idx only
 
-  def loss(x, w, fn):
-    return jnp.sum(fn(x, w) * weights)
+  def loss(b, w, fn):
+    return jnp.sum(fn(b, w) * weights)
 
-  sparse_fn = lambda x, w: sparse.sparse_grad_matmul(x, w, idx, valid, x @ w, 3)
-  got = jax.grad(loss, argnums=(0, 1))(x, w, sparse_fn)
-  want = jax.grad(loss, argnums=(0, 1))(x, w, lambda x, w: x @ w)
-  for a, b in zip(got, want):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  sparse_fn = lambda b, w: sparse.sparse_grad_matmul(x, b, w, idx, valid, (x - b) @ w, 3)
+  got = jax.grad(loss, argnums=(0, 1))(b, w, sparse_fn)
+  want = jax.grad(loss, argnums=(0, 1))(b, w, lambda b, w: (x - b) @ w)
+  for a, c in zip(got, want):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sparse_fn(b, w), (x - b) @ w)
 
 
 def test_candidates_pad_and_report_overflow():

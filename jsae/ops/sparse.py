@@ -3,7 +3,7 @@
 At L0 ~ 50 of 16k latents, four of a JumpReLU step's five [batch, d_in, d_sae]
 matmuls multiply mostly zeros: the decoder forward f @ W_dec, the decoder-weight
 gradient f^T g, the gradient into the latents g @ W_dec^T and the encoder
-gradients x^T dpre and dpre @ W_enc^T. Given per row the indices of the at most
+gradient x^T dpre (the pre-encoder bias needs only the batch sum of dpre). Given per row the indices of the at most
 `capacity` latents that may carry a value or a gradient (`candidates`), each
 becomes a gather or a scatter-add of `capacity` rows of d_in; only the encoder
 forward stays dense (it decides which latents are candidates).
@@ -116,35 +116,38 @@ def _sparse_decode_bwd(chunk, residuals, g):
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def sparse_grad_matmul(x: jax.Array, w: jax.Array, idx: jax.Array, valid: jax.Array,
-                       value: jax.Array, chunk: int) -> jax.Array:
-  """`x @ w` (`x: [batch, d_in]`, `w: [d_in, d_sae]`), already computed as `value`,
-  whose backward assumes the cotangent is zero outside `idx`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def sparse_grad_matmul(x: jax.Array, b: jax.Array, w: jax.Array, idx: jax.Array,
+                       valid: jax.Array, value: jax.Array, chunk: int) -> jax.Array:
+  """`(x - b) @ w` (`x: [batch, d_in]`, `b: [d_in]`, `w: [d_in, d_sae]`), already
+  computed as `value`, whose backward assumes the cotangent is zero outside `idx`.
 
   The forward returns `value` (the caller's dense matmul, which also decided
   the candidates); the backward gathers the cotangent at `idx` (`valid` masks
-  the padding) and forms dx and dw from those entries alone. Exact only when
-  every non-zero of the cotangent lies in `idx`, e.g. JumpReLU without
-  straight-through gradients into its input, whose dpre is non-zero only
-  where a latent is active.
+  the padding) and scatters dw from those entries alone; db = -(sum of the
+  cotangent over the batch) @ w.T. `x` is data and gets no gradient. Exact
+  only when every non-zero of the cotangent lies in `idx`, e.g. JumpReLU
+  without straight-through gradients into its input, whose dpre is non-zero
+  only where a latent is active.
   """
-  del x, w, idx, valid, chunk
+  del x, b, w, idx, valid, chunk
   return value
 
 
-def _sparse_grad_matmul_fwd(x, w, idx, valid, value, chunk):
+def _sparse_grad_matmul_fwd(x, b, w, idx, valid, value, chunk):
   del chunk
-  return value, (x, w, idx, valid)
+  return value, (x, b, w, idx, valid)
 
 
 def _sparse_grad_matmul_bwd(chunk, residuals, g):
-  x, w, idx, valid = residuals
-  d_vals = jnp.where(valid, jnp.take_along_axis(g.astype(jnp.float32), idx, 1), 0.0)
-  w_t = w.T  # [d_sae, d_in]: the latents' rows, contiguous for the gathers
-  dx = _gather_sum(d_vals, idx, w_t)
-  dw = _scatter_outer(d_vals, idx, x.astype(jnp.float32), w.shape[1], chunk).T
-  return dx.astype(x.dtype), dw.astype(w.dtype), None, None, jnp.zeros_like(g)
+  x, b, w, idx, valid = residuals
+  g = g.astype(jnp.float32)
+  d_vals = jnp.where(valid, jnp.take_along_axis(g, idx, 1), 0.0)
+  x_in = x.astype(jnp.float32) - b.astype(jnp.float32)
+  dw = _scatter_outer(d_vals, idx, x_in, w.shape[1], chunk).T
+  db = -jnp.matmul(g.sum(0), w.T.astype(jnp.float32))
+  return (jnp.zeros_like(x), db.astype(b.dtype), dw.astype(w.dtype), None, None,
+          jnp.zeros_like(g))
 
 
 sparse_grad_matmul.defvjp(_sparse_grad_matmul_fwd, _sparse_grad_matmul_bwd)

@@ -278,14 +278,15 @@ class JumpReLUFamily(base.Family):
     theta inside the window; dpi = df where active, as `ste_to_input` is off).
     """
     cap, cdt = settings.sparse_capacity, settings.compute_dtype
-    x_in = x - params.b_dec if params.pre_encoder_bias else x
-    value = jax.lax.stop_gradient(ops.matmul(x_in, params.W_enc, cdt))
+    b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros_like(params.b_dec)
+    value = jax.lax.stop_gradient(ops.matmul(x - b_in, params.W_enc, cdt))
     low = jax.lax.stop_gradient(theta - eps / 2 - params.b_enc)
     idx, valid, overflow = sparse.candidates(value > low, cap)
     chunk = sparse.batch_chunk(x.shape[0])
 
     def sparse_path():
-      pre = sparse.sparse_grad_matmul(x_in, params.W_enc, idx, valid, value, chunk) + params.b_enc
+      pre = sparse.sparse_grad_matmul(x, b_in, params.W_enc, idx, valid, value,
+                                      chunk) + params.b_enc
       f = jumprelu(pre, theta, eps)
       vals = jnp.where(valid, jnp.take_along_axis(f, idx, 1), 0.0)
       return pre, f, sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
