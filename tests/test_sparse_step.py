@@ -63,11 +63,11 @@ def test_candidates_pad_and_report_overflow():
 
 
 @pytest.mark.parametrize("d_sae,expected_l0,capacity", [
-    (16384, 50, 256),  # 4 x 50 -> 256 <= 16384 / 64
+    (16384, 50, 256),  # 4 x 50 -> 256 <= 16384 / 32
     (16384, None, 0),  # L0 unknown in advance: dense
-    (16384, 100, 0),  # 512 > 256: the dense step is faster
+    (16384, 200, 0),  # 1024 > 512: the dense step is faster
     (4096, 3, 32),  # never below 32
-    (1024, 3, 0),  # 32 > 1024 / 64
+    (512, 3, 0),  # 32 > 512 / 32
 ])
 def test_capacity_rule(d_sae, expected_l0, capacity):
   assert sparse.capacity_rule(d_sae, expected_l0) == capacity

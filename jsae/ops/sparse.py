@@ -22,15 +22,22 @@ import jax.numpy as jnp
 
 __all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "batch_chunk", "capacity_rule"]
 
-# On XLA:CPU the gathers and scatter-adds cost about as much as the dense matmuls
-# at a capacity of 1/32-1/64 of d_sae (bench/sparse_ops.py, 4096 x 640 x 16384:
-# ratios 0.22-0.44 at 128, 0.53-0.74 at 256, 1.1-2.3 at 512), and the step keeps
-# the dense encoder forward and adds a top_k: sparse only up to 1/64.
-MAX_CAPACITY_FRACTION = 1 / 64
+# On XLA:CPU the sparse step beats the dense one up to a capacity of about 1/32 of
+# d_sae (bench/train_step.py --sparse, 640 x 16384 x 4096: 1.75x at capacity 256,
+# 1.45x at 512, under load); beyond that the gathers and scatter-adds cost more than
+# the matmuls they replace (bench/sparse_ops.py).
+MAX_CAPACITY_FRACTION = 1 / 32
+
+
+# Gathered or scattered rows per step of the chunked loops: ~2k rows of d_in (a few
+# MiB) ran fastest on XLA:CPU (bench/sparse_ops.py --chunk, capacities 64 and 256).
+ROWS_PER_STEP = 2048
 
 
 def batch_chunk(batch: int, target: int = 256) -> int:
-  """The largest divisor of `batch` that is at most `target` (rows per gather/scatter step)."""
+  """The largest divisor of `batch` that is at most `target` (at least 1): batch rows
+  per gather/scatter step."""
+  target = max(1, target)
   return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
 
 

@@ -282,7 +282,7 @@ class JumpReLUFamily(base.Family):
     value = jax.lax.stop_gradient(ops.matmul(x - b_in, params.W_enc, cdt))
     low = jax.lax.stop_gradient(theta - eps / 2 - params.b_enc)
     idx, valid, overflow = sparse.candidates(value > low, cap)
-    chunk = sparse.batch_chunk(x.shape[0])
+    chunk = sparse.batch_chunk(x.shape[0], sparse.ROWS_PER_STEP // cap)
 
     def sparse_path():
       pre = sparse.sparse_grad_matmul(x, b_in, params.W_enc, idx, valid, value,
