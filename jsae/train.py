@@ -353,9 +353,10 @@ def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
 
 # Fields that may change when a run resumes, besides the groups `_run_defining`
 # ignores (train length, logging, checkpointing, evaluation, mesh, file paths):
-# the matmul dtype, and settings read only at initialisation (with the family's
-# own init-only fields).
-_RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.init_b_dec", "sae.init_b_dec_batches")
+# the matmul dtype, the sparse step's capacity (the same updates, computed another
+# way), and settings read only at initialisation (with the family's own init-only fields).
+_RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.sparse_capacity", "sae.init_b_dec",
+                      "sae.init_b_dec_batches")
 
 
 def _run_defining(config_dict: dict, init_only: tuple[str, ...] = ()) -> dict:

@@ -127,9 +127,10 @@ def test_resume_with_other_hyperparameters_is_refused_but_longer_runs_resume(tmp
   with pytest.raises(config_lib.ConfigError, match=r"data.synthetic.l0: checkpoint 6.0 vs config 3.0"):
     train.train(_tiny(train__num_tokens=20 * 512, data__synthetic__l0=3.0), tmp_path,
                 progress=False)
-  # Length, logging and the matmul dtype may change: the run continues to step 30.
+  # Length, logging, the matmul dtype and the sparse step may change: the run
+  # continues to step 30.
   longer = _tiny(train__num_tokens=30 * 512, ckpt__every_steps=10, train__log_every=5,
-                 sae__compute_dtype="bfloat16")
+                 sae__compute_dtype="bfloat16", sae__sparse_capacity=64)
   assert train.train(longer, tmp_path, progress=False).steps == 30
 
 
