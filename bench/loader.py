@@ -33,6 +33,9 @@ import numpy as np
 from jsae.data import loader as loader_lib
 from jsae.data import shards as shards_lib
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's bench/
+from bench.measurement import Measurement, emit, machine  # pylint: disable=wrong-import-position
+
 GIB = 2**30
 
 
@@ -132,6 +135,7 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=2, help="passes of the sequential read")
   p.add_argument("--d-sae", type=int, default=4096, help="SAE width for the train-step run")
   p.add_argument("--train-steps", type=int, default=20, help="train steps per feed (0: skip)")
+  p.add_argument("--json", action="store_true", help="one JSON object per measurement")
   args = p.parse_args()
 
   tmp = Path(tempfile.mkdtemp(prefix="jsae-bench-loader-", dir=args.dir))
@@ -183,6 +187,15 @@ def main() -> None:
     print(f"overlap: with a consumer busy {1e3 * busy:.1f} ms per step (GIL released), a step"
           f" takes {1e3 * overlap_s / steps:.1f} ms (serial would be"
           f" {2e3 * busy:.1f} ms, ideal {1e3 * busy:.1f} ms)")
+    host, shape = machine(), f"d_in {args.d_in}, batch {args.batch_size}, {nbytes / GIB:.2f} GiB"
+    seq_rows_s = n / seq_s
+    batch_gib_s = steps * bb / batch_s / GIB
+    records = [Measurement(
+        bench="loader", name="loader.batch (shuffled, prefetch thread)", shape=shape,
+        tokens_per_s=steps * args.batch_size / batch_s, baseline="sequential read of the files",
+        baseline_tokens_per_s=seq_rows_s, ratio=(steps * args.batch_size / batch_s) / seq_rows_s,
+        machine=host, target="batch >= 1 GiB/s", met=bool(batch_gib_s >= 1.0),
+        detail=f"{batch_gib_s:.2f} GiB/s served")]
     if args.train_steps:
       loader_s, memory_s = bench_train_step_with_loader(
           tmp, d_sae=args.d_sae, batch_size=args.batch_size, steps=args.train_steps)
@@ -190,6 +203,12 @@ def main() -> None:
             f" {args.batch_size / loader_s:,.0f} tokens/s with the loader vs"
             f" {args.batch_size / memory_s:,.0f} from memory: ratio {memory_s / loader_s:.3f}"
             " (target >= 0.95)")
+      records.append(Measurement(
+          bench="loader", name="train step fed by the loader", shape=f"{shape}, d_sae {args.d_sae}",
+          tokens_per_s=args.batch_size / loader_s, baseline="the same step fed from memory",
+          baseline_tokens_per_s=args.batch_size / memory_s, ratio=memory_s / loader_s,
+          machine=host, target="ratio >= 0.95", met=bool(memory_s / loader_s >= 0.95)))
+    emit(records, args.json)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of this checkout
 from configs import default  # pylint: disable=wrong-import-position
 from jsae import optim, saes, sharding, train
+from bench.measurement import Measurement, emit, machine  # pylint: disable=wrong-import-position
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v3": 123.0,
                     "TPU v4": 275.0, "TPU v5p": 459.0}
@@ -102,7 +103,9 @@ def main():
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--measure", action="store_true", help="time the step on real devices")
   p.add_argument("--family", default="jumprelu", choices=saes.names())
+  p.add_argument("--json", action="store_true", help="one JSON object per measurement")
   args = p.parse_args()
+  host = machine()
   d_in, d_sae, batch = map(int, args.shape.split("x"))
   n = jax.device_count()
   step_flops = saes.get(args.family).step_matmuls * 2 * batch * d_in * d_sae
@@ -123,13 +126,25 @@ def main():
         continue
       line = (f"{count:>7} {r['mesh']:>7} {r['mem_gib']:10.2f} {r['temp_gib']:9.2f}"
               f" {r['flops'] / 1e12:9.2f} {r['compile_s']:9.1f}")
+      tokens_per_s = peak_tokens_per_s = mfu = None
+      detail = f"{r['mem_gib']:.2f} GiB/device compiled"
       if args.measure:
         s, grad_s = measure(r)
         kind = jax.devices()[0].device_kind
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), float("nan"))
         mfu = step_flops / s / (peak * 1e12 * count)
+        tokens_per_s, peak_tokens_per_s = batch / s, batch * peak * 1e12 * count / step_flops
         line += f" {1e3 * s:8.1f} {mfu:6.1%} {1e3 * grad_s:10.1f}"
+        detail += f"; {1e3 * s:.1f} ms/step, fwd+bwd {1e3 * grad_s:.1f} ms"
       print(line)
+      emit([Measurement(
+          bench="sharded_step", name=f"{args.family} step, {args.dtype}, mesh {r['mesh']}",
+          shape=args.shape, tokens_per_s=tokens_per_s,
+          baseline="the devices' peak bf16 rate (ratio = MFU)",
+          baseline_tokens_per_s=peak_tokens_per_s, ratio=mfu, machine=host,
+          target="MFU >= 0.55 (one H100/H200)" if args.measure and count == 1 else "",
+          met=(bool(mfu >= 0.55) if args.measure and count == 1 else None),
+          detail=detail)], args.json)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
-"""Groundwork for a sparsity-aware train step: the dense matmuls against gather/scatter forms.
+"""The sparse JumpReLU step's gathers and scatters against the dense matmuls they replace.
 
 At L0 ~ 50 of 16k latents, four of a JumpReLU step's five [batch, d_in, d_sae]
 matmuls multiply mostly zeros: the decoder forward f @ W_dec, the decoder-weight
 gradient f^T g, the gradient into the latents g @ W_dec^T and the encoder-weight
 gradient x^T dpre. With per row the indices of its `capacity` possibly non-zero
 latents, each becomes a gather or a scatter-add of `capacity` rows of d_in. This
-times each dense matmul and its sparse form (in the chunked shapes that run
-well on XLA:CPU: a scan over the capacity for the forward, batch chunks for
-the gradients) and the top_k that finds the indices, and prints sparse / dense
-time ratios (below 1: the sparse form wins) for a few capacities, so the
-crossover is measured, not guessed. The train step that uses them is not built
-yet (issue 14, item 2).
+times each dense matmul and its sparse form from `jsae.ops.sparse` (in the
+chunked shapes that run well on XLA:CPU: a scan over the capacity for the
+forward, batch chunks for the gradients) and the top_k that finds the indices,
+and prints dense / sparse time (the speed-up; above 1 the sparse form wins) for
+a few capacities, so the crossover is measured, not guessed.
 
   python bench/sparse_ops.py                    # 4096 x 640 x 16384, capacity 32..512
   python bench/sparse_ops.py --d_sae 65536 --capacities 64,256
@@ -19,48 +18,30 @@ yet (issue 14, item 2).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _time(fn, *args, repeats: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    jax.block_until_ready(fn(*args))
-  return (time.perf_counter() - t0) / repeats
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's bench/
+from bench.measurement import Measurement, emit, machine, median_seconds  # pylint: disable=wrong-import-position
+from jsae.ops import sparse  # pylint: disable=wrong-import-position
 
 
-def _sparse_fns(batch: int, d_in: int, d_sae: int, chunk: int):
-  """(decode, latent_grad, weight_grad) over (vals [B, cap], idx [B, cap]) -- see the docstring."""
+def _time(fn, *args) -> float:
+  return median_seconds(fn, *args, repeats=3)
 
-  def decode(vals, idx, w):  # sum_k vals[b, k] w[idx[b, k]] -> [B, d_in]
-    body = lambda acc, vi: (acc + vi[0][:, None] * w[vi[1]], None)
-    return jax.lax.scan(body, jnp.zeros((batch, d_in)), (vals.T, idx.T))[0]
 
-  def latent_grad(g, idx, w):  # g[b] . w[idx[b, k]] -> [B, cap]
-    cap = idx.shape[1]
-    one = lambda a: jnp.einsum("bd,bkd->bk", a[0], w[a[1]])
-    return jax.lax.map(one, (g.reshape(-1, chunk, d_in), idx.reshape(-1, chunk, cap))
-                       ).reshape(batch, cap)
-
-  def weight_grad(vals, idx, g):  # dW[idx[b, k]] += vals[b, k] g[b] -> [d_sae, d_in]
-    cap = idx.shape[1]
-
-    def body(acc, a):
-      v, i, gg = a
-      return acc.at[i.reshape(-1)].add((v[..., None] * gg[:, None, :]).reshape(-1, d_in)), None
-
-    return jax.lax.scan(body, jnp.zeros((d_sae, d_in)),
-                        (vals.reshape(-1, chunk, cap), idx.reshape(-1, chunk, cap),
-                         g.reshape(-1, chunk, d_in)))[0]
-
-  return jax.jit(decode), jax.jit(latent_grad), jax.jit(weight_grad)
+def _sparse_fns(d_sae: int, chunk: int):
+  """(decode, latent_grad, weight_grad) over (vals [B, cap], idx [B, cap]): the gathers and
+  scatters of `jsae.ops.sparse` that the sparse step runs, jitted alone."""
+  # pylint: disable=protected-access
+  decode = jax.jit(sparse._gather_sum)  # sum_k vals[b, k] w[idx[b, k]] -> [B, d_in]
+  latent_grad = jax.jit(lambda g, idx, w: sparse._gather_dot(g, idx, w, chunk))
+  weight_grad = jax.jit(lambda vals, idx, g: sparse._scatter_outer(vals, idx, g, d_sae, chunk))
+  return decode, latent_grad, weight_grad
 
 
 def main() -> None:
@@ -76,9 +57,9 @@ def main() -> None:
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((s, d)).astype(np.float32))
   g = jnp.asarray(rng.standard_normal((b, d)).astype(np.float32))
-  decode, latent_grad, weight_grad = _sparse_fns(b, d, s, args.chunk)
-  machine = f"{platform.node()} {jax.devices()[0].platform} x{jax.device_count()}"
-  print(f"batch {b}, d_in {d}, d_sae {s} ({machine}); times in ms, ratio = sparse / dense")
+  decode, latent_grad, weight_grad = _sparse_fns(s, args.chunk)
+  host = machine()
+  print(f"batch {b}, d_in {d}, d_sae {s} ({host}); times in ms, ratio = dense / sparse (speed-up)")
   print(f"{'capacity':>8} {'op':<28} {'dense':>8} {'sparse':>8} {'ratio':>6}")
   for cap in (int(c) for c in args.capacities.split(",")):
     idx = np.stack([rng.choice(s, cap, replace=False) for _ in range(b)]).astype(np.int32)
@@ -102,15 +83,14 @@ def main() -> None:
          _time(jax.jit(lambda f: jax.lax.top_k(f, cap)), f)),
     ]
     for op, dense_s, sparse_s in rows:
-      ratio = sparse_s / dense_s
+      ratio = dense_s / sparse_s  # the speed-up: above 1 the sparse form wins
       shown = ("-", "-") if np.isnan(dense_s) else (f"{dense_s * 1e3:.1f}", f"{ratio:.2f}")
       print(f"{cap:>8} {op:<28} {shown[0]:>8} {sparse_s * 1e3:>8.1f} {shown[1]:>6}")
-      if args.json:
-        print(json.dumps(dict(bench="sparse_ops", op=op, shape=[b, d, s], capacity=cap,
-                              dense_s=None if np.isnan(dense_s) else dense_s,
-                              sparse_s=sparse_s, ratio=None if np.isnan(ratio) else ratio,
-                              machine=machine)))
-
+      emit([Measurement(
+          bench="sparse_ops", name=f"{op}, capacity {cap}", shape=f"{b}x{d}x{s}",
+          tokens_per_s=b / sparse_s, baseline="the dense matmul it replaces",
+          baseline_tokens_per_s=None if np.isnan(dense_s) else b / dense_s,
+          ratio=None if np.isnan(dense_s) else ratio, machine=host)], args.json)
 
 if __name__ == "__main__":
   main()

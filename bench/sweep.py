@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of t
 from configs import default  # pylint: disable=wrong-import-position
 from jsae import data, optim, saes, sweep, train
 from jsae.data.shards import ShardWriter
+from bench.measurement import Measurement, at_least, emit, machine  # pylint: disable=wrong-import-position
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -136,7 +137,9 @@ def main():
   p.add_argument("--members", type=int, default=8)
   p.add_argument("--family", default="jumprelu", choices=saes.names())
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--json", action="store_true", help="one JSON object per measurement")
   args = p.parse_args()
+  host = machine()
   shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
   steps = [int(s) for s in args.steps.split(",")]
   steps += [steps[-1]] * (len(shapes) - len(steps))
@@ -151,10 +154,19 @@ def main():
             f" {r['ratio']:6.2f} {r['single_compile_s']:9.1f} / {r['sweep_compile_s']:<7.1f}"
             f" {r['flops'] / r['sweep_s'] / 1e9:13.1f}")
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
+    detail = f"compile {r['single_compile_s']:.1f} s single / {r['sweep_compile_s']:.1f} s sweep"
     if peak:
-      line += (f"  MFU sweep {r['flops'] / r['sweep_s'] / (peak * 1e12):.1%},"
-               f" sequential {r['flops'] / r['sequential_s'] / (peak * 1e12):.1%}")
+      mfu = (f"MFU sweep {r['flops'] / r['sweep_s'] / (peak * 1e12):.1%},"
+             f" sequential {r['flops'] / r['sequential_s'] / (peak * 1e12):.1%}")
+      line, detail = f"{line}  {mfu}", f"{detail}; {mfu}"
     print(line)
+    target, met = at_least(r["ratio"], 1.0) if jax.default_backend() == "cpu" else ("", None)
+    emit([Measurement(
+        bench="sweep", name=f"{args.members} x {args.family} in one vmapped step, {args.dtype}",
+        shape=r["shape"], tokens_per_s=args.members * batch / r["sweep_s"],
+        baseline=f"{args.members} sequential single-SAE runs",
+        baseline_tokens_per_s=args.members * batch / r["sequential_s"], ratio=r["ratio"],
+        machine=host, target=target, met=met, detail=detail)], args.json)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -37,17 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of this checkout
 from configs import default  # pylint: disable=wrong-import-position
 from jsae import optim, saes, train
-
-
-def _time(fn, *args, repeats: int) -> float:
-  """Median seconds of `fn(*args)` after one warm-up call (compilation)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+from bench.measurement import Measurement, at_least, emit, machine  # pylint: disable=wrong-import-position
+from bench.measurement import median_seconds as _time  # pylint: disable=wrong-import-position
 
 
 def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int,
@@ -75,7 +65,8 @@ def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int,
   step_flops = saes.get(family).step_matmuls * 2 * batch * d_in * d_sae / step_s
   return dict(family=family, shape=f"{d_in}x{d_sae}x{batch}", step_ms=1e3 * step_s,
               tokens_per_s=batch / step_s, step_gflops=step_flops / 1e9,
-              matmul_gflops=mm_flops / 1e9, ratio=step_flops / mm_flops)
+              matmul_gflops=mm_flops / 1e9, ratio=step_flops / mm_flops,
+              matmul_tokens_per_s=mm_flops / (saes.get(family).step_matmuls * 2 * d_in * d_sae))
 
 
 def bench_sparse(d_in: int, d_sae: int, batch: int, l0: float, repeats: int) -> dict:
@@ -105,7 +96,33 @@ def bench_sparse(d_in: int, d_sae: int, batch: int, l0: float, repeats: int) -> 
     out[f"{name}_ms"] = 1e3 * _time(lambda s, b: step(s, b)[0].params.W_enc, state, x,
                                     repeats=repeats)
   out["ratio"] = out["dense_ms"] / out["sparse_ms"]
+  out["batch"] = batch
   return out
+
+
+def _dense_record(r: dict, dtype: str, host: str) -> Measurement:
+  """The step against the plain matmul rate; the issue's CPU targets at 640x16384x4096."""
+  target, met = "", None
+  if r["shape"] == "640x16384x4096" and jax.default_backend() == "cpu" and dtype == "float32":
+    target, met = at_least(r["ratio"], 0.7 if r["family"] == "jumprelu" else 0.75)
+  return Measurement(
+      bench="train_step", name=f"{r['family']} train step, {dtype}", shape=r["shape"],
+      tokens_per_s=r["tokens_per_s"],
+      baseline="plain matmul rate at the step's FLOPs", baseline_tokens_per_s=r[
+          "matmul_tokens_per_s"], ratio=r["ratio"], machine=host, target=target, met=met,
+      detail=f"{r['step_ms']:.1f} ms/step")
+
+
+def _sparse_record(r: dict, host: str) -> Measurement:
+  """Sparse against dense JumpReLU step; the issue's target at L0 ~ 50, 640x16384x4096."""
+  target, met = "", None
+  if r["shape"] == "640x16384x4096" and 40 <= r["l0"] <= 60:
+    target, met = at_least(r["ratio"], 2.0)
+  return Measurement(
+      bench="train_step", name=f"sparse JumpReLU step, L0 {r['l0']:.0f}", shape=r["shape"],
+      tokens_per_s=1e3 * r["batch"] / r["sparse_ms"], baseline="dense JumpReLU step",
+      baseline_tokens_per_s=1e3 * r["batch"] / r["dense_ms"], ratio=r["ratio"], machine=host,
+      target=target, met=met, detail=f"capacity {r['capacity']}")
 
 
 def main() -> None:
@@ -117,7 +134,9 @@ def main() -> None:
                       help="comma-separated family names, or 'all'")
   parser.add_argument("--sparse", default="",
                       help="comma-separated L0 values: dense vs sparse JumpReLU step")
+  parser.add_argument("--json", action="store_true", help="one JSON object per measurement")
   args = parser.parse_args()
+  host = machine()
   if args.sparse:
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); ratio ="
           " sparse tokens/s / dense tokens/s")
@@ -129,6 +148,7 @@ def main() -> None:
         r = bench_sparse(d_in, d_sae, batch, l0, args.repeats)
         print(f"{r['shape']:>22} {r['l0']:6.1f} {r['capacity']:8d} {r['dense_ms']:9.1f}"
               f" {r['sparse_ms']:10.1f} {r['ratio']:6.2f}", flush=True)
+        emit([_sparse_record(r, host)], args.json)
     return
   families = saes.names() if args.family == "all" else args.family.split(",")
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), dtype {args.dtype}")
@@ -141,6 +161,7 @@ def main() -> None:
       print(f"{family:>11} {r['shape']:>22} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f}"
             f" {r['step_gflops']:10.1f} {r['matmul_gflops']:12.1f} {r['ratio']:6.2f}",
             flush=True)
+      emit([_dense_record(r, args.dtype, host)], args.json)
 
 
 if __name__ == "__main__":
