@@ -148,3 +148,85 @@ def test_the_sparse_step_refuses_settings_that_make_it_inexact():
   c.sae.d_sae = 16384  # auto from the target L0: 4 x 50 -> 256 latents per row
   assert saes.get("jumprelu").settings(c).sparse_capacity == 256
   assert saes.get("jumprelu").settings(_config(-1)).sparse_capacity == 0  # L0 unknown
+
+
+# ----------------------------------------------------------------------------- TopK, BatchTopK
+
+
+def _topk_config(family, capacity, k, dead_window_steps=1000):
+  c = default.get_config(f"family={family}")
+  c.sae.d_in, c.sae.d_sae, c.data.batch_size = 16, 256, 64
+  c.sae.k, c.sae.sparse_capacity = k, capacity
+  c.loss.dead_window_steps = dead_window_steps
+  c.optim.warmup_steps = 0
+  c.optim.eps = 1e-4  # as in `_config`
+  return c
+
+
+def _train_family(config, x, steps=10):
+  settings = train.StepSettings.from_config(config, 1.0)
+  optimizer = optim.make_optimizer(config.optim, total_steps=steps)
+  state = train.create_state(jax.random.key(0), config, optimizer)
+  step = jax.jit(lambda s, b: train.train_step(s, b, train.hyperparams(config),
+                                               settings=settings, optimizer=optimizer))
+  for i in range(steps):
+    state, metrics = step(state, x[i])
+  return state, metrics
+
+
+def _assert_same_params(got, want, names):
+  for name in names:
+    a, b = np.asarray(getattr(got.params, name)), np.asarray(getattr(want.params, name))
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), name
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), name
+
+
+@pytest.mark.parametrize("family,k,capacity,dead_window_steps,path", [
+    ("topk", 4, 4, 1000, "sparse"),     # no latent dead within 10 steps: AuxK off
+    ("topk", 16, 32, 1000, "sparse"),   # any capacity >= k: TopK's rows hold exactly k
+    ("topk", 2, 2, 1, "both"),          # step 0 sparse; then latents silent 1 step are dead: AuxK, dense
+    ("batchtopk", 4, 32, 1000, "sparse"),
+    ("batchtopk", 8, 9, 1000, "dense"),  # rows keep up to ~20 > 9: the dense fallback
+])
+def test_sparse_topk_step_equals_the_dense_step(family, k, capacity, dead_window_steps, path):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((10, 64, 16)).astype(np.float32))
+  dense = _topk_config(family, 0, k, dead_window_steps)
+  sparse_config = _topk_config(family, capacity, k, dead_window_steps)
+  config_lib.validate(sparse_config)
+  fam = saes.get(family)
+  assert fam.settings(sparse_config).sparse_capacity == (k if family == "topk" else capacity)
+  assert fam.settings(dense).sparse_capacity == 0
+  want, want_metrics = _train_family(dense, x)
+  got, got_metrics = _train_family(sparse_config, x)
+  # Which path ran, from the inputs: dead latents (AuxK) or a row over the capacity.
+  if family == "batchtopk":
+    pre = fam.pre_activations(want.params, x[-1])
+    mask, _ = fam.select(want.params, pre, k, None)
+    overflow = int(jnp.max(jnp.sum(mask, -1))) > capacity
+    assert overflow == (path == "dense")
+  dead_at_end = float(want_metrics["dead_frac"]) > 0
+  assert dead_at_end == (path == "both")
+  _assert_same_params(got, want, ("W_enc", "b_enc", "W_dec", "b_dec"))
+  assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+  assert float(got_metrics["l0"]) == pytest.approx(float(want_metrics["l0"]))
+  if family == "batchtopk":  # the running threshold follows the same kept values
+    np.testing.assert_allclose(got.family_state.threshold, want.family_state.threshold,
+                               rtol=1e-6)
+
+
+def test_topk_sparse_capacity_rule_and_validation():
+  fam = saes.get("topk")
+  c = _topk_config("topk", -1, 32)
+  c.sae.d_sae = 16384
+  assert fam.settings(c).sparse_capacity == 32  # 32 <= 16384 / 32: sparse, capacity k
+  c.sae.k = 1024
+  assert fam.settings(c).sparse_capacity == 0  # too many latents a row: dense
+  c = _topk_config("topk", 4, 8)
+  with pytest.raises(config_lib.ConfigError, match="sparse_capacity.*8..d_sae"):
+    config_lib.validate(c)
+  b = _topk_config("batchtopk", -1, 32)
+  b.sae.d_sae = 16384
+  assert saes.get("batchtopk").settings(b).sparse_capacity == 128  # 4 x k
+  m = default.get_config("family=matryoshka")
+  assert "sparse_capacity" not in m.sae  # nested prefix decodes: no sparse step

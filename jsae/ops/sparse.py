@@ -16,6 +16,7 @@ gradients, so no [batch, capacity, d_in] tensor is built.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +42,17 @@ def batch_chunk(batch: int, target: int = 256) -> int:
   return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
 
 
-def capacity_rule(d_sae: int, expected_l0: float | None) -> int:
+def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4) -> int:
   """The sparse step's capacity for an expected L0, or 0 (dense) when it would not pay.
 
-  4x the expected L0 (rows vary, and the straight-through window adds
-  candidates), rounded up to a power of two, at least 32; dense when the L0 is
-  not known in advance or the capacity exceeds `MAX_CAPACITY_FRACTION` of d_sae.
+  `headroom` x the expected L0 (4: rows vary, and JumpReLU's straight-through
+  window adds candidates; 1 for TopK, whose rows hold exactly k), rounded up to
+  a power of two, at least 32; dense when the L0 is not known in advance or the
+  capacity exceeds `MAX_CAPACITY_FRACTION` of d_sae.
   """
   if expected_l0 is None or expected_l0 <= 0:
     return 0
-  cap = max(32, 1 << (int(4 * expected_l0) - 1).bit_length())
+  cap = max(32, 1 << (int(math.ceil(headroom * expected_l0)) - 1).bit_length())
   return cap if cap <= MAX_CAPACITY_FRACTION * d_sae else 0
 
 

@@ -70,13 +70,18 @@ class MatryoshkaFamily(BatchTopKFamily):
   name = "matryoshka"
   params_type = MatryoshkaParams
   fields = {
-      "sae": {**BatchTopKFamily.fields["sae"],
+      # No sparse step: the nested prefix decodes are dense (`prefix_losses`).
+      "sae": {**{k: v for k, v in BatchTopKFamily.fields["sae"].items()
+                 if k != "sparse_capacity"},
               "group_sizes": Field((), "sizes of the nested latent groups, summing to d_sae"
                                    " (empty: d_sae/16, /16, /8, /4, /2)")},
       "loss": {**_AUX_FIELDS,
                "group_loss": Field("sum", "'sum' of the levels' losses (paper, SAELens) or"
                                    " their 'mean' (dictionary_learning)")},
   }
+
+  def _check_sparse_capacity(self, config) -> None:
+    del config  # the field does not exist here
 
   def check_values(self, config) -> None:
     super().check_values(config)

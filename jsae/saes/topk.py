@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jsae import losses
+from jsae import losses, ops
+from jsae.ops import sparse
 from jsae.saes import base
 from jsae.saes.base import Field
 from jsae.saes.jumprelu import JumpReLUParams, fold_norm_scale
@@ -90,6 +91,8 @@ class TopKSettings:
     aux_form: 'gao' (OpenAI / dictionary_learning) or 'saelens' (see `losses.auxk`).
     threshold_ema: BatchTopK threshold moving-average rate.
     compute_dtype: matmul dtype.
+    sparse_capacity: latents per row of the sparse step (0: the dense step; TopK's
+      is its static k).
   """
 
   k_aux: int = 512
@@ -97,20 +100,27 @@ class TopKSettings:
   aux_form: str = "gao"
   threshold_ema: float = 0.01
   compute_dtype: str = "float32"
+  sparse_capacity: int = 0
 
 
 # ----------------------------------------------------------------------------- selection
 
 
-def topk_mask(pre: jax.Array, capacity: int, k: jax.Array) -> jax.Array:
-  """Bool `[..., d_sae]`: each row's k largest entries of `pre` (k <= capacity, traced).
+def topk_indices(pre: jax.Array, capacity: int, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each row's `capacity` largest entries of `pre: [rows, d_sae]` (indices `[rows,
+  capacity]` int32) and which of them are kept (`[capacity]` bool: the first k <= capacity).
 
   `lax.top_k` returns values sorted with ties to the lower index, so keeping
   the first k of a capacity-wide selection equals `top_k(pre, k)` exactly.
   """
+  _, idx = jax.lax.top_k(pre, capacity)
+  return idx.astype(jnp.int32), jnp.arange(capacity) < k
+
+
+def topk_mask(pre: jax.Array, capacity: int, k: jax.Array) -> jax.Array:
+  """Bool `[..., d_sae]`: each row's k largest entries of `pre` (k <= capacity, traced)."""
   flat = pre.reshape(-1, pre.shape[-1])
-  _, idx = jax.lax.top_k(flat, capacity)
-  keep = jnp.arange(capacity) < k
+  idx, keep = topk_indices(flat, capacity, k)
   rows = jnp.arange(flat.shape[0])[:, None]
   mask = jnp.zeros(flat.shape, bool).at[rows, idx].set(jnp.broadcast_to(keep, idx.shape))
   return mask.reshape(pre.shape)
@@ -222,7 +232,10 @@ class TopKFamily(LinearFamily):
   fields = {
       "sae": {"k": Field(32, "latents kept per token (Gao: 32; SAELens: 100)", traced=True),
               "k_aux": Field(512, "dead latents per token in AuxK (Gao: 512), capped at"
-                             " d_sae")},
+                             " d_sae"),
+              "sparse_capacity": Field(-1, "sparse train step: -1 auto (ops.sparse."
+                                       "capacity_rule on k), 0 dense, >= k on (TopK's rows"
+                                       " hold exactly k latents: the capacity is k)")},
       "loss": dict(_AUX_FIELDS),
   }
 
@@ -242,12 +255,37 @@ class TopKFamily(LinearFamily):
     if not l.aux_coeff >= 0:
       raise base.FamilyConfigError(f"config.loss.aux_coeff: must be >= 0; got"
                                    f" {l.aux_coeff!r}.")
+    self._check_sparse_capacity(config)
+
+  def _check_sparse_capacity(self, config) -> None:
+    s, k = config.sae, config.sae.k
+    cap = s.sparse_capacity
+    if not (isinstance(cap, int) and (cap in (-1, 0) or self._min_capacity(k) <= cap <= s.d_sae)):
+      raise base.FamilyConfigError(
+          f"config.sae.sparse_capacity: must be -1 (auto), 0 (dense) or"
+          f" {self._min_capacity(k)}..d_sae={s.d_sae}; got {cap!r}.")
+
+  def _min_capacity(self, k: int) -> int:
+    """The smallest explicit sparse capacity for this k (TopK: k, which it then uses)."""
+    return k
 
   def settings(self, config) -> TopKSettings:
     s, l = config.sae, config.loss
     return TopKSettings(k_aux=int(s.k_aux), aux_coeff=float(l.aux_coeff),
                         aux_form=l.aux_form, compute_dtype=s.compute_dtype,
+                        sparse_capacity=self.sparse_capacity(config),
                         **self._extra_settings(config))
+
+  def sparse_capacity(self, config) -> int:
+    """The sparse step's capacity (0: dense): TopK's static k, on when the config asks or,
+    with -1, when `ops.sparse.capacity_rule` finds k small enough to pay (no headroom:
+    every row holds exactly k)."""
+    s = config.sae
+    if s.sparse_capacity == 0:
+      return 0
+    if s.sparse_capacity == -1 and not sparse.capacity_rule(s.d_sae, s.k, headroom=1):
+      return 0
+    return int(s.k)
 
   def _extra_settings(self, config) -> dict:
     del config
@@ -278,17 +316,62 @@ class TopKFamily(LinearFamily):
            dead: jax.Array, step: jax.Array):
     """||x - x_hat||^2 + aux_coeff * AuxK on `x: [batch, d_in]`."""
     del step
-    cdt = settings.compute_dtype
-    pre = self.pre_activations(params, x, compute_dtype=cdt)
-    mask, kept = self.select(params, pre, hparams["k"], settings)
-    f = jnp.where(mask, jax.nn.relu(pre), 0.0)
-    x_hat = self.decode(params, f, compute_dtype=cdt)
+    if settings.sparse_capacity:
+      pre, f, x_hat, kept = self._sparse_forward(params, x, hparams["k"], dead, settings)
+    else:
+      pre, f, x_hat, kept = self._dense_forward(params, x, hparams["k"], settings)
     rec = losses.reconstruction(x, x_hat)
     aux = _aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
     parts = dict(reconstruction=rec, aux=aux)
     state = self.next_state(state, kept, settings)
     return rec + settings.aux_coeff * aux, base.Output(f=f, x_hat=x_hat, state=state,
                                                        parts=parts, extras={})
+
+  def _dense_forward(self, params, x, k, settings):
+    """(pre, f, x_hat, selection info) with dense matmuls."""
+    cdt = settings.compute_dtype
+    pre = self.pre_activations(params, x, compute_dtype=cdt)
+    mask, kept = self.select(params, pre, k, settings)
+    f = jnp.where(mask, jax.nn.relu(pre), 0.0)
+    return pre, f, self.decode(params, f, compute_dtype=cdt), kept
+
+  def sparse_select(self, params, pre: jax.Array, k: jax.Array, capacity: int):
+    """(idx `[batch, capacity]`, valid `[batch, capacity]`, selection info, overflow `[]`)
+    of the kept latents of `pre: [batch, d_sae]` (TopK: each row's first k of its top
+    `params.k`; never overflows)."""
+    del capacity
+    idx, keep = topk_indices(pre, params.k, k)
+    return idx, jnp.broadcast_to(keep, idx.shape), None, jnp.zeros((), bool)
+
+  def _sparse_forward(self, params, x, k, dead, settings):
+    """`_dense_forward` with the decoder and the encoder's gradients over each row's kept
+    latents; the dense path when a row keeps more than the capacity (BatchTopK) or when
+    AuxK runs (some latent is dead: its gradient reaches the dead latents' pre-activations).
+
+    Exact because the loss reaches the pre-activations only through the kept latents
+    (the selection itself carries no gradient).
+    """
+    cdt = settings.compute_dtype
+    b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros_like(params.b_dec)
+    value = jax.lax.stop_gradient(ops.matmul(x, params.W_enc, cdt, input_bias=b_in))
+    idx, valid, kept, overflow = self.sparse_select(
+        params, value + jax.lax.stop_gradient(params.b_enc), k, settings.sparse_capacity)
+    chunk = sparse.batch_chunk(x.shape[0], sparse.ROWS_PER_STEP // idx.shape[1])
+    if settings.aux_coeff > 0 and settings.k_aux > 0:
+      overflow = overflow | jnp.any(dead)
+
+    def sparse_path():
+      pre = sparse.sparse_grad_matmul(x, b_in, params.W_enc, idx, valid, value,
+                                      chunk) + params.b_enc
+      vals = jnp.where(valid, jax.nn.relu(jnp.take_along_axis(pre, idx, 1)), 0.0)
+      rows = jnp.arange(x.shape[0])[:, None]
+      mask = jnp.zeros(pre.shape, bool).at[rows, idx].set(valid)
+      f = jnp.where(mask, jax.nn.relu(pre), 0.0)
+      x_hat = sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
+      return pre, f, x_hat, kept
+
+    return jax.lax.cond(overflow, lambda: self._dense_forward(params, x, k, settings),
+                        sparse_path)
 
   def next_state(self, state, kept, settings):
     """The family state after a batch (TopK keeps none)."""
@@ -323,7 +406,9 @@ class BatchTopKFamily(TopKFamily):
                          traced=True),
               "k_aux": TopKFamily.fields["sae"]["k_aux"],
               "threshold_ema": Field(0.01, "rate of the running inference threshold's"
-                                     " moving average (SAELens: 0.01), bias-corrected")},
+                                     " moving average (SAELens: 0.01), bias-corrected"),
+              "sparse_capacity": Field(-1, "latents per row of the sparse train step; 0:"
+                                       " dense; -1: auto (ops.sparse.capacity_rule on k)")},
       "loss": dict(_AUX_FIELDS),
   }
 
@@ -344,6 +429,22 @@ class BatchTopKFamily(TopKFamily):
   def select(self, params, pre, k, settings):
     del settings
     return batch_topk_mask(pre, params.k, k)  # (mask, smallest positive kept value)
+
+  def _min_capacity(self, k: int) -> int:
+    return 1
+
+  def sparse_capacity(self, config) -> int:
+    """The sparse step's capacity (0: dense): the config's, or with -1 the rule's on k
+    (rows keep k on average, some many more: a row over the capacity takes the dense path)."""
+    s = config.sae
+    if s.sparse_capacity >= 0:
+      return int(s.sparse_capacity)
+    return sparse.capacity_rule(s.d_sae, s.k)
+
+  def sparse_select(self, params, pre, k, capacity):
+    mask, smallest = batch_topk_mask(pre, params.k, k)
+    idx, valid, overflow = sparse.candidates(mask, capacity)
+    return idx, valid, smallest, overflow
 
   def next_state(self, state: ThresholdState, smallest: jax.Array, settings: TopKSettings
                  ) -> ThresholdState:
