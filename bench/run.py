@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_SUITE = [
     ("train_step", "--family all --shapes 640x16384x4096"),
     ("train_step", "--sparse 10,25,50,100,200 --shapes 640x16384x4096"),
+    ("train_step", "--sparse 32,64,128 --family topk,batchtopk --shapes 640x16384x4096"),
     ("sparse_ops", ""),
     ("sweep", "--shapes 64x512x256,640x16384x4096 --steps 50,3"),
     ("loader", ""),
@@ -43,7 +44,7 @@ CPU_SUITE = [
 ACCELERATOR_SUITE = [
     ("train_step", "--dtype bfloat16 --shapes 2304x16384x4096,3584x131072x4096"),
     ("train_step", "--dtype bfloat16 --family all --shapes 2304x16384x4096"),
-    ("train_step", "--sparse 30,70,150 --shapes 3584x131072x4096"),
+    ("train_step", "--sparse 30,70,150 --family all --shapes 3584x131072x4096"),
     ("sharded_step", "--measure"),
     ("sweep", "--dtype bfloat16 --shapes 640x16384x4096,2304x16384x4096 --steps 20,20"),
     ("loader", ""),

@@ -19,13 +19,17 @@ With `--sparse`: the JumpReLU step with thresholds set so that L0 is each
 given value, dense against the sparse step (`sae.sparse_capacity`: 4x L0
 rounded up to a power of two, more if a row needs it), on the same state and
 batch; the ratio is sparse / dense tokens/s (target >= 2 at L0 ~ 50 on CPU),
-and where it falls below 1 is the crossover.
+and where it falls below 1 is the crossover. `--family topk,batchtopk` (or
+`all`) measures those families' sparse steps with k = each L0 (capacity k for
+TopK, 4k for BatchTopK), on a fresh state where no latent is dead (AuxK, which
+takes the dense path, does not run).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 from pathlib import Path
 
@@ -69,23 +73,34 @@ def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int,
               matmul_tokens_per_s=mm_flops / (saes.get(family).step_matmuls * 2 * d_in * d_sae))
 
 
-def bench_sparse(d_in: int, d_sae: int, batch: int, l0: float, repeats: int) -> dict:
-  """Dense and sparse JumpReLU steps at L0 ~ `l0` (one threshold for every latent)."""
-  config = default.get_config("family=jumprelu")
+def bench_sparse(d_in: int, d_sae: int, batch: int, l0: float, repeats: int,
+                 family: str = "jumprelu") -> dict:
+  """Dense and sparse steps at L0 ~ `l0`: JumpReLU with one threshold for every latent
+  set to give it, TopK / BatchTopK with k = `l0` (a fresh state: no latent dead, so
+  AuxK, which takes the dense path, does not run)."""
+  config = default.get_config(f"family={family}")
   config.sae.d_in, config.sae.d_sae, config.data.batch_size = d_in, d_sae, batch
+  if family != "jumprelu":
+    config.sae.k = int(l0)
   optimizer = optim.make_optimizer(config.optim, total_steps=10**6)
   state = jax.jit(functools.partial(train.create_state, config=config, optimizer=optimizer))(
       jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (batch, d_in)) / np.sqrt(d_in)
-  pre = saes.get("jumprelu").pre_activations(state.params, x)
-  theta = float(jnp.quantile(pre, 1 - l0 / d_sae))
-  state = state.replace(params=state.params.replace(
-      threshold=jnp.full_like(state.params.threshold, theta)))
-  row_candidates = int(jnp.max(jnp.sum(pre > theta - config.sae.bandwidth / 2, -1)))
-  capacity = max(32, 1 << (int(4 * l0) - 1).bit_length())
+  pre = saes.get(family).pre_activations(state.params, x)
+  if family == "jumprelu":
+    theta = float(jnp.quantile(pre, 1 - l0 / d_sae))
+    state = state.replace(params=state.params.replace(
+        threshold=jnp.full_like(state.params.threshold, theta)))
+    row_candidates = int(jnp.max(jnp.sum(pre > theta - config.sae.bandwidth / 2, -1)))
+    measured_l0 = float(jnp.mean(jnp.sum(pre > theta, -1)))
+  else:
+    mask, _ = saes.get(family).select(state.params, pre, int(l0), None)
+    row_candidates = int(jnp.max(jnp.sum(mask, -1)))
+    measured_l0 = float(jnp.mean(jnp.sum(mask, -1)))
+  capacity = int(l0) if family == "topk" else max(32, 1 << (int(4 * l0) - 1).bit_length())
   while capacity < row_candidates:
     capacity *= 2
-  out = dict(shape=f"{d_in}x{d_sae}x{batch}", l0=float(jnp.mean(jnp.sum(pre > theta, -1))),
+  out = dict(family=family, shape=f"{d_in}x{d_sae}x{batch}", l0=measured_l0,
              capacity=capacity, max_row=row_candidates)
   for name, cap in (("dense", 0), ("sparse", capacity)):
     config.sae.sparse_capacity = cap
@@ -116,11 +131,12 @@ def _dense_record(r: dict, dtype: str, host: str) -> Measurement:
 def _sparse_record(r: dict, host: str) -> Measurement:
   """Sparse against dense JumpReLU step; the issue's target at L0 ~ 50, 640x16384x4096."""
   target, met = "", None
-  if r["shape"] == "640x16384x4096" and 40 <= r["l0"] <= 60:
+  if r["family"] == "jumprelu" and r["shape"] == "640x16384x4096" and 40 <= r["l0"] <= 60:
     target, met = at_least(r["ratio"], 2.0)
   return Measurement(
-      bench="train_step", name=f"sparse JumpReLU step, L0 {r['l0']:.0f}", shape=r["shape"],
-      tokens_per_s=1e3 * r["batch"] / r["sparse_ms"], baseline="dense JumpReLU step",
+      bench="train_step", name=f"sparse {r['family']} step, L0 {r['l0']:.0f}",
+      shape=r["shape"], tokens_per_s=1e3 * r["batch"] / r["sparse_ms"],
+      baseline=f"dense {r['family']} step",
       baseline_tokens_per_s=1e3 * r["batch"] / r["dense_ms"], ratio=r["ratio"], machine=host,
       target=target, met=met, detail=f"capacity {r['capacity']}")
 
@@ -131,7 +147,8 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--family", default="jumprelu",
-                      help="comma-separated family names, or 'all'")
+                      help="comma-separated family names, or 'all' (with --sparse: jumprelu,"
+                      " topk, batchtopk)")
   parser.add_argument("--sparse", default="",
                       help="comma-separated L0 values: dense vs sparse JumpReLU step")
   parser.add_argument("--json", action="store_true", help="one JSON object per measurement")
@@ -140,14 +157,16 @@ def main() -> None:
   if args.sparse:
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); ratio ="
           " sparse tokens/s / dense tokens/s")
-    print(f"{'d_in x d_sae x batch':>22} {'L0':>6} {'capacity':>8} {'dense ms':>9}"
-          f" {'sparse ms':>10} {'ratio':>6}")
-    for spec in args.shapes.split(","):
+    print(f"{'family':>10} {'d_in x d_sae x batch':>22} {'L0':>6} {'capacity':>8}"
+          f" {'dense ms':>9} {'sparse ms':>10} {'ratio':>6}")
+    families = ["jumprelu", "topk", "batchtopk"] if args.family == "all" else (
+        args.family.split(","))
+    for family, spec in itertools.product(families, args.shapes.split(",")):
       d_in, d_sae, batch = map(int, spec.split("x"))
       for l0 in (float(v) for v in args.sparse.split(",")):
-        r = bench_sparse(d_in, d_sae, batch, l0, args.repeats)
-        print(f"{r['shape']:>22} {r['l0']:6.1f} {r['capacity']:8d} {r['dense_ms']:9.1f}"
-              f" {r['sparse_ms']:10.1f} {r['ratio']:6.2f}", flush=True)
+        r = bench_sparse(d_in, d_sae, batch, l0, args.repeats, family)
+        print(f"{family:>10} {r['shape']:>22} {r['l0']:6.1f} {r['capacity']:8d}"
+              f" {r['dense_ms']:9.1f} {r['sparse_ms']:10.1f} {r['ratio']:6.2f}", flush=True)
         emit([_sparse_record(r, host)], args.json)
     return
   families = saes.names() if args.family == "all" else args.family.split(",")

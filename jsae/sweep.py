@@ -258,6 +258,10 @@ def plan(config: ml_collections.ConfigDict) -> tuple[Group, ...]:
     compiled = ml_collections.ConfigDict(members[0].config.to_dict())
     if "k" in family.fields.get("sae", {}):
       compiled.sae.k = max(int(m.config.sae.k) for m in members)  # the selection's capacity
+    if compiled.sae.get("sparse_capacity", 0) == -1:
+      # Under vmap the sparse step's lax.cond (dense fallback) becomes a select that runs
+      # both paths, so "auto" means dense in a sweep; an explicit capacity is kept.
+      compiled.sae.sparse_capacity = 0
     groups.append(Group(name=group_name, family=family, members=tuple(members),
                         config=compiled))
   return tuple(groups)

@@ -215,3 +215,21 @@ def test_gemma3_comparison_config_plans_every_family_at_each_site():
       assert g.config.data.shards_dir == f"runs/acts/activations/train/{site}"
   with pytest.raises(ValueError, match="unknown config argument"):
     sweep_gemma3.get_config("layer=6")
+
+
+def test_auto_sparse_step_is_dense_in_a_sweep_and_an_explicit_capacity_is_kept():
+  """Under vmap the sparse step's dense fallback (lax.cond) runs both paths, so 'auto'
+  (-1) plans the vmapped step dense; the members' own configs (single runs) keep auto."""
+  from configs import sweep_gemma3
+  c = sweep_gemma3.get_config("site=resid_post.6")
+  c.sae.d_sae = 16384  # wide enough that a single TopK run at k <= 128 goes sparse
+  groups = {g.name: g for g in sweep.plan(c)}
+  topk = groups["topk"]
+  assert topk.config.sae.sparse_capacity == 0
+  assert topk.family.settings(topk.config).sparse_capacity == 0
+  member = topk.members[0].config
+  assert member.sae.sparse_capacity == -1
+  assert topk.family.settings(member).sparse_capacity == member.sae.k  # sparse alone
+  c.sweep.groups.topk.sae.sparse_capacity = 128  # explicit: the user's choice stands
+  (topk,) = [g for g in sweep.plan(c) if g.name == "topk"]
+  assert topk.config.sae.sparse_capacity == 128
