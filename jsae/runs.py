@@ -96,6 +96,8 @@ def read_run(workdir: str | os.PathLike, *, step: int | None = None) -> Run:
       raise RunError(f"{ckpt_dir}: meta key 'family' is {name!r}; this jsae knows"
                      f" {saes.names()} (upgrade jsae to read this run).")
     family = saes.get(name)
+    # A field added after this run was saved reads as its default.
+    config = saes.base.fill_missing_fields(config)
     abstract = jax.eval_shape(lambda key: _init(family, key, config), jax.random.key(0))
     # Host-local arrays on one device, whatever mesh saved the checkpoint.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

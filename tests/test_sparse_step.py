@@ -230,3 +230,28 @@ def test_topk_sparse_capacity_rule_and_validation():
   assert saes.get("batchtopk").settings(b).sparse_capacity == 128  # 4 x k
   m = default.get_config("family=matryoshka")
   assert "sparse_capacity" not in m.sae  # nested prefix decodes: no sparse step
+
+
+@pytest.mark.parametrize("block", [1, 4, 8])
+def test_candidates_find_every_true_entry_in_two_passes(block):
+  """The two-pass search (non-empty blocks, then entries) against numpy, rows of 0 to
+  `capacity` True entries, some clustered in one block."""
+  rng = np.random.default_rng(0)
+  b, n, cap = 40, 512, 16
+  mask = np.zeros((b, n), bool)
+  for r in range(b):
+    count = r % (cap + 1)
+    if r % 3 == 0:  # clustered: consecutive latents
+      start = rng.integers(0, n - count)
+      mask[r, start:start + count] = True
+    else:
+      mask[r, rng.choice(n, count, replace=False)] = True
+  idx, valid, overflow = sparse.candidates(jnp.asarray(mask), cap, block=block)
+  idx, valid = np.asarray(idx), np.asarray(valid)
+  assert not bool(overflow)
+  for r in range(b):
+    assert sorted(idx[r][valid[r]].tolist()) == np.flatnonzero(mask[r]).tolist()
+    assert len(set(idx[r].tolist())) == cap  # padding: distinct latents...
+    assert not mask[r, idx[r][~valid[r]]].any()  # ...that are not candidates
+  mask[5, :cap + 1] = True
+  assert bool(sparse.candidates(jnp.asarray(mask), cap, block=block)[2])

@@ -228,3 +228,20 @@ def test_held_out_metrics_during_training(tmp_path):
   x_hat = family.decode(result.state.params, family.encode(result.state.params, x_norm))
   fvu = float(train.losses.fvu(x_norm, x_hat))
   assert evals_logged[-1]["eval_fvu"] == pytest.approx(fvu, rel=1e-3)
+
+
+def test_a_run_saved_before_a_field_existed_reads_with_its_default(tmp_path):
+  """Runs outlive releases: a checkpoint whose config lacks a field added since
+  (here sae.sparse_capacity) reads as if it had the field's default."""
+  from jsae import runs  # pylint: disable=import-outside-toplevel
+  config = default.get_config("family=topk")
+  config.sae.d_in, config.sae.d_sae, config.mesh.data, config.mesh.model = 64, 256, 1, 1
+  config.train.num_tokens, config.ckpt.every_steps = 4 * config.data.batch_size, 4
+  train.train(config, tmp_path, progress=False)
+  (meta_file,) = (tmp_path / "checkpoints").glob("*/meta/metadata")
+  meta = json.loads(meta_file.read_text())
+  del meta["config"]["sae"]["sparse_capacity"]
+  meta_file.write_text(json.dumps(meta))
+  run = runs.read_run(tmp_path)
+  assert run.config.sae.sparse_capacity == -1
+  assert run.params.W_enc.shape == (64, 256)

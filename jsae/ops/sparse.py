@@ -34,6 +34,9 @@ MAX_CAPACITY_FRACTION = 1 / 32
 # MiB) ran fastest on XLA:CPU (bench/sparse_ops.py --chunk, capacities 64 and 256).
 ROWS_PER_STEP = 2048
 
+# Latents per block in `candidates`' first pass (tuned on XLA:CPU, bench/sparse_ops.py).
+CANDIDATE_BLOCK = 4
+
 
 def batch_chunk(batch: int, target: int = 256) -> int:
   """The largest divisor of `batch` that is at most `target` (at least 1): batch rows
@@ -56,16 +59,32 @@ def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4) ->
   return cap if cap <= MAX_CAPACITY_FRACTION * d_sae else 0
 
 
-def candidates(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def candidates(mask: jax.Array, capacity: int, block: int = CANDIDATE_BLOCK
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Each row's True entries of `mask: [batch, d_sae]`, padded to `capacity`.
+
+  In two `top_k`s over smaller arrays rather than one over `mask` (the largest
+  cost of the sparse step's bookkeeping on CPU): first the row's non-empty
+  blocks of `block` latents (at most `capacity` of them), then the True entries
+  among those blocks' `capacity * block` latents. Padding entries point at
+  distinct latents that are not candidates.
 
   Returns:
     (idx [batch, capacity] int32, valid [batch, capacity] bool (False on
     padding), overflow [] bool: some row has more than `capacity` True entries,
     so the gathers would drop some and the caller must take the dense path).
   """
-  top, idx = jax.lax.top_k(mask.astype(jnp.float32), capacity)
+  batch, d_sae = mask.shape
   overflow = jnp.any(mask.sum(-1) > capacity)
+  if d_sae % block or d_sae // block <= capacity:
+    top, idx = jax.lax.top_k(mask.astype(jnp.float32), capacity)
+    return idx.astype(jnp.int32), top > 0, overflow
+  blocks = mask.reshape(batch, d_sae // block, block)
+  filled, block_idx = jax.lax.top_k(blocks.any(-1).astype(jnp.float32), capacity)
+  bits = jnp.take_along_axis(blocks, block_idx[..., None], axis=1) & (filled[..., None] > 0)
+  latent = block_idx[..., None] * block + jnp.arange(block)  # [batch, capacity, block]
+  top, pos = jax.lax.top_k(bits.reshape(batch, -1).astype(jnp.float32), capacity)
+  idx = jnp.take_along_axis(latent.reshape(batch, -1), pos, 1)
   return idx.astype(jnp.int32), top > 0, overflow
 
 

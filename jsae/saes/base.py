@@ -292,6 +292,17 @@ def configure(config, name: str):
   return config
 
 
+def fill_missing_fields(config):
+  """Adds, with their defaults, the fields of `config.sae.family` that `config` lacks
+  (a run saved before the field existed); returns `config` (unlocked ConfigDict)."""
+  family = get(config.sae.family)
+  for group, fields in family.fields.items():
+    for key, f in fields.items():
+      if key not in config[group]:
+        config[group][key] = f.default
+  return config
+
+
 def field_defaults(name: str) -> dict[str, dict[str, Any]]:
   """{group: {field: default}} of family `name` (what configs add for it)."""
   return {g: {n: f.default for n, f in fs.items()} for g, fs in get(name).fields.items()}
