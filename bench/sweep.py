@@ -10,18 +10,20 @@ from activation shards on disk (written first, in a temporary directory):
               argument), run member after member; every member reads every batch
               from the shard loader (SAELens's runner and dictionary_learning
               share a stream but still step one SAE at a time).
-  sweep       `jsae.sweep.group_step`: the N members stacked on a leading axis, one
-              vmapped step, each batch read once.
+  sweep       `jsae.sweep.group_step`: the N members stacked on a leading axis in one
+              compiled step, each batch read once; `--loop vmap` batches the members'
+              matmuls, `--loop map` runs the members one after another inside the
+              step (`lax.map`); `auto` (the default, as `config.sweep.member_loop`)
+              is map on CPU, vmap elsewhere.
 
 Printed: seconds per (step of all N members) for each side, excluding compilation
 (shown apart), and sequential / sweep (the speed-up). The gain is the N - 1 saved
 reads and dispatches and a fuller device: large on an accelerator that one small SAE
-underfills, small where the matmuls already saturate it. Measured on 2 CPU cores
-(8 members): 1.24 at 64x512x256, 1.05 at 256x2048x1024, 0.88 at 512x4096x1024 and
-0.90 at 640x16384x4096, where XLA:CPU's batched matmuls and the N-fold larger
-intermediates cost ~10% (a vmapped [8, 1024, 512] x [8, 512, 4096] alone: 0.79 of
-eight separate matmuls). Neither side writes checkpoints or logs. On an accelerator
-the MFU of both sides is printed too.
+underfills, small where the matmuls already saturate it. On 2 CPU cores with vmap
+(8 members): 1.24 at 64x512x256, 0.90 at 640x16384x4096, where XLA:CPU's batched
+matmuls cost ~10-20% (a vmapped [8, 1024, 512] x [8, 512, 4096] alone: 0.79 of eight
+separate matmuls); `map` avoids them (docs/performance.md has both). Neither side
+writes checkpoints or logs. On an accelerator the MFU of both sides is printed too.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _knob(family):
                  else tuple(float(x) for x in np.geomspace(1e-4, 1e-2, 8)))
 
 
-def bench_shape(family, d_in, d_sae, batch, members, steps, dtype) -> dict:
+def bench_shape(family, d_in, d_sae, batch, members, steps, dtype, loop="vmap") -> dict:
   """Times both sides on one shape; returns the figures."""
   with tempfile.TemporaryDirectory() as tmp:
     _write_shards(Path(tmp) / "acts", d_in, rows=batch * (steps + 1))
@@ -103,7 +105,7 @@ def bench_shape(family, d_in, d_sae, batch, members, steps, dtype) -> dict:
     sequential_s = (time.perf_counter() - t) / steps
 
     # Sweep: every member in one vmapped step, one read per step.
-    step_fn = jax.jit(functools.partial(sweep.group_step, settings=settings,
+    step_fn = jax.jit(functools.partial(sweep.group_step, settings=settings, loop=loop,
                                         optim_config=group.config.optim, total_steps=total,
                                         with_metrics=False), donate_argnums=0)
     hparams = jax.device_put(sweep.group_hyperparams(group))
@@ -137,19 +139,23 @@ def main():
   p.add_argument("--members", type=int, default=8)
   p.add_argument("--family", default="jumprelu", choices=saes.names())
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--loop", default="auto", choices=sweep.MEMBER_LOOPS,
+                 help="how the sweep step runs its members (config.sweep.member_loop)")
   p.add_argument("--json", action="store_true", help="one JSON object per measurement")
   args = p.parse_args()
   host = machine()
+  loop = args.loop if args.loop != "auto" else (
+      "map" if jax.default_backend() == "cpu" else "vmap")
   shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
   steps = [int(s) for s in args.steps.split(",")]
   steps += [steps[-1]] * (len(shapes) - len(steps))
   kind = jax.devices()[0].device_kind
-  print(f"{kind}; {args.members} x {args.family}, {args.dtype} matmuls; seconds per step of"
-        " all members (compile excluded)")
+  print(f"{kind}; {args.members} x {args.family}, {args.dtype} matmuls, member loop {loop};"
+        " seconds per step of all members (compile excluded)")
   print(f"{'shape':>18} {'steps':>5} {'sequential s':>12} {'sweep s':>8} {'ratio':>6}"
         f" {'compile 1 / sweep s':>19} {'sweep GFLOP/s':>13}")
   for (d_in, d_sae, batch), n in zip(shapes, steps):
-    r = bench_shape(args.family, d_in, d_sae, batch, args.members, n, args.dtype)
+    r = bench_shape(args.family, d_in, d_sae, batch, args.members, n, args.dtype, loop)
     line = (f"{r['shape']:>18} {n:>5} {r['sequential_s']:12.3f} {r['sweep_s']:8.3f}"
             f" {r['ratio']:6.2f} {r['single_compile_s']:9.1f} / {r['sweep_compile_s']:<7.1f}"
             f" {r['flops'] / r['sweep_s'] / 1e9:13.1f}")
@@ -162,7 +168,7 @@ def main():
     print(line)
     target, met = at_least(r["ratio"], 1.0) if jax.default_backend() == "cpu" else ("", None)
     emit([Measurement(
-        bench="sweep", name=f"{args.members} x {args.family} in one vmapped step, {args.dtype}",
+        bench="sweep", name=f"{args.members} x {args.family} in one step ({loop}), {args.dtype}",
         shape=r["shape"], tokens_per_s=args.members * batch / r["sweep_s"],
         baseline=f"{args.members} sequential single-SAE runs",
         baseline_tokens_per_s=args.members * batch / r["sequential_s"], ratio=r["ratio"],

@@ -50,6 +50,8 @@ def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int,
   config = default.get_config(f"family={family}")
   config.sae.d_in, config.sae.d_sae, config.sae.compute_dtype = d_in, d_sae, dtype
   config.data.batch_size = batch
+  if "sparse_capacity" in config.sae:
+    config.sae.sparse_capacity = 0  # the dense step: its FLOPs are the 5 matmuls (--sparse)
   optimizer = optim.make_optimizer(config.optim, total_steps=10**6)
   settings = train.StepSettings.from_config(config, norm_scale=1.0)
   state = jax.jit(functools.partial(train.create_state, config=config, optimizer=optimizer))(

@@ -33,11 +33,11 @@ def _config(families="jumprelu+topk", steps=STEPS, swept=None, mode="grid"):
   return c
 
 
-def _assert_close(a, b, what):
-  """Every leaf of `a` equals `b` within 1e-6 of the leaf's largest magnitude."""
+def _assert_close(a, b, what, tol=1e-6):
+  """Every leaf of `a` equals `b` within `tol` of the leaf's largest magnitude."""
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * max(np.abs(y).max(), 1e-30),
+    np.testing.assert_allclose(x, y, rtol=0, atol=tol * max(np.abs(y).max(), 1e-30),
                                err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
@@ -58,10 +58,13 @@ class _CountingSource:
     self.inner.close()
 
 
-def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path):
+@pytest.mark.parametrize("member_loop", ["vmap", "map"])
+def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path, member_loop):
   """Six families, two members each (k swept for the TopK kinds; seed, lr and
-  bandwidth zipped for JumpReLU), against twelve `train.train` runs."""
+  bandwidth zipped for JumpReLU), against twelve `train.train` runs, with the members
+  batched (vmap) or one after another in the step (map)."""
   c = _config("+".join(sweep_tiny.KNOBS))
+  c.sweep.member_loop = member_loop
   c.ckpt.every_steps = STEPS  # the final checkpoint only: 24 fewer Orbax saves
   c.sweep.groups.jumprelu = sweep.group(
       tiny_jumprelu.get_config(), {"sparsity_coeff": (0.04, 0.01), "seed": (0, 7),
@@ -76,13 +79,18 @@ def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path)
   for g, m in members:
     single = train.train(m.config, tmp_path / "single" / m.name, progress=False)
     swept = sweep.member_state(result.states[g.name], m, g.family)
-    _assert_close(swept.params, single.state.params, f"{m.name} params")
-    _assert_close(swept.opt_state, single.state.opt_state, f"{m.name} opt_state")
+    # vmap: within 1e-6. map: the step's matmuls inside lax.map's loop round a little
+    # differently from a top-level step (measured 2e-7 to 1.5e-6 after 20 steps), and
+    # BatchTopK's batch-wide cut can flip one latent on such noise (measured 1.6e-3).
+    tol = 1e-6 if member_loop == "vmap" else 5e-3 if g.name == "batchtopk" else 1e-5
+    _assert_close(swept.params, single.state.params, f"{m.name} params", tol)
+    _assert_close(swept.opt_state, single.state.opt_state, f"{m.name} opt_state",
+                  max(tol, 1e-5) if member_loop == "map" else tol)
     # The member's metrics line is the single run's (same step, same numbers).
     line = json.loads((result.workdir / "members" / m.name / "metrics.jsonl")
                       .read_text().splitlines()[-1])
     assert line["step"] == STEPS
-    assert line["fvu"] == pytest.approx(single.metrics["fvu"], rel=1e-4)
+    assert line["fvu"] == pytest.approx(single.metrics["fvu"], rel=max(1e-4, tol))
 
 
 def test_killed_sweep_resumes_bit_for_bit(tmp_path):
@@ -129,6 +137,7 @@ def test_diverging_member_is_frozen_and_the_others_are_unchanged(tmp_path):
 
 def test_sweep_over_a_sweep_data_model_mesh_matches_one_device(tmp_path):
   c = _config("topk")
+  c.sweep.member_loop = "vmap"  # on both sides: this compares meshes, not loops
   one = sweep.sweep(c, tmp_path / "one", progress=False)
   c.mesh.sweep, c.mesh.data, c.mesh.model = 2, 2, 2
   meshed = sweep.sweep(c, tmp_path / "mesh", progress=False)
@@ -215,6 +224,16 @@ def test_gemma3_comparison_config_plans_every_family_at_each_site():
       assert g.config.data.shards_dir == f"runs/acts/activations/train/{site}"
   with pytest.raises(ValueError, match="unknown config argument"):
     sweep_gemma3.get_config("layer=6")
+
+
+def test_member_loop_resolution():
+  c = _config()
+  assert c.sweep.member_loop == "auto"
+  assert sweep.member_loop(c) == ("map" if jax.default_backend() == "cpu" else "vmap")
+  assert sweep.member_loop(c, sweep_axis=2) == "vmap"  # members sharded: batched
+  c.sweep.member_loop = "loop"
+  with pytest.raises(config_lib.ConfigError, match="member_loop.*'loop'"):
+    sweep.member_loop(c)
 
 
 def test_auto_sparse_step_is_dense_in_a_sweep_and_an_explicit_capacity_is_kept():
