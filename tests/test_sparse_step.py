@@ -63,11 +63,12 @@ def test_candidates_pad_and_report_overflow():
 
 
 @pytest.mark.parametrize("d_sae,expected_l0,capacity", [
-    (16384, 50, 256),  # 4 x 50 -> 256 <= 16384 / 32
+    (16384, 50, 256),  # 4 x 50 -> 256 <= 16384 / 64
+    (16384, 100, 0),  # 512 > 16384 / 64: measured slower than dense
     (16384, None, 0),  # L0 unknown in advance: dense
     (16384, 200, 0),  # 1024 > 512: the dense step is faster
     (4096, 3, 32),  # never below 32
-    (512, 3, 0),  # 32 > 512 / 32
+    (512, 3, 0),  # 32 > 512 / 64
 ])
 def test_capacity_rule(d_sae, expected_l0, capacity):
   assert sparse.capacity_rule(d_sae, expected_l0) == capacity
@@ -219,7 +220,7 @@ def test_topk_sparse_capacity_rule_and_validation():
   fam = saes.get("topk")
   c = _topk_config("topk", -1, 32)
   c.sae.d_sae = 16384
-  assert fam.settings(c).sparse_capacity == 32  # 32 <= 16384 / 32: sparse, capacity k
+  assert fam.settings(c).sparse_capacity == 32  # 32 <= 16384 / 64: sparse, capacity k
   c.sae.k = 1024
   assert fam.settings(c).sparse_capacity == 0  # too many latents a row: dense
   c = _topk_config("topk", 4, 8)

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 
 __all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "batch_chunk", "capacity_rule"]
 
-# On XLA:CPU the sparse step beats the dense one up to a capacity of about 1/32 of
-# d_sae (bench/train_step.py --sparse, 640 x 16384 x 4096: 1.75x at capacity 256,
-# 1.45x at 512, under load); beyond that the gathers and scatter-adds cost more than
-# the matmuls they replace (bench/sparse_ops.py).
-MAX_CAPACITY_FRACTION = 1 / 32
+# On XLA:CPU the sparse step beats the dense one up to a capacity of about 1/64 of
+# d_sae (bench/train_step.py --sparse, 640 x 16384 x 4096: JumpReLU 1.20-1.75x at
+# capacity 256, 0.91x at 512; BatchTopK 1.24x at 256, 0.89x at 512); beyond that the
+# gathers and scatter-adds cost more than the matmuls they replace (bench/sparse_ops.py).
+MAX_CAPACITY_FRACTION = 1 / 64
 
 
 # Gathered or scattered rows per step of the chunked loops: ~2k rows of d_in (a few
