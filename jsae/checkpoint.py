@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,6 +31,72 @@ def make_manager(workdir: str | os.PathLike, *, max_to_keep: int = 2,
                                item_names=("state", "meta"))
 
 
+class CheckpointDamagedError(OSError):
+  """A checkpoint step that cannot be read back (truncated or partly deleted files).
+
+  Attributes:
+    step: the damaged step.
+    directory: the checkpoints directory.
+  """
+
+  def __init__(self, directory, step: int, cause: BaseException):
+    self.step, self.directory = step, directory
+    reason = next((l.strip() for l in str(cause).splitlines() if l.strip()), type(cause).__name__)
+    reason = reason.split(" See full TensorStore details")[0][:300]
+    super().__init__(f"checkpoint step {step} in {directory} is damaged (truncated or"
+                     f" partly deleted files: {reason})")
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, args) -> Any:
+  """`manager.restore`, with a failure to read the step's files as CheckpointDamagedError."""
+  try:
+    return manager.restore(step, args=args)
+  except (KeyboardInterrupt, MemoryError):
+    raise
+  except Exception as e:  # Orbax and TensorStore raise many types for unreadable files
+    raise CheckpointDamagedError(manager.directory, step, e) from e
+
+
+def newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], Any], *,
+                  say: Callable[[str], None] = print) -> tuple[int, Any] | tuple[None, None]:
+  """(step, read(step)) for the newest checkpoint `read` can read; (None, None) if none exist.
+
+  Damaged newer steps are reported through `say`, and skipped; when every step
+  is damaged, the newest one's CheckpointDamagedError is raised.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  first_error = None
+  for step in steps:
+    try:
+      value = read(step)
+    except CheckpointDamagedError as e:
+      first_error = first_error or e
+      say(f"{e}; trying the previous checkpoint")
+      continue
+    if first_error is not None:
+      say(f"using checkpoint step {step}, the newest intact one")
+    return step, value
+  if first_error is not None:
+    raise first_error
+  return None, None
+
+
+def quarantine(workdir, steps: list[int]) -> list[Path]:
+  """Moves damaged checkpoint steps to WORKDIR/damaged_checkpoints/STEP (kept, not
+  deleted), so that a resumed run can write those steps again. Local disks only."""
+  moved = []
+  for step in steps:
+    source = Path(workdir) / "checkpoints" / str(step)
+    target = Path(workdir) / "damaged_checkpoints" / str(step)
+    if source.exists():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        shutil.rmtree(target)
+      os.replace(source, target)
+      moved.append(target)
+  return moved
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
   """Saves `state` and the JSON-serialisable `meta` as checkpoint `step`."""
   manager.save(step, args=ocp.args.Composite(
@@ -42,13 +109,12 @@ def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
   step = manager.latest_step()
   if step is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  return dict(restored.meta)
+  return read_meta(manager, step)
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The `meta` item of checkpoint `step`."""
-  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  """The `meta` item of checkpoint `step` (CheckpointDamagedError if unreadable)."""
+  restored = _restore(manager, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))
   return dict(restored.meta)
 
 
@@ -64,7 +130,7 @@ def restore_fields(manager: ocp.CheckpointManager, step: int, abstract: dict) ->
                                      dtype=a.dtype)
       if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(dtype=a.dtype),
       abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
+  restored = _restore(manager, step, ocp.args.Composite(
       state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
                                    partial_restore=True)))
   return dict(restored.state)
@@ -80,7 +146,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {manager.directory}.")
-  restored = manager.restore(step, args=ocp.args.Composite(
+  restored = _restore(manager, step, ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       meta=ocp.args.JsonRestore()))
   return restored.state, dict(restored.meta)

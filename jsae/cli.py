@@ -20,6 +20,7 @@ commands:
   harvest --config=CONFIG --workdir=DIR     LM activations -> shards (train and eval)
   train   --config=CONFIG --workdir=DIR     train an SAE; the same workdir resumes it
           [--dry_run]: memory, FLOPs, storage and wall time, nothing read or trained
+          [--allow_changes=optim.lr,...]: resume with changed optim/loss fields
   sweep   --config=SWEEP_CONFIG --workdir=DIR   many SAEs in one compiled step per group
           (configs/sweep_tiny.py); members land in DIR/members/NAME as single runs;
           --dry_run as for train (configs/gemma2_9b.py: the paper's 9B sweeps)
@@ -29,6 +30,7 @@ commands:
   shards  info DIR | verify DIR             summarise / checksum activation shards
 
 Config overrides look like --config.optim.lr=3e-4 (see configs/default.py).
+--debug (any command): show the traceback of an error instead of one paragraph.
 
 Run `jsae COMMAND --help` for a command's flags.
 """
@@ -40,11 +42,38 @@ class UsageError(ValueError):
   """A command line jsae cannot run; the message says what to type instead."""
 
 
-def _resolve_config_arg(args: list[str]) -> list[str]:
-  """Rewrites `--config=NAME[:arg]` to a path, and makes `configs` importable.
+def _check_config_file(path: Path) -> None:
+  """Raises UsageError for a config file that cannot be one: a syntax error (file and
+  line) or no top-level `get_config`."""
+  import ast
+  try:
+    tree = ast.parse(path.read_text(), filename=str(path))
+  except SyntaxError as e:
+    raise UsageError(f"config file {path}, line {e.lineno}: {e.msg}"
+                     + (f": {e.text.strip()}" if e.text else "")
+                     + "; fix the file and run again.") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise UsageError(f"config file {path} cannot be read ({e}).") from None
+  defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+  defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+              if isinstance(t, ast.Name)}
+  defined |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+              for a in n.names}
+  if "get_config" not in defined:
+    raise UsageError(f"config file {path} defines no get_config(); a config file is a"
+                     " module with `def get_config(arg=None)` returning an"
+                     " ml_collections.ConfigDict, e.g. `from configs import default` and"
+                     " `def get_config(arg=None): c = default.get_config(arg); ...; return c`"
+                     " (see configs/tiny.py).")
 
-  Config files import `configs.default`, so the directory holding `configs/`
-  goes on sys.path.
+
+def _resolve_config_arg(args: list[str]) -> list[str]:
+  """Rewrites `--config=NAME[:arg]` to a checked path.
+
+  Config files import `configs.default`, which is installed with jsae, so a
+  user's own config file works from any directory. A file inside some other
+  repository's `configs/` package also finds its siblings: that repository's
+  root goes on sys.path.
   """
   out = []
   for a in args:
@@ -54,12 +83,14 @@ def _resolve_config_arg(args: list[str]) -> list[str]:
       path = Path(file)
       if not path.exists() and (REPO_CONFIGS / f"{file}.py").exists():
         path = REPO_CONFIGS / f"{file}.py"
-      if not path.exists():
+      if not path.is_file():
         raise UsageError(f"config file {file!r} not found; pass a path such as"
                          f" --config=configs/tiny.py or a name from {REPO_CONFIGS}.")
-      root = str(path.resolve().parent.parent)
-      if root not in sys.path:
-        sys.path.insert(0, root)
+      _check_config_file(path)
+      if path.resolve().parent.name == "configs":
+        root = str(path.resolve().parent.parent)
+        if root not in sys.path:
+          sys.path.insert(0, root)
       a = f"--config={path}{sep}{arg}"
     out.append(a)
   return out
@@ -145,28 +176,35 @@ def _dry_run(prog: str, args: list[str]) -> int:
 
 def cmd_train(args: list[str]) -> int:
   """`jsae train`: train an SAE (resumes when the workdir has a checkpoint)."""
-  if "--help" in args or "-h" in args:
-    print("usage: jsae train --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]"
-          " [--dry_run]\n  --dry_run: memory, FLOPs, tokens, storage and wall-time estimates"
-          " (no data read, nothing trained)")
+  if _wants_help(args, "usage: jsae train --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]"
+                 " [--dry_run] [--allow_changes=FIELD,...]\n"
+                 "  --dry_run: memory, FLOPs, tokens, storage and wall-time estimates"
+                 " (no data read, nothing trained)\n"
+                 "  --allow_changes=optim.lr,optim.clip_grad_norm: resume the workdir's"
+                 " checkpoint although these\n    config.optim / config.loss fields changed"
+                 " (e.g. after a divergence); recorded in DIR/history.jsonl"):
     return 0
   if "--dry_run" in args:
     return _dry_run("jsae train", args)
   from jsae import sharding
   sharding.initialize_distributed()  # multi-process runs; before JAX touches devices
   import jax
-  from jsae import train
-  config, workdir = parse_config_flags("jsae train", args)
-  result = train.train(config, workdir)
+  from jsae import resume, train
+  config, workdir, extra = parse_config_flags("jsae train", args, extra=("allow_changes",))
+  allow_changes = resume.parse_allow_changes(extra["allow_changes"], config)
+  result = train.train(config, workdir, allow_changes=allow_changes)
   if jax.process_index() != 0:
     return 0
   if result.preempted:
-    print(f"stopped by SIGTERM at step {result.steps}; checkpoint saved in {result.workdir}")
+    print(f"stopped by {result.stop_reason} at step {result.steps}; checkpoint saved in"
+          f" {result.workdir}; run the same command again to resume")
     return 0
   m = result.metrics
   print(f"trained {result.steps} steps in {result.workdir}: loss {m.get('loss', float('nan')):.4g},"
         f" L0 {m.get('l0', float('nan')):.1f}, FVU {m.get('fvu', float('nan')):.3f},"
         f" dead {m.get('dead_frac', float('nan')):.1%}")
+  for warning in result.warnings:
+    print(f"warning: {warning}")
   return 0
 
 
@@ -202,8 +240,13 @@ def cmd_sweep(args: list[str]) -> int:
 
 def cmd_shards(args: list[str]) -> int:
   """`jsae shards info DIR` / `jsae shards verify DIR`."""
+  usage = ("usage: jsae shards info DIR | jsae shards verify DIR\n"
+           "  info: layout, provenance, normalisation and a size check (exit 1 on a problem)\n"
+           "  verify: every shard's checksum (exit 1 on a problem)")
+  if _wants_help(args, usage):
+    return 0
   if len(args) != 2 or args[0] not in ("info", "verify"):
-    raise UsageError("usage: jsae shards info DIR | jsae shards verify DIR")
+    raise UsageError(usage)
   from jsae.data import shards
   if args[0] == "info":
     text = shards.info(args[1])
@@ -322,11 +365,15 @@ def cmd_export(args: list[str]) -> int:
 
 def cmd_report(args: list[str]) -> int:
   """`jsae report RUN_DIR... [--out=DIR]`: plots and index.html."""
-  if _wants_help(args, "usage: jsae report RUN_DIR... [--out=DIR]") or not args:
-    return 0 if args else 2
+  usage = ("usage: jsae report RUN_DIR... [--out=DIR]\n"
+           "  RUN_DIR: training workdirs (or sweep members); plots and index.html in DIR")
+  if _wants_help(args, usage):
+    return 0
+  runs = [a for a in args if not a.startswith("--")]
+  if not runs:
+    raise UsageError(f"jsae report needs at least one run directory.\n{usage}")
   from jsae import report
   out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "report")
-  runs = [a for a in args if not a.startswith("--")]
   print(f"wrote {report.write_report(runs, out)}")
   return 0
 
@@ -337,8 +384,14 @@ COMMANDS = {"demo": cmd_demo, "harvest": cmd_harvest, "train": cmd_train, "sweep
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Entry point of the `jsae` console script."""
-  argv = sys.argv[1:] if argv is None else argv
+  """Entry point of the `jsae` console script; returns the exit code.
+
+  An error the user can fix prints one paragraph (what and the fix) and returns
+  2; `--debug` (or JSAE_DEBUG=1) shows the traceback instead.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv or bool(os.environ.get("JSAE_DEBUG"))
+  argv = [a for a in argv if a != "--debug"]
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE)
     return 0
@@ -346,17 +399,19 @@ def main(argv: list[str] | None = None) -> int:
   if command not in COMMANDS:
     print(f"jsae: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
-  from jsae.config import ConfigError
+  from jsae import user_errors
+  user_errors.silence_orbax_echoes()
   try:
     return COMMANDS[command](rest)
-  except (UsageError, ConfigError, OSError, ValueError) as e:
-    if os.environ.get("JSAE_DEBUG"):
-      raise
-    print(f"jsae {command}: error: {e} (JSAE_DEBUG=1 shows the traceback)", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print(f"jsae {command}: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # pylint: disable=broad-except
+    message = user_errors.describe(e)
+    if debug or message is None:
+      raise
+    print(f"jsae {command}: error: {message}\n(--debug shows the traceback)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -113,6 +113,25 @@ def make_optimizer(optim_config, *, total_steps: int, lr=None) -> optax.Gradient
   return optax.chain(*chain)
 
 
+def transplant_chain_state(saved: tuple, fresh: tuple) -> tuple:
+  """`fresh`'s chain state holding `saved`'s arrays.
+
+  Two optimizer chains that differ only in stateless transforms (gradient
+  clipping added on resume) have the same stateful ones in the same order, so
+  their states line up once the empty ones are skipped. Raises ValueError when
+  they do not (a change of optimizer itself).
+  """
+  stateful = [s for s in saved if jax.tree.leaves(s)]
+  wanted = [f for f in fresh if jax.tree.leaves(f)]
+  if len(stateful) != len(wanted) or any(
+      jax.tree.structure(s) != jax.tree.structure(f) for s, f in zip(stateful, wanted)):
+    raise ValueError("the checkpoint's optimizer state does not fit this config's optimizer"
+                     " (only stateless changes such as optim.clip_grad_norm can resume);"
+                     " use a new --workdir.")
+  kept = iter(stateful)
+  return tuple(next(kept) if jax.tree.leaves(f) else f for f in fresh)
+
+
 def normalize_decoder_rows(params):
   """Rescales every decoder row to unit norm (the Gemma Scope constraint)."""
   norms = ops.decoder_norms(params.W_dec)

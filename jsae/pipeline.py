@@ -161,10 +161,8 @@ def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = 
   if eval_dir is not None:
     config.data.eval_shards_dir = str(eval_dir)
   manager = checkpoint.make_manager(run_dir)
-  latest, meta = manager.latest_step(), checkpoint.latest_meta(manager)
+  latest = manager.latest_step()  # train() refuses a checkpoint of another run
   manager.close()
-  if meta is not None:  # a run made with other hyperparameters is an error, not a reuse
-    train.check_resume_compatible(meta, config, run_dir)
   total = config_lib.total_steps(config)
   if latest == total:
     say(f"reusing the finished SAE in {run_dir} ({total} steps)")

@@ -13,8 +13,10 @@ runs without import circles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +70,21 @@ def _checked_dir(workdir) -> Path:
   return workdir
 
 
-def read_run(workdir: str | os.PathLike, *, step: int | None = None) -> Run:
+def read_run(workdir: str | os.PathLike, *, step: int | None = None,
+             say=None) -> Run:
   """The params (and family state) of a run's latest (or `step`'s) finished checkpoint.
+
+  Without `step`, a damaged newest checkpoint (truncated files) is skipped for
+  the newest intact one, and `say` (default: print to stderr) is told so.
 
   Raises:
     FileNotFoundError: not a run directory, or no finished checkpoint (or not `step`).
+    CheckpointDamagedError: `step` (or every checkpoint) cannot be read.
     RunError: the checkpoint names a family this jsae does not know.
   """
   workdir = _checked_dir(workdir)
   ckpt_dir = workdir / "checkpoints"
+  say = say or (lambda message: print(f"[jsae] {message}", file=sys.stderr))
   manager = checkpoint.make_manager(workdir, async_save=False)
   try:
     steps = sorted(manager.all_steps())
@@ -88,31 +96,46 @@ def read_run(workdir: str | os.PathLike, *, step: int | None = None) -> Run:
     if step is not None and step not in steps:
       raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint at step {step};"
                               f" available steps: {steps}.")
-    step = steps[-1] if step is None else step
-    meta = checkpoint.read_meta(manager, step)
-    config = ml_collections.ConfigDict(meta["config"])
-    name = meta.get("family", config.sae.family)
-    if name not in saes.names():
-      raise RunError(f"{ckpt_dir}: meta key 'family' is {name!r}; this jsae knows"
-                     f" {saes.names()} (upgrade jsae to read this run).")
-    family = saes.get(name)
-    # A field added after this run was saved reads as its default.
-    config = saes.base.fill_missing_fields(config)
-    abstract = jax.eval_shape(lambda key: _init(family, key, config), jax.random.key(0))
-    # Host-local arrays on one device, whatever mesh saved the checkpoint.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract)
-    wanted = {"params": abstract[0]}
-    if jax.tree.leaves(abstract[1]):
-      wanted["family_state"] = abstract[1]
-    restored = checkpoint.restore_fields(manager, step, wanted)
+    read = functools.partial(_read_step, manager, ckpt_dir)
+    if step is None:
+      step, (meta, config, restored, family_state) = checkpoint.newest_intact(
+          manager, read, say=say)
+    else:
+      try:
+        meta, config, restored, family_state = read(step)
+      except checkpoint.CheckpointDamagedError as e:
+        others = [s for s in steps if s != step]
+        if others:
+          raise RunError(f"{e}; pick another step with --step (available: {others}).") from e
+        raise
   finally:
     manager.close()
-  family_state = restored.get("family_state", abstract[1])
   provenance = run_provenance(workdir, config, meta, step)
   return Run(workdir=workdir, step=step, config=config, meta=meta,
              params=restored["params"], family_state=family_state, provenance=provenance)
+
+
+def _read_step(manager, ckpt_dir: Path, step: int):
+  """(meta, config, {'params', ['family_state']}, family_state) of one checkpoint step."""
+  meta = checkpoint.read_meta(manager, step)
+  config = ml_collections.ConfigDict(meta["config"])
+  name = meta.get("family", config.sae.family)
+  if name not in saes.names():
+    raise RunError(f"{ckpt_dir}: meta key 'family' is {name!r}; this jsae knows"
+                   f" {saes.names()} (upgrade jsae to read this run).")
+  family = saes.get(name)
+  # A field added after this run was saved reads as its default.
+  config = saes.base.fill_missing_fields(config)
+  abstract = jax.eval_shape(lambda key: _init(family, key, config), jax.random.key(0))
+  # Host-local arrays on one device, whatever mesh saved the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract)
+  wanted = {"params": abstract[0]}
+  if jax.tree.leaves(abstract[1]):
+    wanted["family_state"] = abstract[1]
+  restored = checkpoint.restore_fields(manager, step, wanted)
+  return meta, config, restored, restored.get("family_state", abstract[1])
 
 
 def training_family(workdir: str | os.PathLike) -> str | None:

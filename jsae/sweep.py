@@ -46,7 +46,7 @@ import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
-from jsae import checkpoint, data, optim, saes, sharding, train
+from jsae import checkpoint, data, optim, resume, saes, sharding, stopping, train
 from jsae import config as config_lib
 
 P = jax.sharding.PartitionSpec
@@ -301,10 +301,10 @@ def check_resume_plan(saved: dict, groups: tuple[Group, ...], ckpt_dir) -> None:
           f" {[m['name'] for m in g['members']]}.{fix}")
     for saved_member, member in zip(b["members"], next(gr for gr in groups
                                                      if gr.name == name).members):
-      meta = dict(train._shape_meta(ml_collections.ConfigDict(saved_member["config"])),
+      meta = dict(resume.shape_meta(ml_collections.ConfigDict(saved_member["config"])),
                   config=saved_member["config"])
       try:
-        train.check_resume_compatible(meta, member.config, ckpt_dir)
+        resume.check_compatible(meta, member.config, ckpt_dir)
       except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"sweep member {member.name}: {e}") from None
 
@@ -498,7 +498,7 @@ class SweepResult:
     metrics: {member name: last logged metrics}.
     steps: the step reached.
     workdir: the sweep directory.
-    preempted: True when SIGTERM stopped the sweep (after a checkpoint).
+    preempted: True when SIGTERM or Ctrl-C stopped the sweep (after a checkpoint).
     frozen: {member name: step} of the members frozen by a non-finite value.
   """
 
@@ -584,7 +584,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   own_source = source is None
   source = data.make_source(base) if own_source else source
   for g in groups:
-    train.check_source(g.config, source, meta, manager.directory)
+    resume.check_source(g.config, source, meta, manager.directory)
 
   # -- Mesh and states, restored or initialised, already sharded.
   mesh = sharding.make_mesh(base.mesh, sweep=base.mesh.sweep)
@@ -652,7 +652,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   last_metrics: dict = {}
   reported_frozen: set = set()
   t0 = time.perf_counter()
-  preemption = train._Preemption(manager)
+  preemption = stopping.StopRequests(manager)
   done, preempted = start, False
   try:
     preemption.__enter__()
@@ -679,7 +679,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         checkpoint.save(manager, done, states, sweep_meta)
       bar.update(1)
       if preempted:
-        tqdm.write(f"preempted (SIGTERM): saved sweep checkpoint {done} in"
+        tqdm.write(f"stopped by {preemption.reason}: saved sweep checkpoint {done} in"
                    f" {manager.directory}; run the same command again to resume.")
         break
   finally:
@@ -691,7 +691,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       source.close()
 
   # -- Members as single runs, the summary and the report.
-  meta_of = lambda m: train.checkpoint_meta(m.config, source)
+  meta_of = lambda m: resume.checkpoint_meta(m.config, source)
   _write_members(workdir, groups, states, meta_of)
   last_lines = {name: json.loads(log.lines[-1]) for name, log in logs.items() if log.lines}
   summary = _summary(groups, states, last_lines, done)

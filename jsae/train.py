@@ -14,8 +14,6 @@ import functools
 import json
 import math
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from tqdm.auto import tqdm
 
 P = jax.sharding.PartitionSpec
 
-from jsae import checkpoint, data, evals, losses, optim, saes, sharding
+from jsae import checkpoint, data, evals, losses, optim, resume, saes, sharding, stopping
 from jsae import sae as sae_lib
 from jsae import config as config_lib
 
@@ -201,8 +199,9 @@ def _held_out_batches(config, batch_sharding) -> list:
     source.close()
 
 
-def restore_state(workdir, target: TrainState) -> TrainState:
-  """The latest checkpoint's TrainState in `target`'s structure and shardings.
+def restore_state(workdir, target: TrainState, step: int | None = None) -> TrainState:
+  """Checkpoint `step`'s (default: the latest) TrainState in `target`'s structure and
+  shardings (CheckpointDamagedError when its files cannot be read).
 
   Fields are restored by name, so a checkpoint written before the family
   state existed (jsae 0.1) resumes when the family keeps none. A manager of its
@@ -212,7 +211,8 @@ def restore_state(workdir, target: TrainState) -> TrainState:
   try:
     names = [f.name for f in dataclasses.fields(TrainState)
              if f.name != "family_state" or jax.tree.leaves(target.family_state)]
-    fields = checkpoint.restore_fields(manager, manager.latest_step(),
+    step = manager.latest_step() if step is None else step
+    fields = checkpoint.restore_fields(manager, step,
                                        {n: getattr(target, n) for n in names})
   finally:
     manager.close()
@@ -241,7 +241,9 @@ class TrainResult:
     metrics: the last logged metrics.
     steps: the step reached (== total steps unless preempted).
     workdir: the run directory.
-    preempted: True when SIGTERM stopped the run early (after a checkpoint).
+    preempted: True when SIGTERM or Ctrl-C stopped the run early (after a checkpoint).
+    stop_reason: 'SIGTERM' or 'Ctrl-C' when preempted, else None.
+    warnings: signs of a failing run without NaN (`health_warning`), newest last.
   """
 
   state: TrainState
@@ -249,36 +251,8 @@ class TrainResult:
   steps: int
   workdir: epath.Path
   preempted: bool = False
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (main thread only).
-
-  Multi-process runs use JAX's preemption sync point instead, so that every
-  process stops after the same step.
-  """
-
-  def __init__(self, manager):
-    self.manager, self.flag, self._previous = manager, False, None
-    self.multiprocess = jax.process_count() > 1
-
-  def __enter__(self):
-    if not self.multiprocess and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.flag = True
-
-  def reached(self, step: int) -> bool:
-    if self.multiprocess:
-      return bool(self.manager.reached_preemption(step))
-    return self.flag
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  stop_reason: str | None = None
+  warnings: list = dataclasses.field(default_factory=list)
 
 
 def prepare_workdir(workdir: str | os.PathLike):
@@ -294,88 +268,6 @@ def prepare_workdir(workdir: str | os.PathLike):
     raise OSError(f"workdir {path} is not writable ({e.strerror}); pass a"
                   " --workdir you can write to.") from e
   return path
-
-
-_SHAPE_KEYS = ("family", "d_in", "d_sae", "pre_encoder_bias")
-
-
-def _shape_meta(config) -> dict:
-  s = config.sae
-  return dict(family=s.family, d_in=s.d_in, d_sae=s.d_sae,
-              pre_encoder_bias=s.pre_encoder_bias)
-
-
-def check_source(config, source, meta: dict | None, ckpt_dir) -> None:
-  """Raises ConfigError when `source` does not fit the config or the checkpoint's data."""
-  if source.d_in != config.sae.d_in:
-    raise config_lib.ConfigError(
-        f"config.sae.d_in: the data has rows of width {source.d_in} but the config"
-        f" says {config.sae.d_in}; set --config.sae.d_in={source.d_in}.")
-  fingerprint = getattr(source, "fingerprint", None)
-  if meta is not None and meta.get("data_fingerprint") != fingerprint:
-    raise config_lib.ConfigError(
-        f"config.data: the checkpoint in {ckpt_dir} was trained on data with"
-        f" fingerprint {meta.get('data_fingerprint')!r}, this run reads {fingerprint!r};"
-        " resuming on other data would not continue the same run. Use a new --workdir.")
-
-
-def checkpoint_meta(config, source) -> dict:
-  """The `meta` item a run's checkpoints carry: shape, data identity, the whole config."""
-  return dict(_shape_meta(config), norm_scale=source.norm_scale,
-              data_fingerprint=getattr(source, "fingerprint", None),
-              data_seed=config.data.seed, batch_size=config.data.batch_size,
-              config=config.to_dict())
-
-
-def check_resume_compatible(meta: dict, config, ckpt_dir) -> None:
-  """Raises if the checkpoint in `ckpt_dir` was made for another SAE shape or run.
-
-  Compares the SAE shape and the hyperparameters that define the run (see
-  `_run_defining`); fields the checkpoint's config does not have (added to
-  jsae after it was written) are not compared.
-  """
-  expected = _shape_meta(config)
-  diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}"
-           for k in _SHAPE_KEYS if meta.get(k) != expected[k]]
-  init_only = saes.get(config.sae.family).init_only_names()
-  saved = _run_defining(meta.get("config") or {}, init_only)
-  # Through JSON, as the checkpoint's copy went, so tuples compare as lists.
-  now = _run_defining(json.loads(json.dumps(config.to_dict())), init_only)
-  shape_fields = {f"sae.{k}" for k in _SHAPE_KEYS}
-  diffs += [f"{k}: checkpoint {saved[k]!r} vs config {now.get(k)!r}"
-            for k in sorted(saved) if k not in shape_fields and saved[k] != now.get(k)]
-  if diffs:
-    raise config_lib.ConfigError(
-        f"the checkpoint in {ckpt_dir} does not match the config ("
-        + "; ".join(diffs) + "). Use a new --workdir, or set the config fields"
-        " to the checkpoint's values to resume it.")
-
-
-# Fields that may change when a run resumes, besides the groups `_run_defining`
-# ignores (train length, logging, checkpointing, evaluation, mesh, file paths):
-# the matmul dtype, the sparse step's capacity (the same updates, computed another
-# way), and settings read only at initialisation (with the family's own init-only fields).
-_RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.sparse_capacity", "sae.init_b_dec",
-                      "sae.init_b_dec_batches")
-
-
-def _run_defining(config_dict: dict, init_only: tuple[str, ...] = ()) -> dict:
-  """{'group.field': value} of the hyperparameters that define a training run.
-
-  Resuming under other values would silently continue a different run. The
-  data files themselves are checked by fingerprint; synthetic data by its
-  generator settings here. `init_only` fields may differ.
-  """
-  out = {"seed": config_dict["seed"]} if "seed" in config_dict else {}
-  data = config_dict.get("data") or {}
-  groups = {"sae": config_dict.get("sae"), "loss": config_dict.get("loss"),
-            "optim": config_dict.get("optim"), "data.synthetic": data.get("synthetic")}
-  for group, fields in groups.items():
-    for k, v in (fields or {}).items():
-      if f"{group}.{k}" not in _RESUMABLE_CHANGES + tuple(init_only):
-        out[f"{group}.{k}"] = v
-  out.update({f"data.{k}": data[k] for k in ("source", "batch_size", "seed") if k in data})
-  return out
 
 
 class _MetricsLog:
@@ -425,8 +317,100 @@ def step_events(config, done: int, num_steps: int, evaluating: bool
   return is_log, is_ckpt, is_eval
 
 
+def _resume_point(manager, config, allow_changes: tuple[str, ...], say) -> tuple:
+  """(meta, changes) of the newest readable checkpoint; (None, {}) for a fresh run.
+
+  Raises ConfigError when it belongs to another run (`resume.check_compatible`).
+  """
+  step, meta = checkpoint.newest_intact(
+      manager, functools.partial(checkpoint.read_meta, manager), say=say)
+  if meta is None:
+    return None, {}
+  return meta, resume.check_compatible(meta, config, manager.directory,
+                                       allow_changes=allow_changes)
+
+
+def _saved_opt_state(meta: dict, config, num_steps: int, params_abstract):
+  """The abstract optimizer state of the optimizer the checkpoint was trained with.
+
+  Differs from today's when an allowed change adds or removes a stateless
+  transform (gradient clipping); `optim.transplant_chain_state` maps it over.
+  """
+  saved = config.optim.to_dict()
+  saved.update((meta.get("config") or {}).get("optim") or {})
+  saved_optimizer = optim.make_optimizer(ml_collections.ConfigDict(saved), total_steps=num_steps)
+  return jax.eval_shape(saved_optimizer.init, params_abstract)
+
+
+def _restore_newest_intact(workdir, manager, target: TrainState, saved_opt_state, mesh,
+                           family, say) -> tuple[int, TrainState]:
+  """(step, state): the newest checkpoint that reads, into `target`; damaged newer
+  steps move to WORKDIR/damaged_checkpoints (so this run can write those steps again)."""
+  steps_before = sorted(manager.all_steps())
+  reshape_opt = jax.tree.structure(saved_opt_state) != jax.tree.structure(target.opt_state)
+  read_target = target
+  if reshape_opt:  # read the saved optimizer's state, then map it onto today's
+    saved = target.replace(opt_state=saved_opt_state)
+    read_target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), saved,
+        sharding.named(mesh, sharding.state_specs(saved, family)))
+  step, state = checkpoint.newest_intact(
+      manager, functools.partial(restore_state, workdir, read_target), say=say)
+  damaged = [s for s in steps_before if s > step]
+  if damaged:
+    if jax.process_index() == 0:
+      moved = checkpoint.quarantine(workdir, damaged)
+      say(f"moved damaged checkpoint(s) {damaged} to {moved[0].parent} (kept for"
+          f" inspection); resuming from step {step}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("jsae_quarantine")
+    manager.reload()
+  if reshape_opt:
+    state = state.replace(opt_state=optim.transplant_chain_state(state.opt_state,
+                                                                 target.opt_state))
+  return step, state
+
+
+def _divergence_message(bad: list[str], done: int, last_checked: int, last_good, directory,
+                        workdir) -> str:
+  where = (f"between step {last_checked} and step {done}" if last_checked < done - 1
+           else f"at step {done}")
+  if last_good is None:
+    resume_hint = (f"No checkpoint was saved yet; rerun in a new --workdir (or delete"
+                   f" {workdir}) with a lower --config.optim.lr or"
+                   " --config.optim.clip_grad_norm=1.0.")
+  else:
+    resume_hint = (f"The last good checkpoint is step {last_good} in {directory} (kept)."
+                   " To continue it, rerun the same command with, for example,"
+                   " --config.optim.lr=<lower> --allow_changes=optim.lr or"
+                   " --config.optim.clip_grad_norm=1.0 --allow_changes=optim.clip_grad_norm.")
+  return (f"training diverged: {', '.join(bad)} became non-finite {where}. {resume_hint}"
+          " Also check the data for NaN/Inf (jsae shards verify).")
+
+
+# FVU this far above 1 (worse than predicting the mean) or every latent dead, past
+# the learning-rate warmup and the dead window: the run is failing without a NaN.
+_EXPLODED_FVU = 2.0
+
+
+def health_warning(metrics: dict, done: int, config) -> str | None:
+  """A warning for a run that is failing without NaN (FVU far above 1, all latents dead)."""
+  if done <= max(config.optim.warmup_steps, config.loss.dead_window_steps):
+    return None
+  if metrics.get("fvu", 0.0) > _EXPLODED_FVU:
+    return (f"FVU {metrics['fvu']:.3g} at step {done}: the SAE reconstructs worse than"
+            " the data's mean; the run is probably diverging (lower config.optim.lr).")
+  if metrics.get("dead_frac", 0.0) >= 1.0:
+    return (f"every latent is dead at step {done} (none fired in"
+            f" {config.loss.dead_window_steps} steps); the sparsity penalty or threshold is"
+            " too strong for this data (lower the sparsity coefficient).")
+  return None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-          progress: bool = True, source=None) -> TrainResult:
+          progress: bool = True, source=None, allow_changes: tuple[str, ...] = ()
+          ) -> TrainResult:
   """Trains an SAE as `config` says, in `workdir`; resumes if it holds a checkpoint.
 
   Args:
@@ -434,6 +418,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     workdir: run directory (checkpoints, config.json, metrics.jsonl).
     progress: show a progress bar.
     source: an `ActivationSource` to use instead of the one the config names.
+    allow_changes: fields of config.optim / config.loss that may differ from the
+      checkpoint's when resuming (recorded in WORKDIR/history.jsonl).
 
   Returns:
     A TrainResult with the final state and last metrics.
@@ -444,14 +430,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   num_steps = config_lib.total_steps(config)
   manager = checkpoint.make_manager(workdir, max_to_keep=config.ckpt.max_to_keep,
                                     async_save=config.ckpt.async_save)
-  meta = checkpoint.latest_meta(manager)
-  if meta is not None:
-    check_resume_compatible(meta, config, manager.directory)
+  say = lambda message: tqdm.write(f"[jsae] {message}") if jax.process_index() == 0 else None
+  meta, changes = _resume_point(manager, config, allow_changes, say)
 
   # -- Data.
   own_source = source is None
   source = data.make_source(config) if own_source else source
-  check_source(config, source, meta, manager.directory)
+  resume.check_source(config, source, meta, manager.directory)
   settings = StepSettings.from_config(config, source.norm_scale)
 
   # -- Mesh, model and optimizer; restore or init, already sharded.
@@ -468,13 +453,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     # Restoring onto this run's mesh works whatever mesh saved the checkpoint.
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
-    state = restore_state(workdir, target)
+    saved_opt = _saved_opt_state(meta, config, num_steps, abstract.params)
+    _, state = _restore_newest_intact(workdir, manager, target, saved_opt, mesh,
+                                      saes.get(config.sae.family), say)
   else:
     b_dec = initial_b_dec(config, source) if config.sae.init_b_dec == "mean" else None
     state = jax.jit(init, out_shardings=state_sharding)(key, b_dec=b_dec)
   start = int(state.step)
   if jax.process_index() == 0:
     checkpoint.write_json(workdir / "config.json", config.to_dict())
+    if changes:
+      resume.record_history(workdir, "resumed_with_changes", start,
+                            changes={k: {"checkpoint": old, "now": new}
+                                     for k, (old, new) in changes.items()})
+      say(f"resuming step {start} with changed " + ", ".join(
+          f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+          + f" (recorded in {workdir / resume.HISTORY_NAME})")
 
   hparams = jax.device_put(hyperparams(config), jax.sharding.NamedSharding(mesh, P()))
   step_fns = {
@@ -484,7 +478,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           in_shardings=(state_sharding, batch_sharding, None),
           out_shardings=(state_sharding, None), donate_argnums=0)
       for with_metrics in (False, True)}
-  meta = checkpoint_meta(config, source)
+  meta = resume.checkpoint_meta(config, source)
 
   # -- Held-out evaluation set (fixed batches), if configured.
   held_out = _held_out_batches(config, batch_sharding)
@@ -495,12 +489,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
              disable=not progress or jax.process_index() != 0,
              dynamic_ncols=True, desc="train", mininterval=1.0)
   last_good = manager.latest_step()
+  last_checked = start  # the newest step whose metrics were finite
   metrics_host: dict = {}
+  warnings: list[str] = []
   t0, tokens_per_step = time.perf_counter(), config.data.batch_size
-  preemption = _Preemption(manager)
+  stop = stopping.StopRequests(manager)
   done, preempted = start, False
   try:
-    preemption.__enter__()
+    stop.__enter__()
     for step in range(start, num_steps):
       batch = sharding.global_batch(source.batch(step), batch_sharding, config.data.batch_size)
       done = step + 1
@@ -509,12 +505,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       if is_log or is_ckpt:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = [k for k, v in metrics_host.items() if not math.isfinite(v)]
-        if bad or (is_ckpt and not bool(_all_finite(state.params))):
-          raise TrainingDivergedError(
-              f"non-finite {', '.join(bad) or 'parameters'} at step {step}. The last"
-              f" good checkpoint is step {last_good} in {manager.directory}"
-              " (kept; training stops). Lower config.optim.lr, enable"
-              " config.optim.clip_grad_norm, or check the data for NaN/Inf.")
+        if is_ckpt and not bad and not bool(_all_finite(state.params)):
+          bad = ["parameters"]
+        if bad:
+          if jax.process_index() == 0:
+            resume.record_history(workdir, "diverged", done, non_finite=bad,
+                                  last_good_checkpoint=last_good)
+          raise TrainingDivergedError(_divergence_message(
+              bad, done, last_checked, last_good, manager.directory, workdir))
+        last_checked = done
         if is_eval:
           metrics_host.update(held_out_metrics(state.params, state.family_state,
                                                held_out, source.norm_scale))
@@ -524,20 +523,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                             tokens_per_s=(done - start) * tokens_per_step / elapsed)
         if log is not None:
           log.write(metrics_host)
+        warning = health_warning(metrics_host, done, config)
+        if warning and not warnings:  # once per run: the summary repeats the last one
+          say(f"warning: {warning}")
+        if warning:
+          warnings = [warning]
         bar.set_postfix(loss=f"{metrics_host['loss']:.4g}",
                         L0=f"{metrics_host['l0']:.1f}", FVU=f"{metrics_host['fvu']:.3f}",
                         dead=f"{metrics_host['dead_frac']:.2f}", refresh=False)
-      preempted = preemption.reached(done) and done < num_steps
+      preempted = stop.reached(done) and done < num_steps
       if is_ckpt or preempted:
         checkpoint.save(manager, done, state, meta)
         last_good = done
       bar.update(1)
       if preempted:
-        tqdm.write(f"preempted (SIGTERM): saved checkpoint {done} in {manager.directory};"
-                   " run the same command again to resume.")
+        say(f"stopped by {stop.reason}: saved checkpoint {done} in {manager.directory};"
+            " run the same command again to resume.")
         break
   finally:
-    preemption.__exit__()
+    stop.__exit__()
     bar.close()
     manager.wait_until_finished()
     manager.close()
@@ -546,7 +550,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if own_source:
       source.close()
   return TrainResult(state=state, metrics=metrics_host, steps=done, workdir=workdir,
-                     preempted=preempted)
+                     preempted=preempted, stop_reason=stop.reason if preempted else None,
+                     warnings=warnings)
 
 
 def optim_lr(config, num_steps: int, step: int) -> float:
