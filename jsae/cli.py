@@ -8,6 +8,7 @@ Config flags follow ml_collections: `--config=configs/tiny.py[:arg]` (or just
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -138,10 +139,17 @@ def _explain_flag_error(message: str, args: list[str] = ()) -> str:
     return f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
   if ("Could not override" in message or "not found" in message
       or "Unknown command line flag 'config." in message):
-    message = message.replace("\\n", " ").replace("\n", " ")
+    overrides = [a[len("--"):].split("=", 1)[0] for a in args if a.startswith("--config.")]
+    culprit = next((o for o in overrides if f"'{o.split('.')[-1]}" in message
+                    or f"'{o}'" in message), None)
+    suggestion = re.search(r'Did you mean "([^"]+)"', message)
+    what = (f"{culprit} does not exist in this config"
+            + (f" (did you mean {culprit.rsplit('.', 1)[0]}.{suggestion.group(1)}?)"
+               if suggestion else "")
+            if culprit else message.replace("\\n", " ").replace("\n", " ")
+            + ". That config field does not exist in this config")
     owner = _family_field_owner(args)
-    return (f"{message}. That config field does not exist in this config;"
-            + (f" {owner}" if owner else " see configs/default.py for every field")
+    return (f"{what};" + (f" {owner}" if owner else " see configs/default.py for every field")
             + " (overrides look like --config.optim.lr=3e-4).")
   return message
 
@@ -249,14 +257,23 @@ def cmd_shards(args: list[str]) -> int:
     raise UsageError(usage)
   from jsae.data import shards
   if args[0] == "info":
-    text = shards.info(args[1])
+    text, problems = shards.inspect(args[1])
     print(text)
-    return 1 if "INVALID" in text else 0
+    return 1 if problems else 0
   problems = shards.verify(args[1])
   for p in problems:
     print(f"PROBLEM: {p}")
   print("all shards verified" if not problems else f"{len(problems)} problem(s)")
   return 0 if not problems else 1
+
+
+def _int_flag(name: str, value: str | None) -> int | None:
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UsageError(f"--{name}={value}: expected a whole number (a checkpoint step).") from None
 
 
 def _wants_help(args, usage: str) -> bool:
@@ -286,6 +303,7 @@ def cmd_harvest(args: list[str]) -> int:
   config, workdir = parse_config_flags("jsae harvest", args)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  pipeline.check_text_source(config)
   lm = pipeline.load_lm(config)
   contexts, text_source = pipeline.text_contexts(config, lm, workdir)
   dirs = pipeline.harvest_stage(config, lm, contexts, text_source, workdir)
@@ -293,24 +311,29 @@ def cmd_harvest(args: list[str]) -> int:
   return 0
 
 
-def _load_sae(path: str):
+def _load_sae(path: str, step: int | None = None):
+  """(SAE, run dir or None) of a training run (its `step`, default the newest intact
+  checkpoint) or of an exported SAE."""
   import jsae
   p = Path(path)
   if (p / "checkpoints").is_dir():
-    return jsae.SAE.from_run(p), p
+    return jsae.SAE.from_run(p, step=step), p
+  if step is not None:
+    raise UsageError(f"--step is for a training run directory; {path} is an exported SAE.")
   return jsae.load(p), None
 
 
 def cmd_eval(args: list[str]) -> int:
   """`jsae eval`: evaluate an SAE (run dir or exported) on held-out text; writes eval.json."""
   usage = ("usage: jsae eval --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_PATH|SWEEP_DIR"
-           " [--out=FILE]\n"
+           " [--out=FILE] [--step=N]\n"
            "  DIR holds (or receives) the harvested eval activations of config.lm.site;\n"
            "  a SWEEP_DIR (from jsae sweep) evaluates every member, the LM prefix shared")
   if _wants_help(args, usage):
     return 0
   from jsae import pipeline
-  config, workdir, extra = parse_config_flags("jsae eval", args, extra=("sae", "out"))
+  config, workdir, extra = parse_config_flags("jsae eval", args, extra=("sae", "out", "step"))
+  step = _int_flag("step", extra["step"])
   if not extra["sae"]:
     raise UsageError("jsae eval needs --sae=RUN_DIR (a training workdir) or an exported SAE.")
   sweep_dir = Path(extra["sae"])
@@ -320,11 +343,12 @@ def cmd_eval(args: list[str]) -> int:
     members = sorted(p for p in (sweep_dir / "members").iterdir() if p.is_dir())
     saes = {p.name: (_load_sae(str(p))[0], p / "eval.json") for p in members}
   else:
-    sae, run_dir = _load_sae(extra["sae"])
+    sae, run_dir = _load_sae(extra["sae"], step)
     out = Path(extra["out"]) if extra["out"] else (run_dir or Path(workdir)) / "eval.json"
     saes = {"": (sae, out)}
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  pipeline.check_text_source(config)
   lm = pipeline.load_lm(config)
   contexts, text_source = pipeline.text_contexts(config, lm, workdir)
   dirs = pipeline.harvest_stage(config, lm, contexts, text_source, workdir)
@@ -354,7 +378,7 @@ def cmd_export(args: list[str]) -> int:
                  for a in args if a.startswith("--"))
   from jsae import formats
   fmt = options.pop("format", "jsae")
-  step = int(options.pop("step")) if "step" in options else None
+  step = _int_flag("step", options.pop("step", None))
   overwrite = options.pop("overwrite", "false") == "true"
   layout = {k: (int(v) if v.isdigit() else v) for k, v in options.items()}
   path = formats.export(positional[0], positional[1], fmt, step=step, overwrite=overwrite,

