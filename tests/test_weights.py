@@ -9,6 +9,8 @@ import pytest
 
 from jsae.lm import gemma, weights
 
+import tiny_gguf
+
 
 @pytest.fixture(scope="module", params=["tiny_gemma2", "tiny_gemma3"])
 def model(request):
@@ -81,52 +83,13 @@ def test_gguf_mapping(model):
   _assert_tree_equal(weights.params_from_gguf(tensors, cfg), params)
 
 
-def _write_gguf(path, cfg, tensors):
-  import gguf
-  w = gguf.GGUFWriter(str(path), cfg.family)
-  w.add_block_count(cfg.n_layers)
-  w.add_embedding_length(cfg.d_model)
-  w.add_feed_forward_length(cfg.d_ff)
-  w.add_head_count(cfg.n_heads)
-  w.add_head_count_kv(cfg.n_kv_heads)
-  w.add_key_length(cfg.head_dim)
-  w.add_value_length(cfg.head_dim)
-  w.add_layer_norm_rms_eps(cfg.rms_eps)
-  w.add_sliding_window(cfg.sliding_window)
-  w.add_context_length(cfg.max_seq_len)
-  w.add_rope_freq_base(cfg.rope_base_global)
-  if cfg.attn_logit_softcap:
-    w.add_attn_logit_softcapping(cfg.attn_logit_softcap)
-    w.add_final_logit_softcapping(cfg.final_logit_softcap)
-  # A tiny SentencePiece vocabulary: specials, bytes, a few merges.
-  pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-  pieces += ["\u2581", "h", "i", "hi", "\u2581hi"]
-  pieces += [f"<unused{j}>" for j in range(cfg.vocab_size - len(pieces))]
-  types = [3, 3, 3, 2] + [6] * 256 + [1] * 5 + [5] * (cfg.vocab_size - 265)
-  scores = [0.0] * 260 + [-1.0, -2.0, -3.0, -0.5, -0.1] + [0.0] * (cfg.vocab_size - 265)
-  w.add_tokenizer_model("llama")
-  w.add_token_list(pieces)
-  w.add_token_scores(scores)
-  w.add_token_types(types)
-  w.add_bos_token_id(2)
-  w.add_eos_token_id(1)
-  w.add_unk_token_id(3)
-  w.add_pad_token_id(0)
-  for name, a in tensors.items():
-    w.add_tensor(name, a)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-
-
 def test_gguf_file_round_trip_and_tokenizer(tmp_path):
   pytest.importorskip("gguf")
   cfg = gemma.get_config("tiny_gemma2")  # 256 vocab leaves no room for the tokenizer
   cfg = dataclasses.replace(cfg, vocab_size=300)
   params = jax.tree.map(np.asarray, gemma.init_params(jax.random.key(2), cfg))
   path = tmp_path / "tiny.gguf"
-  _write_gguf(path, cfg, weights.params_to_gguf(params, cfg))
+  tiny_gguf.write_gguf(path, cfg, weights.params_to_gguf(params, cfg))
   loaded, loaded_cfg = weights.load_gguf(path)
   assert dataclasses.replace(loaded_cfg, name=cfg.name) == cfg
   _assert_tree_equal(loaded, params)
