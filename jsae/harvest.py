@@ -7,6 +7,11 @@ processed in a fixed order, so an interrupted harvest resumes: each site's
 writer knows how many rows it committed, and the harvester skips exactly those
 rows (per site, since a crash can fall between two sites' shard commits). A
 finished directory is reused as it is.
+
+On N processes (`jax.distributed`), every process holds all the contexts and
+writes a contiguous, shard-aligned range of the global rows as its own part;
+process 0 then merges the parts into the dataset one process would have
+written (`jsae.data.parts`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jsae import sharding
+from jsae.data import parts as parts_lib
 from jsae.data import shards as shards_lib
 from jsae.data.text import TokenContexts
 from jsae.lm import gemma
@@ -65,12 +72,15 @@ def _rows_before(contexts: TokenContexts) -> np.ndarray:
 def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
             sites: list[str] | tuple[str, ...], out_dir: str | os.PathLike,
             batch_size: int = 4, rows_per_shard: int = 65536, dtype: str = "float32",
-            provenance: dict | None = None, progress: bool = True) -> HarvestResult:
+            provenance: dict | None = None, progress: bool = True,
+            process_index: int | None = None, process_count: int | None = None
+            ) -> HarvestResult:
   """Runs the LM over `contexts` and writes each site's activations to shards.
 
   Args:
     lm_params, lm_config: the LM (params passed to jit as arguments).
-    contexts: packed token contexts; `mask` False rows are not written.
+    contexts: packed token contexts (all of them, on every process); `mask`
+      False rows are not written.
     sites: hook sites, e.g. ["resid_post.9", "mlp_out.9"].
     out_dir: parent directory; site s goes to `out_dir/s/`.
     batch_size: contexts per forward (the last batch is padded, not recompiled).
@@ -79,6 +89,12 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
     provenance: fields of `shards.Provenance` shared by all sites (model,
       tokenizer, text_source, ...); hook site, layer, context length and the
       excluded tokens are filled in here.
+    progress: show a progress bar.
+    process_index, process_count: this process's part of a multi-process
+      harvest (default: JAX's); with a count above 1 this call writes its
+      part, and the merge into one dataset happens when every process has
+      finished (after a barrier, by process 0) when JAX runs that many
+      processes, or through `finish_parts` otherwise.
   """
   sites = tuple(sites)
   if not sites:
@@ -90,48 +106,86 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
   if contexts.seq_len > lm_config.max_seq_len:
     raise ValueError(f"context length {contexts.seq_len} exceeds {lm_config.name}'s"
                      f" maximum {lm_config.max_seq_len}; use a shorter text.seq_len.")
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
 
   directories = {s: site_directory(out_dir, s) for s in sites}
   reused = [s for s, d in directories.items() if is_complete(d)]
   todo = [s for s in sites if s not in reused]
   if not todo:
     return HarvestResult(directories, reused)
-  writers = {}
   for s in todo:
+    parts_lib.check_layout(directories[s], count)
+  before = _rows_before(contexts)
+  lo, hi = parts_lib.row_ranges(int(before[-1]), rows_per_shard, count)[index]
+  targets = {s: parts_lib.part_directory(directories[s], index, count) if count > 1
+             else directories[s] for s in todo}
+  result = HarvestResult(directories, reused)
+  writing = [s for s in todo if not is_complete(targets[s])]
+  if writing:
+    result = _write_rows(lm_params, lm_config, contexts, before, (lo, hi), writing, targets,
+                         batch_size=batch_size, rows_per_shard=rows_per_shard, dtype=dtype,
+                         provenance=provenance, progress=progress)
+    result.directories, result.reused = directories, reused
+  if count > 1 and jax.process_count() == count:
+    sharding.barrier("jsae_harvest_parts_written")
+    if index == 0:
+      finish_parts(out_dir, todo, count)
+    sharding.barrier("jsae_harvest_parts_merged")
+  return result
+
+
+def finish_parts(out_dir: str | os.PathLike, sites, process_count: int) -> None:
+  """Merges each site's `process_count` complete parts into one dataset (process 0)."""
+  for s in sites:
+    parts_lib.merge(site_directory(out_dir, s), process_count)
+
+
+def _write_rows(lm_params, lm_config, contexts: TokenContexts, before: np.ndarray,
+                row_range: tuple[int, int], sites: list[str], targets: dict, *,
+                batch_size: int, rows_per_shard: int, dtype: str, provenance: dict | None,
+                progress: bool) -> HarvestResult:
+  """Writes global rows [lo, hi) of each site to its target directory, resuming."""
+  lo, hi = row_range
+  writers = {}
+  for s in sites:
     kind, layer = gemma.parse_site(s, lm_config)
     prov = dict(provenance or {})
     prov.update(hook_site=kind, layer=layer, context_length=contexts.seq_len,
                 excluded_tokens=["<bos>", "<eos>", "<pad>"])
     prov.setdefault("model", lm_config.name)
     width = lm_config.n_heads * lm_config.head_dim if kind == "attn_z" else lm_config.d_model
-    writers[s] = shards_lib.ShardWriter(directories[s], d_in=width, rows_per_shard=rows_per_shard,
+    writers[s] = shards_lib.ShardWriter(targets[s], d_in=width, rows_per_shard=rows_per_shard,
                                         dtype=dtype, provenance=prov)
 
-  before = _rows_before(contexts)
-  committed = {s: writers[s].rows_committed for s in todo}
-  first = int(np.searchsorted(before, min(committed.values()), side="right") - 1)
-  capture = _capture_fn(lm_config, tuple(todo))
+  written = {s: lo + writers[s].rows_committed for s in sites}  # global rows done
+  first = int(np.searchsorted(before, min(written.values()), side="right") - 1)
+  end = int(np.searchsorted(before, hi, side="left"))  # contexts starting before hi
+  capture = _capture_fn(lm_config, tuple(sites))
   n = contexts.n_contexts
-  bar = tqdm(total=int(before[-1]), initial=int(before[first]), unit="tok", desc="harvest",
+  bar = tqdm(total=hi - lo, initial=min(written.values()) - lo, unit="tok", desc="harvest",
              disable=not progress, dynamic_ncols=True, mininterval=1.0)
   t_start, t_forward, t_write, done_rows = time.perf_counter(), 0.0, 0.0, 0
   try:
-    for start in range(first, n, batch_size):
+    for start in range(first, end, batch_size):
       idx = np.arange(start, start + batch_size)
-      real = idx < n
+      real = idx < end
       t = time.perf_counter()
       acts = capture(lm_params, jnp.asarray(contexts.tokens[np.minimum(idx, n - 1)]))
       acts = {s: np.asarray(jax.device_get(a), np.float32) for s, a in acts.items()}
       t_forward += time.perf_counter() - t
       t = time.perf_counter()
-      for s in todo:
-        for j, c in enumerate(idx[real]):
-          rows = acts[s][j][contexts.mask[c]]
-          skip = max(0, committed[s] - int(before[c]))  # rows this site already has
-          if skip < len(rows):
-            writers[s].write(rows[skip:])
+      batch_rows = 0
+      for j, c in enumerate(idx[real]):
+        a, b = max(lo, int(before[c])), min(hi, int(before[c + 1]))  # this range's rows of c
+        batch_rows += max(0, b - a)
+        for s in sites:
+          begin = max(a, written[s])  # rows this site already has are skipped
+          if begin < b:
+            rows = acts[s][j][contexts.mask[c]]
+            writers[s].write(rows[begin - int(before[c]):b - int(before[c])])
+            written[s] = b
       t_write += time.perf_counter() - t
-      batch_rows = int(contexts.mask[idx[real]].sum())
       done_rows += batch_rows
       bar.update(batch_rows)
       bar.set_postfix(tok_s=f"{done_rows / (time.perf_counter() - t_start):.0f}", refresh=False)
@@ -144,7 +198,7 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
   finally:
     bar.close()
   elapsed = time.perf_counter() - t_start
-  return HarvestResult(directories, reused, tokens_per_s=done_rows / max(elapsed, 1e-9),
+  return HarvestResult(dict(targets), [], tokens_per_s=done_rows / max(elapsed, 1e-9),
                        forward_s=t_forward, write_s=t_write)
 
 

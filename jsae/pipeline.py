@@ -119,7 +119,7 @@ def _documents(config, workdir: Path) -> tuple[list[str], str]:
     folder = source[len("local:"):]
     data_dir = config.text.data_dir or str(workdir / "tfds")
     docs = text_lib.documents_from_source(text_lib.local_text_source(folder, data_dir))
-    return docs, f"local text {folder} (TFDS ArrayRecord in {data_dir})"
+    return docs, f"local text {folder}"  # where TFDS caches it does not define it
   if source.startswith("tfds:"):
     name, _, split = source[len("tfds:"):].partition(":")
     docs = text_lib.tfds_documents(name, split=split or "train",
@@ -139,8 +139,7 @@ def _cap(contexts: text_lib.TokenContexts, max_tokens: int) -> text_lib.TokenCon
 def _contexts_definition(config, lm: LM) -> dict:
   lm_id = {k: v for k, v in lm.definition().items() if k != "dtype"}  # tokens only
   return dict(text=config.text.to_dict(), lm=lm_id,
-              vocab_size=lm.tokenizer.vocab_size,
-              processes=[jax.process_index(), jax.process_count()])
+              vocab_size=lm.tokenizer.vocab_size)
 
 
 def text_contexts(config, lm: LM, workdir: Path) -> tuple[dict, str]:
@@ -148,28 +147,56 @@ def text_contexts(config, lm: LM, workdir: Path) -> tuple[dict, str]:
 
   The cache is reused only when its recorded definition (the text config, the
   LM and its tokenizer) matches; otherwise the text is tokenised again, saying why.
+  Every process gets all the contexts (a multi-process harvest splits rows, not
+  contexts): the cache belongs to process 0, which tokenises and writes it
+  (atomically) while the others wait at a barrier and then read it.
   """
-  t = config.text
+  from jsae import sharding
+  if jax.process_index() != 0:  # process 0 tokenises and writes the cache first
+    sharding.barrier("jsae_contexts_cached")
   definition = _contexts_definition(config, lm)
   cache = workdir / "contexts.npz"
-  if cache.exists():
-    data = np.load(cache, allow_pickle=False)
-    saved = json.loads(str(data["definition"])) if "definition" in data else None
-    changed = stages.differences(saved, definition)
-    if not changed:
-      say(f"reusing tokenised text from {cache}")
-      return ({s: text_lib.TokenContexts(data[f"{s}_tokens"], data[f"{s}_mask"])
-               for s in ("train", "eval")}, str(data["source"]))
+  contexts = _read_contexts_cache(cache, definition)
+  if contexts is None:
+    if jax.process_index() != 0:
+      raise FileNotFoundError(f"{cache}: process 0 did not write the tokenised text; is"
+                              " WORKDIR on a filesystem every process sees?")
+    contexts = _tokenise(config, lm, workdir, cache, definition)
+  if jax.process_index() == 0:
+    sharding.barrier("jsae_contexts_cached")
+  return contexts
+
+
+def _read_contexts_cache(cache: Path, definition: dict) -> tuple[dict, str] | None:
+  """The cached contexts when `cache` exists and was made from `definition`, else None."""
+  if not cache.exists():
+    return None
+  data = np.load(cache, allow_pickle=False)
+  saved = json.loads(str(data["definition"])) if "definition" in data else None
+  changed = stages.differences(saved, definition)
+  if changed:
     say(f"tokenising again: {cache} was made from other inputs ({'; '.join(changed)})")
+    return None
+  say(f"reusing tokenised text from {cache}")
+  return ({s: text_lib.TokenContexts(data[f"{s}_tokens"], data[f"{s}_mask"])
+           for s in ("train", "eval")}, str(data["source"]))
+
+
+def _tokenise(config, lm: LM, workdir: Path, cache: Path, definition: dict
+              ) -> tuple[dict, str]:
+  """Reads, tokenises and packs the text; writes the cache (atomically)."""
+  t = config.text
   docs, description = _documents(config, workdir)
   say(f"tokenising {len(docs)} documents from {description}")
   split = text_lib.prepare(docs, lm.tokenizer, seq_len=t.seq_len, eval_fraction=t.eval_fraction,
-                           seed=t.seed, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           seed=t.seed)
   split = {"train": _cap(split["train"], t.max_train_tokens),
            "eval": _cap(split["eval"], t.max_eval_tokens)}
-  np.savez(cache, definition=json.dumps(definition, sort_keys=True), source=description,
-           **{f"{s}_{f}": getattr(c, f) for s, c in split.items() for f in ("tokens", "mask")})
+  tmp = cache.with_name(cache.name + ".tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, definition=json.dumps(definition, sort_keys=True), source=description,
+             **{f"{s}_{k}": getattr(c, k) for s, c in split.items() for k in ("tokens", "mask")})
+  tmp.replace(cache)
   return split, description
 
 

@@ -141,6 +141,13 @@ def global_batch(local_rows, sharding: NamedSharding, global_rows: int) -> jax.A
       sharding, local_rows, (global_rows, local_rows.shape[-1]))
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (a no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def initialize_distributed(*, coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
   """Starts `jax.distributed` when this is a multi-process run; returns whether it did.

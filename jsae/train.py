@@ -362,9 +362,7 @@ def _restore_newest_intact(workdir, manager, target: TrainState, saved_opt_state
       moved = checkpoint.quarantine(workdir, damaged)
       say(f"moved damaged checkpoint(s) {damaged} to {moved[0].parent} (kept for"
           f" inspection); resuming from step {step}")
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      multihost_utils.sync_global_devices("jsae_quarantine")
+    sharding.barrier("jsae_quarantine")
     manager.reload()
   if reshape_opt:
     state = state.replace(opt_state=optim.transplant_chain_state(state.opt_state,

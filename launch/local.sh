@@ -6,8 +6,10 @@
 #
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh \
 #       --config=configs/tiny.py --workdir=/tmp/jsae_mp --config.mesh.data=8
+#   NUM_PROCESSES=2 launch/local.sh harvest --config=configs/demo.py --workdir=/tmp/acts
 #
-# Extra arguments go to `jsae train`. Each process logs to WORKDIR_LOGS/proc_i.log
+# The first argument may name the jsae command (train, harvest, sweep, ...;
+# default train); the rest go to it. Each process logs to LOG_DIR/proc_i.log
 # (default: ./local_logs). Exits non-zero if any process fails.
 set -euo pipefail
 : "${NUM_PROCESSES:=2}"
@@ -16,12 +18,14 @@ set -euo pipefail
 : "${LOG_DIR:=local_logs}"
 : "${PYTHON:=python}"
 mkdir -p "$LOG_DIR"
+COMMAND=train
+if [[ $# -gt 0 && "$1" != -* ]]; then COMMAND="$1"; shift; fi
 
 pids=()
 for (( i = 0; i < NUM_PROCESSES; i++ )); do
   JSAE_COORDINATOR="127.0.0.1:$PORT" JSAE_NUM_PROCESSES="$NUM_PROCESSES" JSAE_PROCESS_ID="$i" \
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS" \
-    "$PYTHON" -m jsae.cli train "$@" >"$LOG_DIR/proc_$i.log" 2>&1 &
+    "$PYTHON" -m jsae.cli "$COMMAND" "$@" >"$LOG_DIR/proc_$i.log" 2>&1 &
   pids+=($!)
 done
 

@@ -11,7 +11,8 @@
 # Activation shards are memory-mapped: keep them on local disk or a gcsfuse
 # mount; the workdir (checkpoints, metrics) may be a gs:// path.
 #
-# Extra arguments go to `jsae train`. Hyperparameters live in configs, not here.
+# Extra arguments go to `jsae $JSAE_COMMAND` (default train; JSAE_COMMAND=harvest
+# harvests on every worker into one dataset). Hyperparameters live in configs, not here.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME (the TPU VM name)}"
 : "${ZONE:?set ZONE (e.g. us-central2-b)}"
@@ -23,6 +24,7 @@ set -euo pipefail
 : "${REPO_REF:=$(git rev-parse HEAD)}"
 : "${MAX_RESTARTS:=20}"
 : "${SPOT:=0}"
+: "${JSAE_COMMAND:=train}"
 
 tpu() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE"; }
 
@@ -51,14 +53,14 @@ setup_workers() {
 run_training() {
   # JSAE_DISTRIBUTED=auto: jax.distributed.initialize() detects the pod itself.
   tpu ssh "$TPU_NAME" --worker=all --command="cd jsae && JSAE_DISTRIBUTED=auto \
-    ~/jsae-venv/bin/jsae train --config='$CONFIG' --workdir='$WORKDIR' $*"
+    ~/jsae-venv/bin/jsae $JSAE_COMMAND --config='$CONFIG' --workdir='$WORKDIR' $*"
 }
 
 for (( attempt = 0; attempt <= MAX_RESTARTS; attempt++ )); do
   ensure_tpu
   setup_workers
   if run_training "$@"; then
-    echo "training finished: $WORKDIR"
+    echo "jsae $JSAE_COMMAND finished: $WORKDIR"
     exit 0
   fi
   echo "run ended early (preemption or failure), attempt $attempt; relaunching to resume" >&2

@@ -346,6 +346,13 @@ def _fsync_dir(directory: Path) -> None:
     os.close(fd)
 
 
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:
+  """Validates `manifest` and atomically replaces `directory/manifest.json` with it."""
+  path = manifest_path(directory)
+  manifest.validate(source=str(path))
+  _write_atomic(path, manifest.to_json().encode())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
   """Replaces `path` with `data`: write temp, fsync, rename, fsync the directory."""
   tmp = path.with_name(path.name + _TMP)
