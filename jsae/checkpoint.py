@@ -81,6 +81,24 @@ def newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], Any], *,
   return None, None
 
 
+def resume_newest_intact(workdir, manager: ocp.CheckpointManager, read: Callable[[int], Any], *,
+                         say: Callable[[str], None] = print) -> tuple[int, Any]:
+  """`newest_intact` for a run about to continue: damaged newer steps are moved aside
+  (`quarantine`, by process 0) so the run can write those steps again."""
+  from jsae import sharding  # pylint: disable=import-outside-toplevel
+  steps_before = sorted(manager.all_steps())
+  step, value = newest_intact(manager, read, say=say)
+  damaged = [s for s in steps_before if step is not None and s > step]
+  if damaged:
+    if jax.process_index() == 0:
+      moved = quarantine(workdir, damaged)
+      say(f"moved damaged checkpoint(s) {damaged} to {moved[0].parent} (kept for"
+          f" inspection); resuming from step {step}")
+    sharding.barrier("jsae_quarantine")
+    manager.reload()
+  return step, value
+
+
 def quarantine(workdir, steps: list[int]) -> list[Path]:
   """Moves damaged checkpoint steps to WORKDIR/damaged_checkpoints/STEP (kept, not
   deleted), so that a resumed run can write those steps again. Local disks only."""

@@ -404,6 +404,7 @@ def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   wall = time.perf_counter() - t0
   say(f"done: SAE in {export_dir} (jsae format, raw LM units; load with jsae.load)\n"
       + summary_table(metrics, wall))
-  del result
+  for warning in result.warnings:
+    say(f"warning: {warning}")
   return metrics
 

@@ -511,15 +511,16 @@ class SweepResult:
   frozen: dict = dataclasses.field(default_factory=dict)
 
 
-def _restore(workdir, target: dict) -> dict:
-  """The latest sweep checkpoint's {group: GroupState} in `target`'s shardings.
+def _restore(workdir, target: dict, step: int | None = None) -> dict:
+  """Sweep checkpoint `step`'s (default: the latest) {group: GroupState} in `target`'s
+  shardings (CheckpointDamagedError when its files cannot be read).
 
   A manager of its own: Orbax fixes an item's handler at first use, and the
   sweep's manager saves.
   """
   manager = checkpoint.make_manager(workdir, async_save=False)
   try:
-    state, _ = checkpoint.restore(manager, target)
+    state, _ = checkpoint.restore(manager, target, step)
   finally:
     manager.close()
   return dict(state)
@@ -576,7 +577,9 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   num_steps = config_lib.total_steps(base)
   manager = checkpoint.make_manager(workdir, max_to_keep=base.ckpt.max_to_keep,
                                     async_save=base.ckpt.async_save)
-  meta = checkpoint.latest_meta(manager)
+  say = lambda message: tqdm.write(f"[jsae] {message}") if jax.process_index() == 0 else None
+  _, meta = checkpoint.newest_intact(
+      manager, functools.partial(checkpoint.read_meta, manager), say=say)
   if meta is not None:
     check_resume_plan(meta["plan"], groups, manager.directory)
 
@@ -603,8 +606,10 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     target = {name: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstracts[name],
         shardings[name]) for name in abstracts}
-    states = _restore(workdir, target)
+    start, states = checkpoint.resume_newest_intact(
+        workdir, manager, functools.partial(_restore, workdir, target), say=say)
   else:
+    start = 0
     states = {}
     for g in groups:
       b_dec = None
@@ -614,7 +619,6 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         b_dec = b_decs[n]
       states[g.name] = jax.jit(functools.partial(init_group, g, total_steps=num_steps),
                                out_shardings=shardings[g.name])(b_dec=b_dec)
-  start = int(manager.latest_step()) if meta is not None else 0
 
   # -- Compile: per group, a step with and one without metrics.
   hparams, step_fns = {}, {}

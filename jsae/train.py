@@ -346,7 +346,6 @@ def _restore_newest_intact(workdir, manager, target: TrainState, saved_opt_state
                            family, say) -> tuple[int, TrainState]:
   """(step, state): the newest checkpoint that reads, into `target`; damaged newer
   steps move to WORKDIR/damaged_checkpoints (so this run can write those steps again)."""
-  steps_before = sorted(manager.all_steps())
   reshape_opt = jax.tree.structure(saved_opt_state) != jax.tree.structure(target.opt_state)
   read_target = target
   if reshape_opt:  # read the saved optimizer's state, then map it onto today's
@@ -354,16 +353,8 @@ def _restore_newest_intact(workdir, manager, target: TrainState, saved_opt_state
     read_target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), saved,
         sharding.named(mesh, sharding.state_specs(saved, family)))
-  step, state = checkpoint.newest_intact(
-      manager, functools.partial(restore_state, workdir, read_target), say=say)
-  damaged = [s for s in steps_before if s > step]
-  if damaged:
-    if jax.process_index() == 0:
-      moved = checkpoint.quarantine(workdir, damaged)
-      say(f"moved damaged checkpoint(s) {damaged} to {moved[0].parent} (kept for"
-          f" inspection); resuming from step {step}")
-    sharding.barrier("jsae_quarantine")
-    manager.reload()
+  step, state = checkpoint.resume_newest_intact(
+      workdir, manager, functools.partial(restore_state, workdir, read_target), say=say)
   if reshape_opt:
     state = state.replace(opt_state=optim.transplant_chain_state(state.opt_state,
                                                                  target.opt_state))

@@ -113,6 +113,23 @@ def test_killed_sweep_resumes_bit_for_bit(tmp_path):
   assert train.train(m.config, resumed.workdir / "members" / m.name, progress=False).steps == STEPS
 
 
+def test_damaged_newest_sweep_checkpoint_falls_back(tmp_path, capsys):
+  c = _config()
+  straight = sweep.sweep(c, tmp_path / "straight", progress=False)
+  short = _config(steps=STEPS)
+  short.train.num_tokens = 20 * short.data.batch_size
+  sweep.sweep(short, tmp_path / "resumed", progress=False)
+  for f in (tmp_path / "resumed/checkpoints/20/state").rglob("d/*"):
+    f.write_bytes(f.read_bytes()[:8])  # truncated: a crash mid-copy
+  rerun = _CountingSource(data.make_source(c))
+  resumed = sweep.sweep(c, tmp_path / "resumed", progress=False, source=rerun)
+  assert "damaged" in capsys.readouterr().out and rerun.reads == list(range(10, STEPS))
+  assert (tmp_path / "resumed/damaged_checkpoints/20").is_dir()
+  for name in straight.states:
+    for a, b in zip(jax.tree.leaves(straight.states[name]), jax.tree.leaves(resumed.states[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_diverging_member_is_frozen_and_the_others_are_unchanged(tmp_path):
   values = {"sparsity_coeff": (0.04, 0.02, 0.01), "lr": (2e-3, float("inf"), 1e-3)}
   c = _config("jumprelu", swept={"jumprelu": values}, mode="zip")

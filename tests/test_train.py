@@ -167,7 +167,7 @@ def test_cli_train_runs_and_reports_bad_flags(tmp_path):
   saved = json.loads((tmp_path / "run/config.json").read_text())
   assert saved["train"]["num_tokens"] == 51200
   bad = _jsae("train", "--config=tiny", f"--workdir={tmp_path}/x", "--config.optim.lrr=1", cwd=tmp_path)
-  assert bad.returncode == 2 and "Did you mean" in bad.stderr and "Traceback" not in bad.stderr
+  assert bad.returncode == 2 and "did you mean config.optim.lr" in bad.stderr and "Traceback" not in bad.stderr
   missing = _jsae("train", "--config=configs/nope.py", "--workdir=x", cwd=tmp_path)
   assert missing.returncode == 2 and "config file 'configs/nope.py' not found" in missing.stderr
 
