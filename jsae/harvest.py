@@ -58,7 +58,8 @@ def site_directory(out_dir: str | os.PathLike, site: str) -> Path:
 
 
 @functools.lru_cache(maxsize=8)  # one compile per (model, sites), shared by train/eval harvests
-def _capture_fn(lm_config: gemma.GemmaConfig, sites: tuple[str, ...]):
+def capture_fn(lm_config: gemma.GemmaConfig, sites: tuple[str, ...]):
+  """A jitted (params, tokens [b, s]) -> {site: activations} that stops after the last site."""
   last = max(gemma.parse_site(s, lm_config)[1] for s in sites)
   fn = functools.partial(gemma.forward, config=lm_config, capture=sites, stop_at_layer=last + 1)
   return jax.jit(lambda params, tokens: fn(params, tokens)[1])
@@ -161,7 +162,7 @@ def _write_rows(lm_params, lm_config, contexts: TokenContexts, before: np.ndarra
   written = {s: lo + writers[s].rows_committed for s in sites}  # global rows done
   first = int(np.searchsorted(before, min(written.values()), side="right") - 1)
   end = int(np.searchsorted(before, hi, side="left"))  # contexts starting before hi
-  capture = _capture_fn(lm_config, tuple(sites))
+  capture = capture_fn(lm_config, tuple(sites))
   n = contexts.n_contexts
   bar = tqdm(total=hi - lo, initial=min(written.values()) - lo, unit="tok", desc="harvest",
              disable=not progress, dynamic_ncols=True, mininterval=1.0)

@@ -118,7 +118,7 @@ def test_other_lm_dtype_is_refused_for_an_unfinished_harvest(inputs, tmp_path, m
   config = _config(inputs)
   lm = pipeline.load_lm(config)
   contexts, source = pipeline.text_contexts(config, lm, tmp_path)
-  real_capture = harvest._capture_fn
+  real_capture = harvest.capture_fn
 
   def failing_capture(*args):  # the LM dies after two batches
     fn, calls = real_capture(*args), []
@@ -128,11 +128,11 @@ def test_other_lm_dtype_is_refused_for_an_unfinished_harvest(inputs, tmp_path, m
         raise KeyboardInterrupt
       return fn(*a)
     return run
-  monkeypatch.setattr(harvest, "_capture_fn", failing_capture)
+  monkeypatch.setattr(harvest, "capture_fn", failing_capture)
   config.harvest.rows_per_shard = 64
   with pytest.raises(KeyboardInterrupt):
     pipeline.harvest_stage(config, lm, contexts, source, tmp_path)
-  monkeypatch.setattr(harvest, "_capture_fn", real_capture)
+  monkeypatch.setattr(harvest, "capture_fn", real_capture)
   directory = tmp_path / "activations/train/resid_post.1"
   assert not shards.load_manifest(directory).complete and shards.load_manifest(directory).num_rows
   bf16 = _config(inputs, lm__dtype="bfloat16", harvest__rows_per_shard=64)
