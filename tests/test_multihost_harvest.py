@@ -47,11 +47,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   model = tiny_gguf.make_tiny_gguf(root / "tiny.gguf")
-  text = root / "text"
-  text.mkdir()
-  rng = np.random.default_rng(1)
-  for i in range(30):
-    (text / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 100)))
+  text = tiny_gguf.write_corpus(root / "text", WORDS, n_docs=30, words_per_doc=100, seed=1)
   config = root / "config.py"
   config.write_text(textwrap.dedent(f"""
       from configs import demo

@@ -11,21 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from test_train import _tiny
 from jsae import checkpoint, data, optim, resume, runs, train
 from jsae import config as config_lib
-
-
-def _tiny(**overrides):
-  c = tiny.get_config()
-  c.mesh.data = c.mesh.model = 1
-  for dotted, value in overrides.items():
-    node = c
-    *parents, leaf = dotted.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 class _Wrapped:

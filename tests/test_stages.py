@@ -23,11 +23,7 @@ WORDS = ("the king said that his hand is not yet done with the crown of all men 
 def inputs(tmp_path_factory):
   root = tmp_path_factory.mktemp("stage_inputs")
   model = tiny_gguf.make_tiny_gguf(root / "tiny.gguf")
-  text = root / "text"
-  text.mkdir()
-  rng = np.random.default_rng(0)
-  for i in range(24):
-    (text / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, 120)))
+  text = tiny_gguf.write_corpus(root / "text", WORDS, n_docs=24, words_per_doc=120)
   return model, text
 
 

@@ -56,3 +56,12 @@ def make_tiny_gguf(path, seed: int = 2):
   params = jax.tree.map(np.asarray, gemma.init_params(jax.random.key(seed), cfg))
   write_gguf(path, cfg, weights.params_to_gguf(params, cfg))
   return path
+
+
+def write_corpus(directory, words, *, n_docs: int, words_per_doc: int, seed: int = 0):
+  """`n_docs` .txt files of random `words` in `directory` (a local text source)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i in range(n_docs):
+    (directory / f"doc{i}.txt").write_text(" ".join(rng.choice(words, words_per_doc)))
+  return directory
