@@ -1,0 +1,169 @@
+"""The browse pass: text -> LM (stopped at the SAE's site) -> SAE -> `LatentStats`,
+then per-latent records with decoded text windows.
+
+One jitted LM prefix per batch of contexts (as in harvest), one jitted encode +
+accumulate step; nothing per latent runs in Python until the records are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jsae import harvest
+from jsae.browse import accumulate
+from jsae.data.text import TokenContexts
+from jsae.lm import gemma
+
+
+@dataclasses.dataclass(frozen=True)
+class BrowseSettings:
+  """What the pass keeps per latent.
+
+  Attributes:
+    n_top: top-activating examples.
+    n_samples: size of the seeded uniform sample the quantile bands draw from.
+    n_bands: quantile bands (equal splits of [0, max activation], as SAEDashboard).
+    per_band: examples shown per band.
+    window_left, window_right: tokens of context before / after an example's token.
+    batch_size: contexts per LM forward.
+    seed: the uniform sample's seed.
+  """
+
+  n_top: int = 20
+  n_samples: int = 64
+  n_bands: int = 5
+  per_band: int = 5
+  window_left: int = 12
+  window_right: int = 4
+  batch_size: int = 4
+  seed: int = 0
+
+  @property
+  def window(self) -> int:
+    """Tokens per example window."""
+    return self.window_left + 1 + self.window_right
+
+
+def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: TokenContexts,
+           settings: BrowseSettings, *, edges: np.ndarray, stats_sharding=None,
+           progress: bool = True) -> accumulate.LatentStats:
+  """Streams `contexts` through the LM to `site` and `sae`, accumulating per-latent stats.
+
+  Args:
+    sae: a `jsae.SAE` whose d_in is the site's width (its arrays may be sharded).
+    lm_params, lm_config: the LM.
+    site: hook site, e.g. 'resid_post.6'.
+    contexts: packed contexts; masked positions (BOS, pad) are never counted.
+    settings: what to keep.
+    edges: histogram edges (`accumulate.hist_edges()`).
+    stats_sharding: optional pytree of shardings for the accumulators (latent-sharded SAEs).
+  """
+  capture = harvest.capture_fn(lm_config, (site,))
+  stats = accumulate.init(sae.d_sae, n_top=settings.n_top, n_samples=settings.n_samples,
+                          window=settings.window, n_bins=len(edges) - 1)
+  if stats_sharding is not None:
+    stats = jax.device_put(stats, stats_sharding)
+  encode = jax.jit(lambda model, x: model.encode(x))
+  edges32 = jnp.asarray(edges, jnp.float32)
+  n, seq = contexts.n_contexts, contexts.seq_len
+  bar = tqdm(total=contexts.n_tokens, unit="tok", desc="browse", disable=not progress,
+             dynamic_ncols=True, mininterval=1.0)
+  for start in range(0, n, settings.batch_size):
+    idx = np.arange(start, start + settings.batch_size)
+    rows = np.minimum(idx, n - 1)
+    x = capture(lm_params, jnp.asarray(contexts.tokens[rows]))[site]
+    f = encode(sae, x.reshape(-1, x.shape[-1]))
+    valid = (contexts.mask[rows] & (idx < n)[:, None]).reshape(-1)
+    stats = accumulate.update(stats, f, jnp.asarray(valid), jnp.int32(start * seq), edges32,
+                              seq_len=seq, left=settings.window_left,
+                              right=settings.window_right, seed=settings.seed)
+    bar.update(int(valid.sum()))
+  bar.close()
+  return stats
+
+
+_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_strings(tokenizer, ids) -> list[str]:
+  """Display strings of token ids, one per id (SentencePiece '▁' as a space, byte pieces
+  as their character when printable)."""
+  out = []
+  for i in ids:
+    piece = tokenizer.id_to_piece(int(i))
+    m = _BYTE.match(piece)
+    if m:
+      b = int(m.group(1), 16)
+      piece = chr(b) if 32 <= b < 127 or b in (9, 10) else piece
+    out.append(piece.replace("\u2581", " "))
+  return out
+
+
+def _example(token: int, value: float, window: np.ndarray, contexts: TokenContexts,
+             settings: BrowseSettings, strings) -> dict:
+  """One example: its text window, the latent's activation per token, where it sits."""
+  seq = contexts.seq_len
+  c, p = divmod(int(token), seq)
+  lo, hi = max(0, p - settings.window_left), min(seq, p + settings.window_right + 1)
+  ids = contexts.tokens[c, lo:hi]
+  keep = contexts.mask[c, lo:hi] | (np.arange(lo, hi) == p)
+  offset = settings.window_left - (p - lo)
+  values = window[offset:offset + (hi - lo)]
+  ids, values = ids[keep], values[keep]
+  return dict(context=c, position=p, value=float(value),
+              token_index=int(np.flatnonzero(np.arange(lo, hi)[keep] == p)[0]),
+              tokens=strings(ids), token_ids=[int(t) for t in ids],
+              values=[float(v) for v in values])
+
+
+def latent_records(stats: accumulate.LatentStats, contexts: TokenContexts, tokenizer,
+                   settings: BrowseSettings, edges: np.ndarray, latents=None) -> list[dict]:
+  """Per-latent dicts (id, density, max, mean, histogram, top examples, band samples).
+
+  Quantile bands split [0, max activation] into `n_bands` equal ranges (highest first);
+  each shows up to `per_band` examples drawn, in priority order, from the uniform sample
+  and then the top examples that fall in it, with the fraction of all tokens it holds
+  estimated from the histogram.
+  """
+  s = jax.tree.map(np.asarray, jax.device_get(stats))
+  tokens_seen = int(s.tokens_seen)
+  cache: dict[int, str] = {}
+
+  def strings(ids):
+    missing = [int(i) for i in ids if int(i) not in cache]
+    cache.update(zip(missing, token_strings(tokenizer, missing)))
+    return [cache[int(i)] for i in ids]
+
+  centres = np.sqrt(edges[:-1] * edges[1:])
+  records = []
+  for l in (range(s.fire_count.shape[0]) if latents is None else latents):
+    n_fire, vmax = int(s.fire_count[l]), float(s.max_value[l])
+    top = [_example(t, v, w, contexts, settings, strings)
+           for t, v, w in zip(s.top_tokens[l], s.top_values[l], s.top_windows[l]) if t >= 0]
+    pool = [(t, v, w) for t, v, w in zip(s.sample_tokens[l], s.sample_values[l],
+                                         s.sample_windows[l]) if t >= 0]
+    pool += [(t, v, w) for t, v, w in zip(s.top_tokens[l], s.top_values[l], s.top_windows[l])
+             if t >= 0 and t not in {p[0] for p in pool}]
+    bands = []
+    for b in reversed(range(settings.n_bands)):
+      lo, hi = vmax * b / settings.n_bands, vmax * (b + 1) / settings.n_bands
+      inside = [p for p in pool if lo < p[1] <= hi or (b == 0 and p[1] <= hi)]
+      in_hist = (centres > lo) & (centres <= hi)
+      bands.append(dict(min=lo, max=hi,
+                        contains=float(s.hist_counts[l][in_hist].sum()) / max(tokens_seen, 1),
+                        examples=[_example(t, v, w, contexts, settings, strings)
+                                  for t, v, w in inside[:settings.per_band]]))
+    records.append(dict(
+        id=int(l), fire_count=n_fire, density=n_fire / max(tokens_seen, 1), max=vmax,
+        mean=float(s.sum_value[l]) / max(n_fire, 1),
+        hist=[int(c) for c in s.hist_counts[l]], top=top, bands=bands))
+  return records
+
+
+__all__ = ["BrowseSettings", "latent_records", "stream", "token_strings"]

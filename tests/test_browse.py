@@ -1,0 +1,150 @@
+"""The browse pass against brute force: top-N per latent (ties, silent latents), the
+uniform sample, histograms, logit effects, latent sharding, and the site in Chromium."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsae
+from jsae import saes
+from jsae.browse import accumulate, logits, stream
+from jsae.data.text import TokenContexts
+from jsae.lm import gemma
+
+SITE = "resid_post.1"
+D_SAE = 48
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+  config = gemma.get_config("tiny_gemma2")
+  return gemma.init_params(jax.random.key(0), config), config
+
+
+def _sae(d_in, d_sae=D_SAE, seed=0):
+  family = saes.get("jumprelu")
+  params = family.init(jax.random.key(seed), d_in=d_in, d_sae=d_sae, init_threshold=0.05)
+  # A few latents never fire (threshold far above any pre-activation).
+  params = params.replace(threshold=params.threshold.at[:3].set(1e6))
+  return jsae.SAE.from_training(params, norm_scale=1.0)
+
+
+def _contexts(vocab, n=9, seq=16, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab, (n, seq)).astype(np.int32)
+  tokens[:, 0] = 2
+  mask = np.ones_like(tokens, bool)
+  mask[:, 0] = False
+  tokens[-1, 10:] = 0
+  mask[-1, 10:] = False
+  return TokenContexts(tokens, mask)
+
+
+def _all_acts(sae, params, config, ctx):
+  """`[n * seq, d_sae]` activations, 0 at masked positions: the brute-force reference."""
+  _, cap = gemma.forward(params, jnp.asarray(ctx.tokens), config, capture=(SITE,))
+  f = np.asarray(sae.encode(cap[SITE].reshape(-1, config.d_model)))
+  return np.where(ctx.mask.reshape(-1)[:, None], f, 0.0)
+
+
+SETTINGS = stream.BrowseSettings(n_top=5, n_samples=7, window_left=3, window_right=2,
+                                 batch_size=2, seed=11)
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_lm):
+  params, config = tiny_lm
+  sae, ctx = _sae(config.d_model), _contexts(config.vocab_size)
+  edges = accumulate.hist_edges(1e-3, 1e3, 10)
+  stats = stream.stream(sae, params, config, SITE, ctx, SETTINGS, edges=edges, progress=False)
+  return sae, ctx, edges, jax.tree.map(np.asarray, stats), _all_acts(sae, params, config, ctx)
+
+
+def _window(acts, g, latent, seq):
+  c, p = divmod(g, seq)
+  out = np.zeros(SETTINGS.window)
+  for j, o in enumerate(range(-SETTINGS.window_left, SETTINGS.window_right + 1)):
+    if 0 <= p + o < seq:
+      out[j] = acts[c * seq + p + o, latent]
+  return out
+
+
+def test_top_examples_equal_brute_force_including_silent_latents(streamed):
+  sae, ctx, _, s, acts = streamed
+  seq = ctx.seq_len
+  assert (s.fire_count[:3] == 0).all() and (s.top_tokens[:3] == -1).all()
+  checked = 0
+  for l in range(D_SAE):
+    col = acts[:, l]
+    order = sorted(np.flatnonzero(col > 0), key=lambda g: (-col[g], g))[:SETTINGS.n_top]
+    got = [t for t in s.top_tokens[l] if t >= 0]
+    assert got == [int(g) for g in order], l
+    np.testing.assert_allclose(s.top_values[l][:len(got)], col[order], rtol=1e-5)
+    for j, g in enumerate(order):
+      np.testing.assert_allclose(s.top_windows[l, j], _window(acts, g, l, seq), rtol=1e-5,
+                                 atol=1e-6)
+    checked += len(got)
+  assert checked > 3 * D_SAE  # most latents fire on this text
+
+
+def test_ties_go_to_the_earlier_token():
+  acts = np.zeros((2 * 8, 2), np.float32)
+  acts[[3, 5, 9, 12], 0] = 2.0  # four tied tokens across two batches
+  acts[7, 0] = 1.0
+  stats = accumulate.init(2, n_top=3, n_samples=2, window=1, n_bins=4)
+  edges = jnp.asarray(accumulate.hist_edges(0.1, 10, 2), jnp.float32)
+  for b in range(2):
+    stats = accumulate.update(stats, jnp.asarray(acts[b * 8:(b + 1) * 8]), jnp.ones(8, bool),
+                              jnp.int32(b * 8), edges, seq_len=8, left=0, right=0, seed=0)
+  assert list(np.asarray(stats.top_tokens[0])) == [3, 5, 9]
+  assert list(np.asarray(stats.top_tokens[1])) == [-1, -1, -1]
+
+
+def test_uniform_sample_is_the_bottom_k_priorities(streamed):
+  sae, ctx, _, s, acts = streamed
+  for l in range(D_SAE):
+    active = np.flatnonzero(acts[:, l] > 0)
+    prio = accumulate.priority(SETTINGS.seed, active, np.full_like(active, l))
+    expected = active[np.argsort(prio, kind="stable")][:SETTINGS.n_samples]
+    got = s.sample_tokens[l][s.sample_tokens[l] >= 0]
+    assert sorted(got) == sorted(expected), l
+    np.testing.assert_allclose(np.sort(s.sample_values[l][s.sample_tokens[l] >= 0]),
+                               np.sort(acts[expected, l]), rtol=1e-4, atol=1e-5)
+
+
+def test_histograms_and_counts_equal_numpy(streamed):
+  sae, ctx, edges, s, acts = streamed
+  for l in range(D_SAE):
+    col = acts[:, l]
+    np.testing.assert_array_equal(s.hist_counts[l], np.histogram(col[col > 0], bins=edges)[0])
+    assert s.fire_count[l] == (col > 0).sum()
+    np.testing.assert_allclose(s.max_value[l], col.max(), rtol=1e-6)
+  assert s.tokens_seen == ctx.n_tokens
+
+
+def test_logit_effects_equal_a_direct_matmul(tiny_lm):
+  params, config = tiny_lm
+  sae = _sae(config.d_model)
+  eff = logits.logit_effects(sae.params.W_dec, params, config, SITE, k=4, chunk=20)
+  full = (np.asarray(sae.params.W_dec) * (1 + np.asarray(params["final_norm"]))) @ np.asarray(
+      params["embed"]).T
+  np.testing.assert_array_equal(eff.top_tokens, np.argsort(-full, axis=1, kind="stable")[:, :4])
+  np.testing.assert_allclose(eff.top_values, -np.sort(-full, axis=1)[:, :4], rtol=1e-5)
+  np.testing.assert_allclose(eff.bottom_values, np.sort(full, axis=1)[:, :4], rtol=1e-5)
+  assert (eff.hist_heights.sum(1) == config.vocab_size).all()
+
+
+def test_latent_sharded_pass_equals_one_device(tiny_lm, streamed):
+  params, config = tiny_lm
+  sae, ctx, edges, single, _ = streamed
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+  sharded_sae = sae.shard(mesh)
+  specs = jax.tree.map(lambda a: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("model") if a.ndim else jax.sharding.PartitionSpec()),
+      accumulate.init(D_SAE, n_top=1, n_samples=1, window=1, n_bins=1))
+  stats = stream.stream(sharded_sae, params, config, SITE, ctx, SETTINGS, edges=edges,
+                        stats_sharding=specs, progress=False)
+  assert stats.top_values.sharding.spec == jax.sharding.PartitionSpec("model")
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
