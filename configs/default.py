@@ -130,6 +130,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # steps between held-out FVU/L0/dead checks during training (0: off)
   c.eval.batches = 4  # held-out batches for those checks (a fixed set)
 
+  c.browse = ml_collections.ConfigDict()  # jsae browse: what each latent's page shows
+  c.browse.max_tokens = 0  # held-out tokens streamed (0: all of text.max_eval_tokens)
+  c.browse.n_top = 20  # top-activating examples per latent
+  c.browse.n_samples = 64  # seeded uniform sample per latent that the quantile bands draw from
+  c.browse.n_bands = 5  # quantile bands: equal splits of [0, max activation] (as SAEDashboard)
+  c.browse.per_band = 5  # examples shown per band
+  c.browse.window_left = 12  # tokens of context shown before an example's token
+  c.browse.window_right = 4  # tokens of context shown after it
+  c.browse.batch_size = 4  # contexts per LM forward
+  c.browse.logit_tokens = 10  # top and bottom tokens of each latent's direct logit effect
+  c.browse.latents_per_file = 256  # latents per data file of the site (pages load one file)
+  c.browse.seed = 0  # seed of the uniform samples
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices along the batch axis (-1: all devices not used by 'model')
   c.mesh.model = 1  # devices along the latent axis (Megatron-style SAE sharding)

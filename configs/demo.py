@@ -23,6 +23,7 @@ def get_config(arg: str | None = None):
   c.harvest.batch_size = 2
   c.eval.lm_contexts = 32  # delta LM loss on 32 x 1023 targets (~6 min of the demo)
   c.eval.min_density_tokens = 100_000
+  c.browse.max_tokens = 30_000  # the feature browser's text (every latent; ~1 min of LM)
 
   c.data.source = "shards"  # the pipeline points data.shards_dir at the harvested shards
   c.data.batch_size = 1024

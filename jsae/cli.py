@@ -26,6 +26,8 @@ commands:
           (configs/sweep_tiny.py); members land in DIR/members/NAME as single runs;
           --dry_run as for train (configs/gemma2_9b.py: the paper's 9B sweeps)
   eval    --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_DIR|SWEEP_DIR   writes eval.json
+  browse  --config=CONFIG --sae=RUN_DIR|SAE_DIR --out=DIR   per-latent top contexts,
+          samples, histograms, logit effects: a static site (or --format=neuronpedia)
   export  RUN_DIR OUT [--format=jsae|gemma_scope|gemma_scope_2|saelens] [--layer=L ...]
   report  RUN_DIR... [--out=DIR]            plots and index.html over runs
   shards  info DIR | verify DIR             summarise / checksum activation shards
@@ -365,6 +367,46 @@ def cmd_eval(args: list[str]) -> int:
   return 0
 
 
+def cmd_browse(args: list[str]) -> int:
+  """`jsae browse`: every latent's top contexts, samples, histogram and logit effects."""
+  usage = ("usage: jsae browse --config=CONFIG --sae=RUN_DIR|SAE_DIR --out=DIR"
+           " [--workdir=DIR] [--format=site|neuronpedia] [--latents=3,17,...] [--step=N]\n"
+           "  streams config.text's held-out split through the LM to config.lm.site and the"
+           " SAE;\n  DIR/index.html is a static browser (open it in a browser), or"
+           " --format=neuronpedia\n  writes DIR/batch-N.json for a Neuronpedia upload."
+           " --workdir caches the tokenised text\n  (default: DIR). config.browse sets what"
+           " each page shows (configs/default.py).")
+  if _wants_help(args, usage):
+    return 0
+  from jsae import pipeline
+  from jsae.browse import run as browse_lib
+  config, workdir, extra = parse_config_flags(
+      "jsae browse", args, workdir_required=False,
+      extra=("sae", "out", "format", "latents", "step"))
+  if not extra["sae"] or not extra["out"]:
+    raise UsageError(f"jsae browse needs --sae and --out.\n{usage}")
+  try:
+    latents = ([int(x) for x in extra["latents"].split(",") if x.strip()]
+               if extra["latents"] else None)
+  except ValueError:
+    raise UsageError(f"--latents={extra['latents']}: expected latent ids such as"
+                     " --latents=3,17,42.") from None
+  sae, _ = _load_sae(extra["sae"], _int_flag("step", extra["step"]))
+  browse_lib.check_latents(latents, sae.d_sae)
+  out = Path(extra["out"]).absolute()
+  workdir = Path(workdir).absolute() if workdir else out
+  workdir.mkdir(parents=True, exist_ok=True)
+  pipeline.check_text_source(config)
+  lm = pipeline.load_lm(config)
+  contexts, text_source = pipeline.text_contexts(config, lm, workdir)
+  result = browse_lib.browse(config, sae, lm, contexts["eval"], out,
+                             fmt=extra["format"] or "site", text_source=text_source,
+                             latents=latents, say=pipeline.say)
+  print(f"wrote {result.path} ({len(result.records)} latent pages; {result.tokens:,} tokens at"
+        f" {result.tokens_per_s:,.0f} tokens/s; logit effects {result.logit_s:.1f}s)")
+  return 0
+
+
 def cmd_export(args: list[str]) -> int:
   """`jsae export RUN_DIR OUT --format=...`: the trained SAE in a release format."""
   usage = ("usage: jsae export RUN_DIR OUT [--format=jsae|gemma_scope|gemma_scope_2|saelens]\n"
@@ -403,7 +445,7 @@ def cmd_report(args: list[str]) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "harvest": cmd_harvest, "train": cmd_train, "sweep": cmd_sweep,
-            "eval": cmd_eval,
+            "eval": cmd_eval, "browse": cmd_browse,
             "export": cmd_export, "report": cmd_report, "shards": cmd_shards}
 
 

@@ -9,6 +9,7 @@ checkpoint and evaluation:
   WORKDIR/sae/                       the training run (checkpoints, metrics.jsonl)
   WORKDIR/sae/eval.json              evaluation (+ eval_firing_frequency.npy)
   WORKDIR/sae/export/                the SAE in the jsae format, raw LM units
+  WORKDIR/browser/index.html         the feature browser (jsae.browse)
   WORKDIR/report/index.html          plots and tables
 """
 
@@ -361,6 +362,28 @@ def export_stage(sae, export_dir: Path) -> Path:
   return export_dir
 
 
+def browse_stage(config, lm: LM, sae, contexts: dict, text_source: str, out_dir: Path):
+  """The feature browser of `sae` on the held-out text in `out_dir` (jsae.browse);
+  reused when its record says it was made from the same SAE, text and settings."""
+  from jsae.browse import run as browse_lib
+  record = out_dir / browse_lib.RECORD_NAME
+  if record.exists():
+    saved = json.loads(record.read_text())
+    wanted = dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)),
+                  settings=dataclasses.asdict(browse_lib.settings_from_config(config)))
+    if all(saved.get(k) == v for k, v in wanted.items()) and (out_dir / "index.html").exists():
+      say(f"reusing the feature browser in {out_dir}")
+      return out_dir / "index.html"
+  say(f"browsing {sae.d_sae} latents on held-out text -> {out_dir}")
+  if out_dir.exists():
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(out_dir)  # the pipeline's own output: rebuilt for the new SAE
+  result = browse_lib.browse(config, sae, lm, contexts["eval"], out_dir,
+                             text_source=text_source, say=say)
+  say(f"  logit effects of {sae.d_sae} latents in {result.logit_s:.1f}s")
+  return result.path
+
+
 def summary_table(metrics: dict, wall_s: float) -> str:
   """The demo's closing table."""
   rows = [("L0 (mean active latents)", f"{metrics['l0']:.1f}"),
@@ -398,8 +421,9 @@ def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   sae = sae_lib.SAE.from_run(run_dir)
   export_dir = export_stage(sae, run_dir / "export")
   metrics = eval_stage(config, lm, sae, contexts, dirs["eval"], run_dir / "eval.json")
+  browser = browse_stage(config, lm, sae, contexts, text_source, workdir / "browser")
   if report:
-    index = report_lib.write_report([run_dir], workdir / "report")
+    index = report_lib.write_report([run_dir], workdir / "report", browser=browser)
     say(f"report: {index}")
   wall = time.perf_counter() - t0
   say(f"done: SAE in {export_dir} (jsae format, raw LM units; load with jsae.load)\n"

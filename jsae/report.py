@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -190,6 +191,7 @@ pre {{ background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 <img src="curves.png" alt="training curves">
 <h2>Latent density</h2>
 {density}
+{browser}
 <h2>Configs</h2>
 {configs}
 <script>
@@ -205,8 +207,12 @@ window.addEventListener("load", () => {{
 """
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
-  """Writes the plots and index.html for `run_dirs` into `out_dir`; returns index.html."""
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, *,
+                 browser: str | Path | None = None) -> Path:
+  """Writes the plots and index.html for `run_dirs` into `out_dir`; returns index.html.
+
+  `browser`: a feature browser's index.html (`jsae browse`) to link to.
+  """
   if not run_dirs:
     raise ValueError("no run directories given; pass one or more training workdirs.")
   runs = [load_run(d) for d in run_dirs]
@@ -227,5 +233,14 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
   index.write_text(_PAGE.format(
       n=len(runs), rows="\n".join(_row(r) for r in runs),
       density="\n".join(density) or "<p>No evaluation yet (run <code>jsae eval</code>).</p>",
-      configs=configs))
+      configs=configs, browser=_browser_link(browser, out)))
   return index
+
+
+def _browser_link(browser, out: Path) -> str:
+  if browser is None:
+    return ""
+  target = Path(os.path.relpath(Path(browser).absolute(), out.absolute()))
+  return (f'<h2>Latents</h2><p><a href="{html.escape(target.as_posix())}">The feature browser'
+          "</a>: every latent's top contexts, quantile samples, histogram and logit"
+          " effects.</p>")

@@ -179,3 +179,46 @@ def test_harvest_of_real_tokens_equals_direct_capture(model, tok, tmp_path):
       # none of the harvested rows may be it.
       bos_norm = np.linalg.norm(full[:, 0], axis=-1).min()
       assert np.linalg.norm(rows, axis=-1).max() < 0.5 * bos_norm
+
+
+def test_browse_finds_a_planted_token_latent(model, tok):
+  """Latents built by hand to read one token's embedding direction at resid_post.0 have
+  that token at the highlighted position of every top example."""
+  import ml_collections
+  import jsae
+  from configs import default
+  from jsae import pipeline, saes
+  from jsae.browse import run as browse_lib
+  params, config = model
+  doc = text.shakespeare_documents()[0][:20000]
+  ids = np.asarray(tok.encode(doc))[: 8 * 256].reshape(8, 256)
+  ids[:, 0] = tok.bos_id
+  mask = np.ones_like(ids, bool)
+  mask[:, 0] = False
+  contexts = text.TokenContexts(ids.astype(np.int32), mask)
+  planted = [int(tok.encode(w)[0]) for w in (" the", " and", ",", " of")]
+  embed = np.asarray(params["embed"])[planted]
+  w_enc = (embed / np.linalg.norm(embed, axis=1, keepdims=True)).T  # [640, 4]
+  # Threshold: half the mean projection of the residual at the planted tokens.
+  _, cap = gemma.forward(params, jnp.asarray(ids), config, capture=("resid_post.0",))
+  proj = np.asarray(cap["resid_post.0"]).reshape(-1, 640) @ w_enc
+  flat = ids.reshape(-1)
+  theta = np.array([0.5 * proj[flat == t, i].mean() for i, t in enumerate(planted)])
+  family = saes.get("jumprelu")
+  p = family.init(jax.random.key(0), d_in=640, d_sae=4)
+  p = p.replace(W_enc=jnp.asarray(w_enc, jnp.float32), b_enc=jnp.zeros(4),
+                b_dec=jnp.zeros(640), threshold=jnp.asarray(theta, jnp.float32),
+                W_dec=jnp.asarray(w_enc.T, jnp.float32))
+  sae = jsae.SAE.from_training(p, norm_scale=1.0)
+  c = default.get_config()
+  c.lm.site = "resid_post.0"
+  c.browse.n_top, c.browse.batch_size = 10, 2
+  lm = pipeline.LM(params, config, tok, "gemma3_270m")
+  import tempfile
+  with tempfile.TemporaryDirectory() as out:
+    result = browse_lib.browse(c, sae, lm, contexts, out, text_source="hamlet", progress=False,
+                               say=lambda m: None)
+  for latent, token in enumerate(planted):
+    top = result.records[latent]["top"]
+    assert len(top) == 10
+    assert all(e["token_ids"][e["token_index"]] == token for e in top), (latent, token)
