@@ -182,11 +182,12 @@ def test_harvest_of_real_tokens_equals_direct_capture(model, tok, tmp_path):
 
 
 def test_browse_finds_a_planted_token_latent(model, tok):
-  """Latents built by hand to read one token's embedding direction at resid_post.0 have
-  that token at the highlighted position of every top example."""
-  import ml_collections
-  import jsae
+  """Latents built by hand to read one token each at resid_post.0 (the direction that
+  best separates that token's residuals from the rest: ridge LDA; a plain embedding
+  direction does not, Gemma's first block adds large shared components) have that token
+  at the highlighted position of every top example."""
   from configs import default
+  import jsae
   from jsae import pipeline, saes
   from jsae.browse import run as browse_lib
   params, config = model
@@ -197,18 +198,22 @@ def test_browse_finds_a_planted_token_latent(model, tok):
   mask[:, 0] = False
   contexts = text.TokenContexts(ids.astype(np.int32), mask)
   planted = [int(tok.encode(w)[0]) for w in (" the", " and", ",", " of")]
-  embed = np.asarray(params["embed"])[planted]
-  w_enc = (embed / np.linalg.norm(embed, axis=1, keepdims=True)).T  # [640, 4]
-  # Threshold: half the mean projection of the residual at the planted tokens.
   _, cap = gemma.forward(params, jnp.asarray(ids), config, capture=("resid_post.0",))
-  proj = np.asarray(cap["resid_post.0"]).reshape(-1, 640) @ w_enc
-  flat = ids.reshape(-1)
-  theta = np.array([0.5 * proj[flat == t, i].mean() for i, t in enumerate(planted)])
+  resid = np.asarray(cap["resid_post.0"]).reshape(-1, 640)[mask.reshape(-1)]
+  flat = ids.reshape(-1)[mask.reshape(-1)]
+  cov = np.cov(resid.T)
+  cov += 1e-3 * np.trace(cov) / 640 * np.eye(640)
+  dirs = np.stack([np.linalg.solve(cov, resid[flat == t].mean(0) - resid.mean(0))
+                   for t in planted])
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  proj = resid @ dirs.T
+  offset = proj.mean(0)
+  theta = np.array([0.5 * (proj[flat == t, i].mean() - offset[i]) for i, t in enumerate(planted)])
   family = saes.get("jumprelu")
   p = family.init(jax.random.key(0), d_in=640, d_sae=4)
-  p = p.replace(W_enc=jnp.asarray(w_enc, jnp.float32), b_enc=jnp.zeros(4),
+  p = p.replace(W_enc=jnp.asarray(dirs.T, jnp.float32), b_enc=jnp.asarray(-offset, jnp.float32),
                 b_dec=jnp.zeros(640), threshold=jnp.asarray(theta, jnp.float32),
-                W_dec=jnp.asarray(w_enc.T, jnp.float32))
+                W_dec=jnp.asarray(dirs, jnp.float32))
   sae = jsae.SAE.from_training(p, norm_scale=1.0)
   c = default.get_config()
   c.lm.site = "resid_post.0"
