@@ -40,6 +40,7 @@ CPU_SUITE = [
     ("loader", ""),
     ("eval", "--contexts 8"),
     ("harvest", ""),
+    ("browse", "--contexts 4"),
     ("lm_forward", ""),
 ]
 ACCELERATOR_SUITE = [
@@ -52,6 +53,7 @@ ACCELERATOR_SUITE = [
     ("loader", ""),
     ("eval", "--contexts 32 --memory_mb 16384 --forward_batch 8"),
     ("harvest", "--contexts 64 --batch 8"),
+    ("browse", "--contexts 32 --batch 8"),
     ("lm_forward", "--batch 16"),
 ]
 

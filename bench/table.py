@@ -31,6 +31,8 @@ BENCH_ORDER = {
               "fed from memory",
     "eval": "delta LM loss evaluation / one clean full forward with logits, Gemma 3 270M",
     "harvest": "Gemma 3 270M harvest to shards / the bare capture forward",
+    "browse": "the browse pass (LM, 16k-latent SAE, per-latent accumulators) / the harvest"
+              " of the same LM, site and text",
     "lm_forward": "the Gemma 3 270M forward stopped at the hooked layer / the full forward",
 }
 

@@ -32,7 +32,9 @@ import numpy as np
 from flax import struct
 
 _EMPTY = -1  # token index of an empty top / sample slot
-_NO_PRIORITY = np.int32(2**31 - 1)
+# Priorities are 24-bit integers held exactly in float32 (XLA's CPU top_k is an order
+# of magnitude faster on floats than on ints); equal priorities go to the earlier token.
+_NO_PRIORITY = np.float32(2**24)
 
 
 def hist_edges(low: float = 1e-3, high: float = 1e5, bins_per_decade: int = 20) -> np.ndarray:
@@ -50,7 +52,7 @@ class LatentStats:
     top_values: `[d_sae, n_top]` largest activations, descending (0 where empty).
     top_tokens: `[d_sae, n_top]` their global token indices (-1 where empty).
     top_windows: `[d_sae, n_top, window]` the latent's activations around each.
-    sample_priority: `[d_sae, n_samples]` hash priorities, ascending (max where empty).
+    sample_priority: `[d_sae, n_samples]` float32 hash priorities, ascending (2^24 where empty).
     sample_values: `[d_sae, n_samples]` the sampled activations.
     sample_tokens: `[d_sae, n_samples]` their global token indices (-1 where empty).
     sample_windows: `[d_sae, n_samples, window]` the latent's activations around each.
@@ -82,7 +84,7 @@ def init(d_sae: int, *, n_top: int, n_samples: int, window: int, n_bins: int) ->
       top_values=jnp.zeros((d_sae, n_top), f32),
       top_tokens=jnp.full((d_sae, n_top), _EMPTY, i32),
       top_windows=jnp.zeros((d_sae, n_top, window), f32),
-      sample_priority=jnp.full((d_sae, n_samples), _NO_PRIORITY, i32),
+      sample_priority=jnp.full((d_sae, n_samples), _NO_PRIORITY, f32),
       sample_values=jnp.zeros((d_sae, n_samples), f32),
       sample_tokens=jnp.full((d_sae, n_samples), _EMPTY, i32),
       sample_windows=jnp.zeros((d_sae, n_samples, window), f32),
@@ -94,7 +96,8 @@ def init(d_sae: int, *, n_top: int, n_samples: int, window: int, n_bins: int) ->
 
 
 def priority(seed: int, tokens: jax.Array, latents: jax.Array) -> jax.Array:
-  """int32 in [0, 2^31 - 1): a hash of (seed, global token index, latent) (a murmur3 finaliser).
+  """An integer in [0, 2^24) as float32: a hash of (seed, global token index, latent)
+  (a murmur3 finaliser).
 
   Works on numpy arrays too (the tests' brute force uses the same function).
   """
@@ -104,7 +107,7 @@ def priority(seed: int, tokens: jax.Array, latents: jax.Array) -> jax.Array:
   for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
     h = (h ^ (h >> xp.uint32(shift))) * xp.uint32(mult)
   h = h ^ (h >> xp.uint32(16))
-  return (h >> xp.uint32(1)).astype(xp.int32) % xp.int32(_NO_PRIORITY)
+  return (h >> xp.uint32(8)).astype(xp.float32)
 
 
 def _windows(acts_t: jax.Array, flat: jax.Array, seq_len: int, left: int, right: int
@@ -178,11 +181,14 @@ def update(stats: LatentStats, acts: jax.Array, valid: jax.Array, first_token: j
   sample_windows = take(jnp.concatenate([stats.sample_windows, new_windows], axis=1))
   sample_priority = take(all_prio)
 
-  # Histogram over fixed edges (numpy.histogram's convention: the last bin is closed).
+  # Histogram over fixed log-spaced edges (numpy.histogram's convention: the last bin is
+  # closed): the bin from the logarithm, then corrected against the edges themselves.
   n_bins = edges.shape[0] - 1
-  bins = jnp.searchsorted(edges, acts_t, side="right") - 1
-  bins = jnp.where(acts_t == edges[-1], n_bins - 1, bins)
-  in_range = active & (bins >= 0) & (bins < n_bins)
+  log_lo, log_hi = jnp.log(edges[0]), jnp.log(edges[-1])
+  guess = jnp.floor((jnp.log(jnp.maximum(acts_t, 1e-30)) - log_lo) / (log_hi - log_lo) * n_bins)
+  bins = jnp.clip(guess.astype(jnp.int32), 0, n_bins - 1)
+  bins = bins - (acts_t < edges[bins]) + ((acts_t >= edges[bins + 1]) & (bins < n_bins - 1))
+  in_range = active & (acts_t >= edges[0]) & (acts_t <= edges[-1])
   flat = jnp.where(in_range, latent_ids * n_bins + bins, d_sae * n_bins)  # out of range: dropped
   hist = jnp.zeros(d_sae * n_bins + 1, jnp.int32).at[flat.reshape(-1)].add(1)[:-1]
 
