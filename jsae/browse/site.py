@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1100px}
 table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}
@@ -191,7 +193,6 @@ def write_site(out_dir: str | Path, records: list[dict], logit_strings: list[dic
   """Writes the browser for `records` (`stream.latent_records`, every latent, in id
   order) into `out_dir`; returns index.html. `logit_strings[l]` is
   {'pos': [[token, value], ...], 'neg': [...]}."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   out = Path(out_dir)
   (out / "data").mkdir(parents=True, exist_ok=True)
   (out / "browse.js").write_text(_SCRIPT)
@@ -209,7 +210,7 @@ def write_site(out_dir: str | Path, records: list[dict], logit_strings: list[dic
   for k in range(0, len(records), per_file):
     chunk = [_compact(r, edges, logit_strings[r["id"]]) for r in records[k:k + per_file]]
     (out / "data" / f"latents-{k // per_file:05d}.js").write_text(
-        f"JSAE.chunk({k // per_file}, {json.dumps(chunk, separators=(',', ':'))});\n")
+        _script("chunk", chunk).replace("JSAE.chunk(", f"JSAE.chunk({k // per_file}, ", 1))
   return out / "index.html"
 
 
