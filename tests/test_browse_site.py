@@ -7,26 +7,16 @@ import re
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 
 pytest.importorskip("gguf")
 pytest.importorskip("sentencepiece")
 
-import tiny_gguf
 from jsae import cli, pipeline
 
-from test_stages import WORDS, _config
+from test_stages import _config, inputs  # noqa: F401  (the tiny GGUF LM and its text)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("browse_inputs")
-  model = tiny_gguf.make_tiny_gguf(root / "tiny.gguf")
-  text = tiny_gguf.write_corpus(root / "text", WORDS, n_docs=24, words_per_doc=120)
-  return model, text
 
 
 @pytest.fixture(scope="module")
