@@ -287,12 +287,14 @@ def _wants_help(args, usage: str) -> bool:
 
 def cmd_demo(args: list[str]) -> int:
   """`jsae demo`: the embedded default job end to end (configs/demo.py)."""
-  if _wants_help(args, "usage: jsae demo [--workdir=runs/demo] [--config=demo] [--config.FIELD=V]"):
+  if _wants_help(args, "usage: jsae demo [--workdir=runs/demo] [--config=demo] [--config.FIELD=V]"
+                 " [--allow_changes=optim.lr,...]"):
     return 0
-  from jsae import pipeline
-  config, workdir = parse_config_flags("jsae demo", args, workdir_required=False,
-                                       default_config="demo")
-  pipeline.run(config, workdir or "runs/demo")
+  from jsae import pipeline, resume
+  config, workdir, extra = parse_config_flags("jsae demo", args, workdir_required=False,
+                                              default_config="demo", extra=("allow_changes",))
+  pipeline.run(config, workdir or "runs/demo",
+               allow_changes=resume.parse_allow_changes(extra["allow_changes"], config))
   return 0
 
 

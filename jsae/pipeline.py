@@ -261,8 +261,10 @@ def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Pat
   return out
 
 
-def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = None):
-  """Trains (or resumes, or reuses) the SAE on the harvested shards."""
+def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = None, *,
+                allow_changes: tuple[str, ...] = ()):
+  """Trains (or resumes, or reuses) the SAE on the harvested shards; `allow_changes` as
+  for `train.train`."""
   from jsae import checkpoint, config as config_lib, train
   config.data.source, config.data.shards_dir = "shards", str(train_dir)
   if eval_dir is not None:
@@ -276,7 +278,7 @@ def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = 
   else:
     say(f"training a {config.sae.d_sae}-latent {config.sae.family} SAE for {total} steps"
         + (f" (resuming at step {latest})" if latest else ""))
-  return train.train(config, run_dir)
+  return train.train(config, run_dir, allow_changes=allow_changes)
 
 
 def eval_definition(config, lm: LM, sae, contexts: dict, eval_dir: Path) -> dict:
@@ -400,8 +402,13 @@ def summary_table(metrics: dict, wall_s: float) -> str:
   return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def run(config, workdir: str | Path, *, report: bool = True) -> dict:
-  """All stages (see the module docstring); returns the evaluation metrics."""
+def run(config, workdir: str | Path, *, report: bool = True,
+        allow_changes: tuple[str, ...] = ()) -> dict:
+  """All stages (see the module docstring); returns the evaluation metrics.
+
+  `allow_changes`: optim/loss fields the training stage may resume with changed
+  (`jsae demo --allow_changes=optim.lr`, e.g. after a divergence).
+  """
   from jsae import report as report_lib, sae as sae_lib
   t0 = time.perf_counter()
   workdir = Path(workdir).expanduser().absolute()
@@ -417,7 +424,8 @@ def run(config, workdir: str | Path, *, report: bool = True) -> dict:
   contexts, text_source = text_contexts(config, lm, workdir)
   dirs = harvest_stage(config, lm, contexts, text_source, workdir)
   run_dir = workdir / "sae"
-  result = train_stage(config, dirs["train"], run_dir, dirs["eval"])
+  result = train_stage(config, dirs["train"], run_dir, dirs["eval"],
+                       allow_changes=allow_changes)
   sae = sae_lib.SAE.from_run(run_dir)
   export_dir = export_stage(sae, run_dir / "export")
   metrics = eval_stage(config, lm, sae, contexts, dirs["eval"], run_dir / "eval.json")

@@ -153,3 +153,15 @@ def test_differences_names_nested_fields():
       "a.b: was 1, now 2"]
   assert stages.differences(None, {"a": 1}) == ["no definition recorded (written by an older jsae)"]
   assert stages.differences({"a": 1}, {"a": 1}) == []
+
+
+def test_changed_learning_rate_is_refused_unless_allowed(inputs, finished, tmp_path, capsys):
+  from jsae import config as config_lib, resume
+  workdir = _copy(finished, tmp_path)
+  with pytest.raises(config_lib.ConfigError, match="--allow_changes=optim.lr"):
+    _rerun(inputs, workdir, capsys, optim__lr=1e-4, train__num_tokens=50 * 256)
+  capsys.readouterr()
+  pipeline.run(_config(inputs, optim__lr=1e-4, train__num_tokens=50 * 256), workdir,
+               report=False, allow_changes=("optim.lr",))
+  assert "resuming at step 40" in capsys.readouterr().out
+  assert resume.read_history(workdir / "sae")[-1]["changes"]["optim.lr"]["now"] == 1e-4
