@@ -369,13 +369,15 @@ def browse_stage(config, lm: LM, sae, contexts: dict, text_source: str, out_dir:
   reused when its record says it was made from the same SAE, text and settings."""
   from jsae.browse import run as browse_lib
   record = out_dir / browse_lib.RECORD_NAME
-  if record.exists():
-    saved = json.loads(record.read_text())
-    wanted = dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)),
-                  settings=dataclasses.asdict(browse_lib.settings_from_config(config)))
-    if all(saved.get(k) == v for k, v in wanted.items()) and (out_dir / "index.html").exists():
+  if record.exists() and (out_dir / "index.html").exists():
+    wanted = browse_lib.browse_definition(
+        config, sae, lm, browse_lib.browsed_contexts(config, contexts["eval"]), text_source,
+        "site")
+    changed = stages.differences(json.loads(record.read_text()), wanted)
+    if not changed:
       say(f"reusing the feature browser in {out_dir}")
       return out_dir / "index.html"
+    say(f"browsing again: {out_dir} was made from other inputs ({'; '.join(changed)})")
   say(f"browsing {sae.d_sae} latents on held-out text -> {out_dir}")
   if out_dir.exists():
     import shutil  # pylint: disable=import-outside-toplevel

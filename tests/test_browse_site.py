@@ -121,3 +121,17 @@ def test_pages_render_search_and_highlight_in_headless_chromium(demo, tmp_path):
                   f"{(browser / 'latent.html').as_uri()}?id={busy}"], capture_output=True,
                  timeout=120)
   assert shot.stat().st_size > 20000
+
+
+def test_browse_stage_is_reused_only_for_the_same_inputs(demo, inputs, tmp_path, capsys):
+  workdir, _ = demo
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  capsys.readouterr()
+  pipeline.run(_config(inputs), copy, report=False)
+  assert "reusing the feature browser" in capsys.readouterr().out
+  c = _config(inputs)
+  c.browse.max_tokens = 500
+  pipeline.run(c, copy, report=False)
+  out = capsys.readouterr().out
+  assert "browsing again" in out and "settings.max_tokens" not in out and "contexts: was" in out

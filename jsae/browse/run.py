@@ -37,6 +37,23 @@ def settings_from_config(config) -> stream.BrowseSettings:
                                seed=b.seed)
 
 
+def browsed_contexts(config, contexts):
+  """The held-out contexts the pass streams: the first `config.browse.max_tokens` tokens."""
+  if config.browse.max_tokens <= 0:
+    return contexts
+  kept = int(np.searchsorted(np.cumsum(contexts.mask.sum(1)), config.browse.max_tokens)) + 1
+  return contexts.take(slice(0, kept))
+
+
+def browse_definition(config, sae, lm, contexts, text_source: str, fmt: str) -> dict:
+  """What defines a browser: the SAE's weights, the site, the LM, the streamed text,
+  the settings and the format (recorded in DIR/browse.json)."""
+  return dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)), site=config.lm.site,
+              lm=lm.definition(), text_source=text_source, format=fmt,
+              settings=dataclasses.asdict(settings_from_config(config)),
+              contexts=stages.array_fingerprint(contexts.tokens, contexts.mask))
+
+
 def _check_out_dir(out: Path, definition: dict, fmt: str) -> None:
   record = out / RECORD_NAME
   if record.exists():
@@ -108,18 +125,13 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
   evals.check_sae_matches_site(sae.d_in, lm.config, site_name)
   latents = check_latents(latents, sae.d_sae)
   settings = settings_from_config(config)
-  if config.browse.max_tokens > 0:
-    kept = int(np.searchsorted(np.cumsum(contexts.mask.sum(1)), config.browse.max_tokens)) + 1
-    contexts = contexts.take(slice(0, kept))
+  contexts = browsed_contexts(config, contexts)
   if contexts.n_tokens < settings.n_top:
     raise BrowseError(f"the held-out text has {contexts.n_tokens} tokens, fewer than the"
                       f" {settings.n_top} examples asked per latent; raise"
                       " config.text.max_eval_tokens or lower config.browse.n_top.")
   out = Path(out_dir)
-  definition = dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)), site=site_name,
-                    lm=lm.definition(), text_source=text_source, format=fmt,
-                    settings=dataclasses.asdict(settings),
-                    contexts=stages.array_fingerprint(contexts.tokens, contexts.mask))
+  definition = browse_definition(config, sae, lm, contexts, text_source, fmt)
   _check_out_dir(out, definition, fmt)
 
   edges = accumulate.hist_edges()
