@@ -16,7 +16,6 @@ checkpoint and evaluation:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
