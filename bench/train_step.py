@@ -16,13 +16,13 @@ CPU: >= 0.7 (JumpReLU), >= 0.75 for the other families at 640x16384x4096.
     python bench/train_step.py --sparse 10,25,50,100,200 [--shapes 640x16384x4096]
 
 With `--sparse`: the JumpReLU step with thresholds set so that L0 is each
-given value, dense against the sparse step (`sae.sparse_capacity`: 4x L0
-rounded up to a power of two, more if a row needs it), on the same state and
+given value, dense against the sparse step (`sae.sparse_capacity`: the
+adaptive capacity for the batch's largest row, `ops.sparse.fit_capacity`), on the same state and
 batch; the ratio is sparse / dense tokens/s (target >= 2 at L0 ~ 50 on CPU),
 and where it falls below 1 is the crossover. `--family topk,batchtopk` (or
 `all`) measures those families' sparse steps with k = each L0 (capacity k for
-TopK, 4k for BatchTopK), on a fresh state where no latent is dead (AuxK, which
-takes the dense path, does not run).
+TopK, the fit to the largest row for BatchTopK), on a fresh state where no
+latent is dead (AuxK, which takes the dense path, does not run).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ of this checkout
 from configs import default  # pylint: disable=wrong-import-position
 from jsae import optim, saes, train
+from jsae.ops import sparse
 from bench.measurement import Measurement, at_least, emit, machine  # pylint: disable=wrong-import-position
 from bench.measurement import median_seconds as _time  # pylint: disable=wrong-import-position
 
@@ -99,9 +100,9 @@ def bench_sparse(d_in: int, d_sae: int, batch: int, l0: float, repeats: int,
     mask, _ = saes.get(family).select(state.params, pre, int(l0), None)
     row_candidates = int(jnp.max(jnp.sum(mask, -1)))
     measured_l0 = float(jnp.mean(jnp.sum(mask, -1)))
-  capacity = int(l0) if family == "topk" else max(32, 1 << (int(4 * l0) - 1).bit_length())
-  while capacity < row_candidates:
-    capacity *= 2
+  # What the trainer's adaptive capacity picks for this batch (TopK: exactly k), without
+  # its cut-off to dense, so that the bench measures past it.
+  capacity = int(l0) if family == "topk" else sparse.fit_capacity(row_candidates)
   out = dict(family=family, shape=f"{d_in}x{d_sae}x{batch}", l0=measured_l0,
              capacity=capacity, max_row=row_candidates)
   for name, cap in (("dense", 0), ("sparse", capacity)):

@@ -138,14 +138,13 @@ def train_step(state: TrainState, batch: jax.Array, hparams: dict, *,
                                decoder_unit_norm=settings.decoder_unit_norm,
                                settings=settings.loss)
 
-  fires = out.f != 0  # [batch, d_sae]
-  fired = jnp.any(fires, axis=0)
+  fired = jnp.any(out.f != 0, axis=0) if out.fired is None else out.fired  # [d_sae]
   steps_since_fired = jnp.where(fired, 0, state.steps_since_fired + 1)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          steps_since_fired=steps_since_fired, family_state=out.state)
   if not with_metrics:
     return new_state, dict(loss=loss)
-  metrics = _step_metrics(loss, out, x, fires, steps_since_fired, grads, settings)
+  metrics = _step_metrics(loss, out, x, out.f != 0, steps_since_fired, grads, settings)
   metrics.update(family.metrics(out, settings.loss))
   return new_state, metrics
 

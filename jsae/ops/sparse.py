@@ -21,7 +21,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "batch_chunk", "capacity_rule"]
+__all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "gathered_encode", "latent_sums",
+           "scatter_rows", "batch_chunk", "capacity_rule", "fit_capacity", "adapt_capacity"]
 
 # On XLA:CPU the sparse step beats the dense one up to a capacity of about 1/64 of
 # d_sae (bench/train_step.py --sparse, 640 x 16384 x 4096: JumpReLU 1.20-1.75x at
@@ -57,6 +58,38 @@ def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4) ->
     return 0
   cap = max(32, 1 << (int(math.ceil(headroom * expected_l0)) - 1).bit_length())
   return cap if cap <= MAX_CAPACITY_FRACTION * d_sae else 0
+
+
+# Capacities the adaptive step picks are multiples of this (few recompiles, little
+# padding: the gathers and scatters cost in proportion to the capacity).
+CAPACITY_STEP = 32
+
+# Headroom of the adaptive capacity over the largest row seen in a logged batch: the
+# batches in between vary (one whose row exceeds it takes the dense path).
+ADAPT_HEADROOM = 1.25
+
+
+def fit_capacity(need: float, headroom: float = ADAPT_HEADROOM) -> int:
+  """`headroom` x `need` candidates per row, rounded up to a multiple of `CAPACITY_STEP`."""
+  return CAPACITY_STEP * max(1, math.ceil(headroom * need / CAPACITY_STEP))
+
+
+def adapt_capacity(current: int, need: float, d_sae: int) -> int:
+  """The adaptive sparse step's next capacity (0: dense), from `need`, the largest
+  row's candidate count in the latest logged batch, and the `current` capacity.
+
+  It grows at once to `fit_capacity(need)` when `need` outgrows the current
+  headroom, and shrinks only when that fit is at most 3/4 of the current capacity
+  (so a need wobbling around a boundary does not recompile the step back and
+  forth); dense when the fit exceeds `MAX_CAPACITY_FRACTION` of d_sae, where the
+  dense step is faster.
+  """
+  want = fit_capacity(need)
+  if want > MAX_CAPACITY_FRACTION * d_sae:
+    return 0
+  if current <= 0 or want > current or want <= 0.75 * current:
+    return want
+  return current
 
 
 def candidates(mask: jax.Array, capacity: int, block: int = CANDIDATE_BLOCK
@@ -179,3 +212,48 @@ def _sparse_grad_matmul_bwd(chunk, residuals, g):
 
 
 sparse_grad_matmul.defvjp(_sparse_grad_matmul_fwd, _sparse_grad_matmul_bwd)
+
+
+def latent_sums(vals: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+  """out[j] = sum of vals[b, k] over the entries with idx[b, k] == j: [batch, cap] -> [n]."""
+  return jax.ops.segment_sum(vals.reshape(-1), idx.reshape(-1), num_segments=n)
+
+
+def scatter_rows(vals: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+  """The dense `[batch, n]` array that is `vals[b, k]` at `idx[b, k]` and 0 elsewhere
+  (a row's indices are distinct, as `candidates` returns them)."""
+  rows = jnp.arange(vals.shape[0])[:, None]
+  return jnp.zeros((vals.shape[0], n), vals.dtype).at[rows, idx].set(vals)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gathered_encode(x: jax.Array, b: jax.Array, w: jax.Array, idx: jax.Array,
+                    value: jax.Array, chunk: int) -> jax.Array:
+  """`(x - b) @ w` at each row's `idx` only: `x: [batch, d_in]`, `b: [d_in]`,
+  `w: [d_in, d_sae]`, `idx, value: [batch, cap]` -> `[batch, cap]`.
+
+  `value` is that result, already gathered from the caller's dense matmul
+  (which also chose `idx`), and is returned as is. The backward scatters dw
+  from the `cap` entries per row alone and gives db = -(per-latent sums of the
+  cotangent) @ w.T; `x` is data and gets no gradient. The cotangent must be 0
+  on padding entries (mask them before the loss uses them).
+  """
+  del x, b, w, idx, chunk
+  return value
+
+
+def _gathered_encode_fwd(x, b, w, idx, value, chunk):
+  del chunk
+  return value, (x, b, w, idx)
+
+
+def _gathered_encode_bwd(chunk, residuals, g):
+  x, b, w, idx = residuals
+  g = g.astype(jnp.float32)
+  x_in = x.astype(jnp.float32) - b.astype(jnp.float32)
+  dw = _scatter_outer(g, idx, x_in, w.shape[1], chunk).T
+  db = -jnp.matmul(latent_sums(g, idx, w.shape[1]), w.T.astype(jnp.float32))
+  return jnp.zeros_like(x), db.astype(b.dtype), dw.astype(w.dtype), None, jnp.zeros_like(g)
+
+
+gathered_encode.defvjp(_gathered_encode_fwd, _gathered_encode_bwd)

@@ -86,6 +86,9 @@ class Output:
     state: the family state after this batch.
     parts: {name: scalar} loss parts, logged every logging step.
     extras: family intermediates its `metrics` reads (e.g. pre-activations).
+    fired: `[d_sae]` bool, latents non-zero in some row of the batch; None: the
+      trainer derives it from `f` (a family whose sparse step never needs the
+      dense `f` gives it, so that `f` is built only on logging steps).
   """
 
   f: jax.Array
@@ -93,6 +96,7 @@ class Output:
   state: Any
   parts: dict
   extras: dict
+  fired: Any = None
 
 
 class Family:

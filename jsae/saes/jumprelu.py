@@ -13,6 +13,7 @@ there f = pi * 1[pi > max(theta, 0)] (= ReLU(pi) 1[pi > theta], SAELens's
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,20 @@ class JumpReLUSettings:
   sparsity_warmup_steps: int = 0
   compute_dtype: str = "float32"
   sparse_capacity: int = 0
+
+
+class _Latents(NamedTuple):
+  """One forward's results. `values`, `gates` and `dec_norms` are what the sparsity
+  penalties sum over the last axis: `[batch, d_sae]` (dense; `dec_norms: [d_sae]`)
+  or each row's candidates `[batch, capacity]` (sparse)."""
+
+  pre: jax.Array  # [batch, d_sae] pre-activations (metrics, the pre-activation loss)
+  f: jax.Array  # [batch, d_sae] latents
+  x_hat: jax.Array  # [batch, d_in]
+  values: jax.Array
+  gates: jax.Array
+  dec_norms: jax.Array
+  fired: jax.Array  # [d_sae] bool
 
 
 def raw_threshold(params: JumpReLUParams) -> JumpReLUParams:
@@ -234,65 +249,86 @@ class JumpReLUFamily(base.Family):
       dead: `[d_sae]` bool, latents that have not fired for a while.
       step: `[]` the update's step (for the lambda warm-up).
     """
-    eps, ste = hparams["bandwidth"], settings.ste_to_input
+    eps = hparams["bandwidth"]
     coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
     theta = params.theta()
+    terms = lambda latents: self._loss_terms(params, x, latents, theta, coeff, hparams,
+                                             dead, settings)
+    dense = lambda: terms(self._dense_latents(params, x, theta, eps, settings))
     if settings.sparse_capacity:
-      pre, f, x_hat = self._sparse_forward(params, x, theta, eps, settings)
+      overflow, sparse_latents = self._sparse_latents(params, x, theta, eps, settings)
+      total, parts, (pre, f, x_hat, fired) = jax.lax.cond(
+          overflow, dense, lambda: terms(sparse_latents()))
     else:
-      pre, f, x_hat = self._dense_forward(params, x, theta, eps, settings)
-    gates = heaviside(pre, theta, eps, ste_to_input=ste)
-    rec = losses.reconstruction(x, x_hat)
+      total, parts, (pre, f, x_hat, fired) = dense()
+    return total, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
+                              extras=dict(pre=pre, theta=theta, bandwidth=eps), fired=fired)
+
+  def _loss_terms(self, params, x, latents: "_Latents", theta, coeff, hparams, dead,
+                  settings):
+    """(total loss, its parts, (pre, f, x_hat, fired)) of one forward (dense or sparse):
+    the same shapes either way, so that a `lax.cond` can choose."""
+    rec = losses.reconstruction(x, latents.x_hat)
     if settings.sparsity == "step":
-      sparsity = losses.step_l0(gates)
+      sparsity = losses.step_l0(latents.gates)
     elif settings.sparsity == "tanh":
-      sparsity = losses.tanh_penalty(f, ops.decoder_norms(params.W_dec), settings.tanh_scale)
+      sparsity = losses.tanh_penalty(latents.values, latents.dec_norms, settings.tanh_scale)
     elif settings.sparsity == "quadratic":
-      sparsity = losses.quadratic_l0(gates, hparams["target_l0"])
+      sparsity = losses.quadratic_l0(latents.gates, hparams["target_l0"])
     else:
       raise ValueError(f"unknown sparsity penalty {settings.sparsity!r};"
                        " use 'step', 'tanh' or 'quadratic'.")
     total = rec + coeff * sparsity
     pre_act = jnp.zeros((), jnp.float32)
-    if settings.pre_act_coeff > 0:
+    if settings.pre_act_coeff > 0:  # dense forward only (`check_values`)
       mask = dead if settings.pre_act_dead_only else None
-      pre_act = losses.pre_activation(pre, theta, ops.decoder_norms(params.W_dec), mask)
+      pre_act = losses.pre_activation(latents.pre, theta, ops.decoder_norms(params.W_dec), mask)
       total = total + settings.pre_act_coeff * pre_act
     parts = dict(reconstruction=rec, sparsity=sparsity, pre_act=pre_act, sparsity_coeff=coeff)
-    return total, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
-                              extras=dict(pre=pre, theta=theta, bandwidth=eps))
+    return total, parts, (latents.pre, latents.f, latents.x_hat, latents.fired)
 
-  def _dense_forward(self, params, x, theta, eps, settings):
-    """(pre, f, x_hat) with dense matmuls."""
-    cdt = settings.compute_dtype
+  def _dense_latents(self, params, x, theta, eps, settings) -> "_Latents":
+    """The forward with dense matmuls; the penalties see every latent."""
+    cdt, ste = settings.compute_dtype, settings.ste_to_input
     pre = self.pre_activations(params, x, compute_dtype=cdt)
-    f = jumprelu(pre, theta, eps, ste_to_input=settings.ste_to_input)
-    return pre, f, self.decode(params, f, compute_dtype=cdt)
+    f = jumprelu(pre, theta, eps, ste_to_input=ste)
+    return _Latents(pre=pre, f=f, x_hat=self.decode(params, f, compute_dtype=cdt),
+                    values=f, gates=heaviside(pre, theta, eps, ste_to_input=ste),
+                    dec_norms=ops.decoder_norms(params.W_dec), fired=jnp.any(f != 0, axis=0))
 
-  def _sparse_forward(self, params, x, theta, eps, settings):
-    """`_dense_forward` with the decoder and the encoder's gradients over each row's
-    candidate latents (active or in the straight-through window: pi > theta - eps/2);
-    the dense path when a row has more than `settings.sparse_capacity` of them.
+  def _sparse_latents(self, params, x, theta, eps, settings):
+    """(overflow `[]` bool, the sparse forward as a thunk): the dense encoder matmul picks
+    each row's candidate latents (active or in the straight-through window:
+    pi > theta - eps/2); everything after it runs on those `sparse_capacity`
+    entries per row, so no `[batch, d_sae]` array is built (the dense `f` and `pre`
+    only when metrics read them). `overflow`: a row has more candidates than the
+    capacity, and the caller takes the dense forward instead.
 
-    Exact because only candidates carry a value (f) or a gradient (df reaches
-    theta inside the window; dpi = df where active, as `ste_to_input` is off).
+    Exact because only candidates carry a value (f) or a gradient (df reaches theta
+    inside the window; dpi = df where active, as `ste_to_input` is off).
     """
-    cap, cdt = settings.sparse_capacity, settings.compute_dtype
+    cap, cdt, d_sae = settings.sparse_capacity, settings.compute_dtype, params.d_sae
     b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros_like(params.b_dec)
     value = jax.lax.stop_gradient(ops.matmul(x - b_in, params.W_enc, cdt))
-    low = jax.lax.stop_gradient(theta - eps / 2 - params.b_enc)
+    # A little below the window's edge, so rounding in value + b_enc never leaves a
+    # latent of the window out (a spare candidate costs nothing but a slot).
+    low = jax.lax.stop_gradient(theta - eps / 2 - params.b_enc - eps / 64)
     idx, valid, overflow = sparse.candidates(value > low, cap)
     chunk = sparse.batch_chunk(x.shape[0], sparse.ROWS_PER_STEP // cap)
 
-    def sparse_path():
-      pre = sparse.sparse_grad_matmul(x, b_in, params.W_enc, idx, valid, value,
-                                      chunk) + params.b_enc
-      f = jumprelu(pre, theta, eps)
-      vals = jnp.where(valid, jnp.take_along_axis(f, idx, 1), 0.0)
-      return pre, f, sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
+    def forward() -> _Latents:
+      pre_c = sparse.gathered_encode(x, b_in, params.W_enc, idx,
+                                     jnp.take_along_axis(value, idx, 1), chunk) + params.b_enc[idx]
+      theta_c = theta[idx]
+      f_c = jnp.where(valid, jumprelu(pre_c, theta_c, eps), 0.0)
+      x_hat = sparse.sparse_decode(f_c, idx, params.W_dec, chunk) + params.b_dec
+      fired = sparse.latent_sums((f_c != 0).astype(jnp.float32), idx, d_sae) > 0
+      return _Latents(
+          pre=value + params.b_enc, f=sparse.scatter_rows(f_c, idx, d_sae), x_hat=x_hat,
+          values=f_c, gates=jnp.where(valid, heaviside(pre_c, theta_c, eps), 0.0),
+          dec_norms=ops.decoder_norms(params.W_dec)[idx], fired=fired)
 
-    return jax.lax.cond(overflow, lambda: self._dense_forward(params, x, theta, eps, settings),
-                        sparse_path)
+    return overflow, forward
 
   def metrics(self, output: base.Output, settings) -> dict:
     """Threshold health: share of pre-activations in the window, theta quantiles."""
