@@ -31,6 +31,7 @@ P = jax.sharding.PartitionSpec
 
 from jsae import checkpoint, data, evals, losses, optim, resume, saes, sharding, stopping
 from jsae import sae as sae_lib
+from jsae.ops import sparse
 from jsae import config as config_lib
 
 
@@ -459,13 +460,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           + f" (recorded in {workdir / resume.HISTORY_NAME})")
 
   hparams = jax.device_put(hyperparams(config), jax.sharding.NamedSharding(mesh, P()))
-  step_fns = {
-      with_metrics: jax.jit(
-          functools.partial(train_step, settings=settings, optimizer=optimizer,
-                            with_metrics=with_metrics),
-          in_shardings=(state_sharding, batch_sharding, None),
-          out_shardings=(state_sharding, None), donate_argnums=0)
-      for with_metrics in (False, True)}
+  step_fns = _StepFunctions(settings, optimizer, state_sharding, batch_sharding)
+  capacity = _SparseCapacity(config, settings, meta)
   meta = resume.checkpoint_meta(config, source)
 
   # -- Held-out evaluation set (fixed batches), if configured.
@@ -489,9 +485,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       batch = sharding.global_batch(source.batch(step), batch_sharding, config.data.batch_size)
       done = step + 1
       is_log, is_ckpt, is_eval = step_events(config, done, num_steps, bool(held_out))
-      state, metrics = step_fns[is_log or is_ckpt](state, batch, hparams)
+      state, metrics = step_fns(is_log or is_ckpt, capacity.now)(state, batch, hparams)
       if is_log or is_ckpt:
         metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        capacity.observe(metrics_host)
         bad = [k for k, v in metrics_host.items() if not math.isfinite(v)]
         if is_ckpt and not bad and not bool(_all_finite(state.params)):
           bad = ["parameters"]
@@ -521,7 +518,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                         dead=f"{metrics_host['dead_frac']:.2f}", refresh=False)
       preempted = stop.reached(done) and done < num_steps
       if is_ckpt or preempted:
-        checkpoint.save(manager, done, state, meta)
+        checkpoint.save(manager, done, state, capacity.record(meta))
         last_good = done
       bar.update(1)
       if preempted:
@@ -540,6 +537,61 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   return TrainResult(state=state, metrics=metrics_host, steps=done, workdir=workdir,
                      preempted=preempted, stop_reason=stop.reason if preempted else None,
                      warnings=warnings)
+
+
+class _StepFunctions:
+  """The jitted train steps, one per (with_metrics, sparse capacity), compiled on first use."""
+
+  def __init__(self, settings: StepSettings, optimizer, state_sharding, batch_sharding):
+    self._settings, self._optimizer = settings, optimizer
+    self._shardings = (state_sharding, batch_sharding)
+    self._compiled: dict = {}
+
+  def __call__(self, with_metrics: bool, capacity: int):
+    key = (with_metrics, capacity)
+    if key not in self._compiled:
+      settings = self._settings
+      if capacity != getattr(settings.loss, "sparse_capacity", 0):  # adaptive families only
+        settings = dataclasses.replace(
+            settings, loss=dataclasses.replace(settings.loss, sparse_capacity=capacity))
+      state_sharding, batch_sharding = self._shardings
+      self._compiled[key] = jax.jit(
+          functools.partial(train_step, settings=settings, optimizer=self._optimizer,
+                            with_metrics=with_metrics),
+          in_shardings=(state_sharding, batch_sharding, None),
+          out_shardings=(state_sharding, None), donate_argnums=0)
+    return self._compiled[key]
+
+
+class _SparseCapacity:
+  """The sparse step's capacity during a run (0: dense).
+
+  Fixed unless the family adapts it (`adapts_capacity`: JumpReLU with
+  `sae.sparse_capacity=-1`); then each logging step's `max_candidates` re-picks it
+  (`ops.sparse.adapt_capacity`). A function of the logged batches alone, and saved
+  in each checkpoint's meta, so a resumed run picks the same capacities as an
+  unbroken one (the capacity changes the summation order, not the result beyond
+  float rounding).
+  """
+
+  META_KEY = "sparse_capacity"
+
+  def __init__(self, config, settings: StepSettings, meta: dict | None):
+    self.adaptive = saes.get(config.sae.family).adapts_capacity(config)
+    self.now = int(getattr(settings.loss, "sparse_capacity", 0))
+    if self.adaptive and meta is not None and self.META_KEY in meta:
+      self.now = int(meta[self.META_KEY])
+    self._d_sae = int(config.sae.d_sae)
+
+  def observe(self, metrics: dict) -> None:
+    """Logs the capacity the step ran with and, if adaptive, picks the next one."""
+    if self.adaptive:
+      metrics[self.META_KEY] = float(self.now)
+      self.now = sparse.adapt_capacity(self.now, metrics["max_candidates"], self._d_sae)
+
+  def record(self, meta: dict) -> dict:
+    """`meta` with the capacity the next step runs with (what a resume continues from)."""
+    return dict(meta, **{self.META_KEY: self.now}) if self.adaptive else meta
 
 
 def optim_lr(config, num_steps: int, step: int) -> float:

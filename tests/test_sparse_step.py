@@ -1,14 +1,16 @@
 """The sparse JumpReLU train step against the dense one, its ops against dense
 matmuls, and the rule that picks it."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from configs import default, tiny
 from jsae import config as config_lib
-from jsae import optim, saes, train
+from jsae import data, optim, saes, train
 from jsae.ops import sparse
 
 
@@ -256,3 +258,68 @@ def test_candidates_find_every_true_entry_in_two_passes(block):
     assert not mask[r, idx[r][~valid[r]]].any()  # ...that are not candidates
   mask[5, :cap + 1] = True
   assert bool(sparse.candidates(jnp.asarray(mask), cap, block=block)[2])
+
+
+@pytest.mark.parametrize("current,need,d_sae,capacity", [
+    (0, 20, 16384, 32),  # dense -> the fit: 1.25 x 20 rounded up to 32
+    (0, 113, 16384, 160),  # 141 -> 160
+    (160, 120, 16384, 160),  # fits the headroom: unchanged
+    (160, 129, 16384, 192),  # outgrows it: grows at once
+    (160, 90, 16384, 160),  # fit 128 > 3/4 x 160: no shrink (hysteresis)
+    (160, 70, 16384, 96),  # fit 96 <= 120: shrinks
+    (256, 500, 16384, 0),  # fit 640 > 16384 / 32: dense
+    (0, 30, 512, 0),  # 32 > 512 / 32 = 16: dense
+])
+def test_adapt_capacity(current, need, d_sae, capacity):
+  assert sparse.adapt_capacity(current, need, d_sae) == capacity
+
+
+def _adaptive_config(**overrides):
+  c = tiny.get_config()
+  c.mesh.data = c.mesh.model = 1
+  c.sae.d_sae, c.data.batch_size, c.sae.init_threshold = 4096, 256, 0.45  # L0 ~ 2, up to ~50 in a row
+  c.sae.bandwidth = 0.01  # a narrow window: few candidates beside the active latents
+  c.optim.eps = 1e-4  # rounding noise stays noise (see `_config`)
+  c.train.num_tokens, c.train.log_every, c.ckpt.every_steps = 60 * 256, 10, 30
+  for k, v in overrides.items():
+    group, field = k.split("__")
+    c[group][field] = v
+  return c
+
+
+def test_trainer_adapts_the_capacity_equals_the_dense_run_and_resumes_exactly(tmp_path):
+  """`sparse_capacity=-1` starts dense (L0 unknown for sparsity='step'), switches to the
+  sparse step at the first logging step, matches a dense run and resumes bit for bit
+  (the capacity in use is restored from the checkpoint, not re-derived)."""
+  adaptive = train.train(_adaptive_config(), tmp_path / "adaptive", progress=False)
+  log = [json.loads(l) for l in (tmp_path / "adaptive/metrics.jsonl").read_text().splitlines()]
+  capacities = [r["sparse_capacity"] for r in log]
+  assert capacities[0] == 0 and all(c > 0 for c in capacities[1:]), capacities
+  assert all(r["max_candidates"] <= 256 for r in log[1:]), [r["max_candidates"] for r in log]
+
+  dense = train.train(_adaptive_config(sae__sparse_capacity=0), tmp_path / "dense",
+                      progress=False)
+  for a, b in zip(jax.tree.leaves(dense.state.params), jax.tree.leaves(adaptive.state.params)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(a), 1e-6)
+
+  class Crashing:  # a preemption in the middle of the second checkpoint interval
+    def __init__(self, inner):
+      self.inner, self.d_in, self.norm_scale = inner, inner.d_in, inner.norm_scale
+      self.batch_size = inner.batch_size
+
+    def batch(self, step):
+      if step == 37:
+        raise KeyboardInterrupt("simulated preemption")
+      return self.inner.batch(step)
+
+    def close(self):
+      self.inner.close()
+
+  config = _adaptive_config()
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, tmp_path / "resumed", progress=False,
+                source=Crashing(data.make_source(config)))
+  resumed = train.train(config, tmp_path / "resumed", progress=False)
+  for a, b in zip(jax.tree.leaves(adaptive.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

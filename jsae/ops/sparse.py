@@ -24,11 +24,16 @@ import jax.numpy as jnp
 __all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "gathered_encode", "latent_sums",
            "scatter_rows", "batch_chunk", "capacity_rule", "fit_capacity", "adapt_capacity"]
 
-# On XLA:CPU the sparse step beats the dense one up to a capacity of about 1/64 of
-# d_sae (bench/train_step.py --sparse, 640 x 16384 x 4096: JumpReLU 1.20-1.75x at
-# capacity 256, 0.91x at 512; BatchTopK 1.24x at 256, 0.89x at 512); beyond that the
-# gathers and scatter-adds cost more than the matmuls they replace (bench/sparse_ops.py).
+# On XLA:CPU the TopK and BatchTopK sparse steps (whose elementwise work stays dense)
+# beat the dense one up to a capacity of about 1/64 of d_sae (bench/train_step.py
+# --sparse, 640 x 16384 x 4096: BatchTopK 1.24x at capacity 256, 0.89x at 512); beyond
+# that the gathers and scatter-adds cost more than the matmuls they replace.
 MAX_CAPACITY_FRACTION = 1 / 64
+
+# The same for a step that, after the encoder matmul, runs on the candidates alone
+# (JumpReLU): 640 x 16384 x 4096, sparse/dense 2.34x at capacity 160 (L0 50), 1.81x at
+# 288, 1.24x at 480, 0.85x at 832 (bench/train_step.py --sparse, this 2-core CPU).
+MAX_COMPACT_CAPACITY_FRACTION = 1 / 32
 
 
 # Gathered or scattered rows per step of the chunked loops: ~2k rows of d_in (a few
@@ -46,18 +51,19 @@ def batch_chunk(batch: int, target: int = 256) -> int:
   return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
 
 
-def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4) -> int:
+def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4,
+                  max_fraction: float = MAX_CAPACITY_FRACTION) -> int:
   """The sparse step's capacity for an expected L0, or 0 (dense) when it would not pay.
 
   `headroom` x the expected L0 (4: rows vary, and JumpReLU's straight-through
   window adds candidates; 1 for TopK, whose rows hold exactly k), rounded up to
   a power of two, at least 32; dense when the L0 is not known in advance or the
-  capacity exceeds `MAX_CAPACITY_FRACTION` of d_sae.
+  capacity exceeds `max_fraction` of d_sae.
   """
   if expected_l0 is None or expected_l0 <= 0:
     return 0
   cap = max(32, 1 << (int(math.ceil(headroom * expected_l0)) - 1).bit_length())
-  return cap if cap <= MAX_CAPACITY_FRACTION * d_sae else 0
+  return cap if cap <= max_fraction * d_sae else 0
 
 
 # Capacities the adaptive step picks are multiples of this (few recompiles, little
@@ -81,11 +87,11 @@ def adapt_capacity(current: int, need: float, d_sae: int) -> int:
   It grows at once to `fit_capacity(need)` when `need` outgrows the current
   headroom, and shrinks only when that fit is at most 3/4 of the current capacity
   (so a need wobbling around a boundary does not recompile the step back and
-  forth); dense when the fit exceeds `MAX_CAPACITY_FRACTION` of d_sae, where the
-  dense step is faster.
+  forth); dense when the fit exceeds `MAX_COMPACT_CAPACITY_FRACTION` of d_sae,
+  where the dense step is faster.
   """
   want = fit_capacity(need)
-  if want > MAX_CAPACITY_FRACTION * d_sae:
+  if want > MAX_COMPACT_CAPACITY_FRACTION * d_sae:
     return 0
   if current <= 0 or want > current or want <= 0.75 * current:
     return want

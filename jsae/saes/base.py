@@ -189,6 +189,12 @@ class Family:
     del output, settings
     return {}
 
+  def adapts_capacity(self, config) -> bool:
+    """Whether the trainer re-picks `settings.sparse_capacity` on logging steps from the
+    logged `max_candidates` metric (`ops.sparse.adapt_capacity`)."""
+    del config
+    return False
+
   def constrain(self, params: Params, settings=None) -> Params:
     """Projects parameters back onto their constraint set after an update."""
     del settings

@@ -104,6 +104,13 @@ class _Latents(NamedTuple):
   fired: jax.Array  # [d_sae] bool
 
 
+def candidate_floor(theta: jax.Array, bandwidth) -> jax.Array:
+  """Pre-activations above this may carry a value or a gradient: the straight-through
+  window's lower edge theta - eps/2, less eps/64 so that rounding never leaves a latent
+  of the window out (a spare candidate costs only a slot of the sparse step)."""
+  return theta - bandwidth / 2 - bandwidth / 64
+
+
 def raw_threshold(params: JumpReLUParams) -> JumpReLUParams:
   """The same SAE with a raw float32 threshold theta (converts a log threshold)."""
   return params.replace(threshold=params.theta().astype(jnp.float32), log_threshold=False)
@@ -133,7 +140,8 @@ class JumpReLUFamily(base.Family):
           "ste_to_input": Field(False, "Anthropic variant: pass the estimator to the"
                                 " pre-activations too"),
           "sparse_capacity": Field(-1, "latents per row of the sparse train step (active or"
-                                   " in the window); 0: dense; -1: auto (ops.sparse.capacity_rule)"),
+                                   " in the window); 0: dense; -1: auto (from the target L0, then"
+                                   " the logged max_candidates: ops.sparse.adapt_capacity)"),
       },
       "loss": {
           "sparsity": Field("step", "'step' (L0, Gemma Scope), 'tanh' (Anthropic),"
@@ -200,7 +208,8 @@ class JumpReLUFamily(base.Family):
     if s.sparse_capacity >= 0:
       return int(s.sparse_capacity)
     expected = l.target_l0 if l.sparsity == "quadratic" else None
-    return sparse.capacity_rule(s.d_sae, expected)
+    return sparse.capacity_rule(s.d_sae, expected,
+                                max_fraction=sparse.MAX_COMPACT_CAPACITY_FRACTION)
 
   def init_kwargs(self, config) -> dict:
     """`init` options from the config."""
@@ -310,9 +319,7 @@ class JumpReLUFamily(base.Family):
     cap, cdt, d_sae = settings.sparse_capacity, settings.compute_dtype, params.d_sae
     b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros_like(params.b_dec)
     value = jax.lax.stop_gradient(ops.matmul(x - b_in, params.W_enc, cdt))
-    # A little below the window's edge, so rounding in value + b_enc never leaves a
-    # latent of the window out (a spare candidate costs nothing but a slot).
-    low = jax.lax.stop_gradient(theta - eps / 2 - params.b_enc - eps / 64)
+    low = jax.lax.stop_gradient(candidate_floor(theta, eps) - params.b_enc)
     idx, valid, overflow = sparse.candidates(value > low, cap)
     chunk = sparse.batch_chunk(x.shape[0], sparse.ROWS_PER_STEP // cap)
 
@@ -335,8 +342,15 @@ class JumpReLUFamily(base.Family):
     pre, theta = output.extras["pre"], output.extras["theta"]
     in_window = jnp.abs(pre - theta) < output.extras["bandwidth"] / 2
     q10, q50, q90 = jnp.quantile(theta, jnp.array([0.1, 0.5, 0.9]))
+    candidates = pre > candidate_floor(theta, output.extras["bandwidth"])
     return dict(window_frac=jnp.mean(in_window.astype(jnp.float32)),
-                theta_p10=q10, theta_p50=q50, theta_p90=q90)
+                theta_p10=q10, theta_p50=q50, theta_p90=q90,
+                max_candidates=jnp.max(jnp.sum(candidates, -1)).astype(jnp.float32))
+
+  def adapts_capacity(self, config) -> bool:
+    """With `sae.sparse_capacity=-1` (auto) wherever the sparse step applies."""
+    return config.sae.sparse_capacity == -1 and not (config.sae.ste_to_input
+                                                     or config.loss.pre_act_coeff > 0)
 
   def constrain(self, params: JumpReLUParams, settings=None) -> JumpReLUParams:
     """Keeps a raw threshold non-negative (theta = 0 makes JumpReLU a ReLU)."""
