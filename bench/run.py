@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (benchmark, arguments) per kind of machine: the shapes the issues set targets on.
 CPU_SUITE = [
     ("train_step", "--family all --shapes 640x16384x4096"),
-    ("train_step", "--sparse 10,25,50,100,200 --shapes 640x16384x4096"),
-    ("train_step", "--sparse 32,64,128 --family topk,batchtopk --shapes 640x16384x4096"),
+    ("train_step", "--sparse 10,25,50,100,200,400 --shapes 640x16384x4096"),
+    ("train_step", "--sparse 32,128,256 --family topk,batchtopk --shapes 640x16384x4096"),
     ("sparse_ops", ""),
     ("sweep", "--shapes 64x512x256,640x16384x4096 --steps 50,3 --loop vmap"),
     ("sweep", "--shapes 64x512x256,640x16384x4096 --steps 50,3 --loop map"),

@@ -567,7 +567,7 @@ class _SparseCapacity:
   """The sparse step's capacity during a run (0: dense).
 
   Fixed unless the family adapts it (`adapts_capacity`: JumpReLU with
-  `sae.sparse_capacity=-1`); then each logging step's `max_candidates` re-picks it
+  `sae.sparse_capacity=-1`, on CPU); then each logging step's `max_candidates` re-picks it
   (`ops.sparse.adapt_capacity`). A function of the logged batches alone, and saved
   in each checkpoint's meta, so a resumed run picks the same capacities as an
   unbroken one (the capacity changes the summation order, not the result beyond
@@ -577,7 +577,11 @@ class _SparseCapacity:
   META_KEY = "sparse_capacity"
 
   def __init__(self, config, settings: StepSettings, meta: dict | None):
-    self.adaptive = saes.get(config.sae.family).adapts_capacity(config)
+    # Measured to pay on XLA:CPU only (docs/performance.md); on accelerators, where
+    # the dense matmuls run near peak and the gathers do not, `-1` keeps the family's
+    # rule until a GPU/TPU measurement says otherwise.
+    self.adaptive = (saes.get(config.sae.family).adapts_capacity(config)
+                     and jax.default_backend() == "cpu")
     self.now = int(getattr(settings.loss, "sparse_capacity", 0))
     if self.adaptive and meta is not None and self.META_KEY in meta:
       self.now = int(meta[self.META_KEY])

@@ -37,22 +37,29 @@ def test_sparse_decode_and_its_gradients_equal_the_dense_matmul():
   np.testing.assert_allclose(d_w, d_w_dense, rtol=1e-5, atol=1e-6)
 
 
-def test_sparse_grad_matmul_equals_the_dense_gradients_when_the_cotangent_is_sparse():
+def test_gathered_encode_and_its_gradients_equal_the_dense_matmul_at_idx():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((12, 5)).astype(np.float32))
   b = jnp.asarray(rng.standard_normal(5).astype(np.float32))
   w = jnp.asarray(rng.standard_normal((5, 40)).astype(np.float32))
-  weights, idx, valid, _ = _sparse_rows(rng, 12, 40, 6, 4)  # cotangent non-zero on idx only
+  weights, idx, valid, _ = _sparse_rows(rng, 12, 40, 6, 4)  # the loss reads idx only
+  weights_c = jnp.take_along_axis(weights, idx, 1)
 
-  def loss(b, w, fn):
-    return jnp.sum(fn(b, w) * weights)
+  def sparse_loss(b, w):
+    pre_c = sparse.gathered_encode(x, b, w, idx, jnp.take_along_axis((x - b) @ w, idx, 1), 3)
+    return jnp.sum(jnp.where(valid, pre_c, 0.0) * weights_c)
 
-  sparse_fn = lambda b, w: sparse.sparse_grad_matmul(x, b, w, idx, valid, (x - b) @ w, 3)
-  got = jax.grad(loss, argnums=(0, 1))(b, w, sparse_fn)
-  want = jax.grad(loss, argnums=(0, 1))(b, w, lambda b, w: (x - b) @ w)
+  got = jax.grad(sparse_loss, argnums=(0, 1))(b, w)
+  want = jax.grad(lambda b, w: jnp.sum(((x - b) @ w) * weights), argnums=(0, 1))(b, w)
   for a, c in zip(got, want):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(sparse_fn(b, w), (x - b) @ w)
+
+
+def test_latent_sums_and_scatter_rows_equal_numpy():
+  rng = np.random.default_rng(2)
+  f, idx, _, vals = _sparse_rows(rng, 12, 40, 6, 4)
+  np.testing.assert_allclose(sparse.scatter_rows(vals, idx, 40), f)
+  np.testing.assert_allclose(sparse.latent_sums(vals, idx, 40), np.asarray(f).sum(0), rtol=1e-6)
 
 
 def test_candidates_pad_and_report_overflow():
@@ -65,12 +72,12 @@ def test_candidates_pad_and_report_overflow():
 
 
 @pytest.mark.parametrize("d_sae,expected_l0,capacity", [
-    (16384, 50, 256),  # 4 x 50 -> 256 <= 16384 / 64
-    (16384, 100, 0),  # 512 > 16384 / 64: measured slower than dense
+    (16384, 50, 256),  # 4 x 50 -> 256 <= 16384 / 32
+    (16384, 100, 512),  # 400 -> 512 = 16384 / 32
     (16384, None, 0),  # L0 unknown in advance: dense
-    (16384, 200, 0),  # 1024 > 512: the dense step is faster
+    (16384, 200, 0),  # 1024 > 512: measured slower than dense
     (4096, 3, 32),  # never below 32
-    (512, 3, 0),  # 32 > 512 / 64
+    (512, 3, 0),  # 32 > 512 / 32
 ])
 def test_capacity_rule(d_sae, expected_l0, capacity):
   assert sparse.capacity_rule(d_sae, expected_l0) == capacity
@@ -222,7 +229,7 @@ def test_topk_sparse_capacity_rule_and_validation():
   fam = saes.get("topk")
   c = _topk_config("topk", -1, 32)
   c.sae.d_sae = 16384
-  assert fam.settings(c).sparse_capacity == 32  # 32 <= 16384 / 64: sparse, capacity k
+  assert fam.settings(c).sparse_capacity == 32  # 32 <= 16384 / 32: sparse, capacity k
   c.sae.k = 1024
   assert fam.settings(c).sparse_capacity == 0  # too many latents a row: dense
   c = _topk_config("topk", 4, 8)

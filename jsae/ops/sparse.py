@@ -3,10 +3,12 @@
 At L0 ~ 50 of 16k latents, four of a JumpReLU step's five [batch, d_in, d_sae]
 matmuls multiply mostly zeros: the decoder forward f @ W_dec, the decoder-weight
 gradient f^T g, the gradient into the latents g @ W_dec^T and the encoder
-gradient x^T dpre (the pre-encoder bias needs only the batch sum of dpre). Given per row the indices of the at most
-`capacity` latents that may carry a value or a gradient (`candidates`), each
-becomes a gather or a scatter-add of `capacity` rows of d_in; only the encoder
-forward stays dense (it decides which latents are candidates).
+gradient x^T dpre (the pre-encoder bias needs only the per-latent sums of dpre).
+Given per row the indices of the at most `capacity` latents that may carry a
+value or a gradient (`candidates`), each becomes a gather or a scatter-add of
+`capacity` rows of d_in (`sparse_decode`, `gathered_encode`); only the encoder
+forward stays dense (it decides which latents are candidates), and the
+elementwise work runs on the `[batch, capacity]` entries alone.
 
 The chunked shapes are the ones that run well on XLA:CPU (bench/sparse_ops.py):
 a scan over the capacity for the forward, chunks of batch rows for the
@@ -21,19 +23,15 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["candidates", "sparse_decode", "sparse_grad_matmul", "gathered_encode", "latent_sums",
+__all__ = ["candidates", "sparse_decode", "gathered_encode", "latent_sums",
            "scatter_rows", "batch_chunk", "capacity_rule", "fit_capacity", "adapt_capacity"]
 
-# On XLA:CPU the TopK and BatchTopK sparse steps (whose elementwise work stays dense)
-# beat the dense one up to a capacity of about 1/64 of d_sae (bench/train_step.py
-# --sparse, 640 x 16384 x 4096: BatchTopK 1.24x at capacity 256, 0.89x at 512); beyond
-# that the gathers and scatter-adds cost more than the matmuls they replace.
-MAX_CAPACITY_FRACTION = 1 / 64
-
-# The same for a step that, after the encoder matmul, runs on the candidates alone
-# (JumpReLU): 640 x 16384 x 4096, sparse/dense 2.34x at capacity 160 (L0 50), 1.81x at
-# 288, 1.24x at 480, 0.85x at 832 (bench/train_step.py --sparse, this 2-core CPU).
-MAX_COMPACT_CAPACITY_FRACTION = 1 / 32
+# On XLA:CPU the sparse step beats the dense one up to a capacity of about 1/24 of
+# d_sae; 1/32 keeps a margin (bench/train_step.py --sparse, 640 x 16384 x 4096,
+# sparse/dense: JumpReLU 2.34x at capacity 160 (L0 50), 1.81x at 288, 1.24x at 480,
+# 0.85x at 832; TopK 1.49x at 256; BatchTopK 1.28x at 352, 0.89x at 576). Beyond it
+# the gathers and scatter-adds cost more than the matmuls they replace.
+MAX_CAPACITY_FRACTION = 1 / 32
 
 
 # Gathered or scattered rows per step of the chunked loops: ~2k rows of d_in (a few
@@ -51,19 +49,18 @@ def batch_chunk(batch: int, target: int = 256) -> int:
   return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
 
 
-def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4,
-                  max_fraction: float = MAX_CAPACITY_FRACTION) -> int:
+def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4) -> int:
   """The sparse step's capacity for an expected L0, or 0 (dense) when it would not pay.
 
   `headroom` x the expected L0 (4: rows vary, and JumpReLU's straight-through
   window adds candidates; 1 for TopK, whose rows hold exactly k), rounded up to
   a power of two, at least 32; dense when the L0 is not known in advance or the
-  capacity exceeds `max_fraction` of d_sae.
+  capacity exceeds `MAX_CAPACITY_FRACTION` of d_sae.
   """
   if expected_l0 is None or expected_l0 <= 0:
     return 0
   cap = max(32, 1 << (int(math.ceil(headroom * expected_l0)) - 1).bit_length())
-  return cap if cap <= max_fraction * d_sae else 0
+  return cap if cap <= MAX_CAPACITY_FRACTION * d_sae else 0
 
 
 # Capacities the adaptive step picks are multiples of this (few recompiles, little
@@ -87,11 +84,11 @@ def adapt_capacity(current: int, need: float, d_sae: int) -> int:
   It grows at once to `fit_capacity(need)` when `need` outgrows the current
   headroom, and shrinks only when that fit is at most 3/4 of the current capacity
   (so a need wobbling around a boundary does not recompile the step back and
-  forth); dense when the fit exceeds `MAX_COMPACT_CAPACITY_FRACTION` of d_sae,
+  forth); dense when the fit exceeds `MAX_CAPACITY_FRACTION` of d_sae,
   where the dense step is faster.
   """
   want = fit_capacity(need)
-  if want > MAX_COMPACT_CAPACITY_FRACTION * d_sae:
+  if want > MAX_CAPACITY_FRACTION * d_sae:
     return 0
   if current <= 0 or want > current or want <= 0.75 * current:
     return want
@@ -181,43 +178,6 @@ def _sparse_decode_bwd(chunk, residuals, g):
 
 
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def sparse_grad_matmul(x: jax.Array, b: jax.Array, w: jax.Array, idx: jax.Array,
-                       valid: jax.Array, value: jax.Array, chunk: int) -> jax.Array:
-  """`(x - b) @ w` (`x: [batch, d_in]`, `b: [d_in]`, `w: [d_in, d_sae]`), already
-  computed as `value`, whose backward assumes the cotangent is zero outside `idx`.
-
-  The forward returns `value` (the caller's dense matmul, which also decided
-  the candidates); the backward gathers the cotangent at `idx` (`valid` masks
-  the padding) and scatters dw from those entries alone; db = -(sum of the
-  cotangent over the batch) @ w.T. `x` is data and gets no gradient. Exact
-  only when every non-zero of the cotangent lies in `idx`, e.g. JumpReLU
-  without straight-through gradients into its input, whose dpre is non-zero
-  only where a latent is active.
-  """
-  del x, b, w, idx, valid, chunk
-  return value
-
-
-def _sparse_grad_matmul_fwd(x, b, w, idx, valid, value, chunk):
-  del chunk
-  return value, (x, b, w, idx, valid)
-
-
-def _sparse_grad_matmul_bwd(chunk, residuals, g):
-  x, b, w, idx, valid = residuals
-  g = g.astype(jnp.float32)
-  d_vals = jnp.where(valid, jnp.take_along_axis(g, idx, 1), 0.0)
-  x_in = x.astype(jnp.float32) - b.astype(jnp.float32)
-  dw = _scatter_outer(d_vals, idx, x_in, w.shape[1], chunk).T
-  db = -jnp.matmul(g.sum(0), w.T.astype(jnp.float32))
-  return (jnp.zeros_like(x), db.astype(b.dtype), dw.astype(w.dtype), None, None,
-          jnp.zeros_like(g))
-
-
-sparse_grad_matmul.defvjp(_sparse_grad_matmul_fwd, _sparse_grad_matmul_bwd)
 
 
 def latent_sums(vals: jax.Array, idx: jax.Array, n: int) -> jax.Array:

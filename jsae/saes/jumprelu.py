@@ -208,8 +208,7 @@ class JumpReLUFamily(base.Family):
     if s.sparse_capacity >= 0:
       return int(s.sparse_capacity)
     expected = l.target_l0 if l.sparsity == "quadratic" else None
-    return sparse.capacity_rule(s.d_sae, expected,
-                                max_fraction=sparse.MAX_COMPACT_CAPACITY_FRACTION)
+    return sparse.capacity_rule(s.d_sae, expected)
 
   def init_kwargs(self, config) -> dict:
     """`init` options from the config."""

@@ -317,23 +317,24 @@ class TopKFamily(LinearFamily):
     """||x - x_hat||^2 + aux_coeff * AuxK on `x: [batch, d_in]`."""
     del step
     if settings.sparse_capacity:
-      pre, f, x_hat, kept = self._sparse_forward(params, x, hparams["k"], dead, settings)
+      pre, f, x_hat, kept, fired = self._sparse_forward(params, x, hparams["k"], dead,
+                                                        settings)
     else:
-      pre, f, x_hat, kept = self._dense_forward(params, x, hparams["k"], settings)
+      pre, f, x_hat, kept, fired = self._dense_forward(params, x, hparams["k"], settings)
     rec = losses.reconstruction(x, x_hat)
     aux = _aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
     parts = dict(reconstruction=rec, aux=aux)
     state = self.next_state(state, kept, settings)
     return rec + settings.aux_coeff * aux, base.Output(f=f, x_hat=x_hat, state=state,
-                                                       parts=parts, extras={})
+                                                       parts=parts, extras={}, fired=fired)
 
   def _dense_forward(self, params, x, k, settings):
-    """(pre, f, x_hat, selection info) with dense matmuls."""
+    """(pre, f, x_hat, selection info, fired `[d_sae]`) with dense matmuls."""
     cdt = settings.compute_dtype
     pre = self.pre_activations(params, x, compute_dtype=cdt)
     mask, kept = self.select(params, pre, k, settings)
     f = jnp.where(mask, jax.nn.relu(pre), 0.0)
-    return pre, f, self.decode(params, f, compute_dtype=cdt), kept
+    return pre, f, self.decode(params, f, compute_dtype=cdt), kept, jnp.any(f != 0, axis=0)
 
   def sparse_select(self, params, pre: jax.Array, k: jax.Array, capacity: int):
     """(idx `[batch, capacity]`, valid `[batch, capacity]`, selection info, overflow `[]`)
@@ -349,9 +350,12 @@ class TopKFamily(LinearFamily):
     AuxK runs (some latent is dead: its gradient reaches the dead latents' pre-activations).
 
     Exact because the loss reaches the pre-activations only through the kept latents
-    (the selection itself carries no gradient).
+    (the selection itself carries no gradient). After the encoder matmul and the
+    selection everything runs on the kept entries; the dense `pre` it returns carries
+    no gradient into W_enc, which AuxK, the one reader of it, never needs here (AuxK
+    is 0 without dead latents, and with them this path is not taken).
     """
-    cdt = settings.compute_dtype
+    cdt, d_sae = settings.compute_dtype, params.W_enc.shape[1]
     b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros_like(params.b_dec)
     value = jax.lax.stop_gradient(ops.matmul(x, params.W_enc, cdt, input_bias=b_in))
     idx, valid, kept, overflow = self.sparse_select(
@@ -361,14 +365,13 @@ class TopKFamily(LinearFamily):
       overflow = overflow | jnp.any(dead)
 
     def sparse_path():
-      pre = sparse.sparse_grad_matmul(x, b_in, params.W_enc, idx, valid, value,
-                                      chunk) + params.b_enc
-      vals = jnp.where(valid, jax.nn.relu(jnp.take_along_axis(pre, idx, 1)), 0.0)
-      rows = jnp.arange(x.shape[0])[:, None]
-      mask = jnp.zeros(pre.shape, bool).at[rows, idx].set(valid)
-      f = jnp.where(mask, jax.nn.relu(pre), 0.0)
+      pre_c = sparse.gathered_encode(x, b_in, params.W_enc, idx,
+                                     jnp.take_along_axis(value, idx, 1), chunk) + params.b_enc[idx]
+      vals = jnp.where(valid, jax.nn.relu(pre_c), 0.0)
       x_hat = sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
-      return pre, f, x_hat, kept
+      fired = sparse.latent_sums((vals != 0).astype(jnp.float32), idx, d_sae) > 0
+      return (value + params.b_enc, sparse.scatter_rows(vals, idx, d_sae), x_hat, kept,
+              fired)
 
     return jax.lax.cond(overflow, lambda: self._dense_forward(params, x, k, settings),
                         sparse_path)
