@@ -443,8 +443,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
     saved_opt = _saved_opt_state(meta, config, num_steps, abstract.params)
-    _, state = _restore_newest_intact(workdir, manager, target, saved_opt, mesh,
-                                      saes.get(config.sae.family), say)
+    restored, state = _restore_newest_intact(workdir, manager, target, saved_opt, mesh,
+                                             saes.get(config.sae.family), say)
+    try:  # a damaged newer step was skipped: that step's meta, not the newest's, goes on
+      meta = checkpoint.read_meta(manager, restored)
+    except checkpoint.CheckpointDamagedError:
+      pass
   else:
     b_dec = initial_b_dec(config, source) if config.sae.init_b_dec == "mean" else None
     state = jax.jit(init, out_shardings=state_sharding)(key, b_dec=b_dec)
