@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["candidates", "sparse_decode", "gathered_encode", "latent_sums",
-           "scatter_rows", "batch_chunk", "capacity_rule", "fit_capacity", "adapt_capacity"]
+           "scatter_rows", "pre_activations_at", "fired_latents", "batch_chunk", "capacity_rule", "fit_capacity", "adapt_capacity"]
 
 # On XLA:CPU the sparse step beats the dense one up to a capacity of about 1/24 of
 # d_sae; 1/32 keeps a margin (bench/train_step.py --sparse, 640 x 16384 x 4096,
@@ -223,3 +223,17 @@ def _gathered_encode_bwd(chunk, residuals, g):
 
 
 gathered_encode.defvjp(_gathered_encode_fwd, _gathered_encode_bwd)
+
+
+def pre_activations_at(x: jax.Array, b_in: jax.Array, w_enc: jax.Array, b_enc: jax.Array,
+                       value: jax.Array, idx: jax.Array, chunk: int) -> jax.Array:
+  """pi = (x - b_in) @ w_enc + b_enc at each row's `idx`: `[batch, cap]`, from the dense
+  `value: [batch, d_sae]` (= (x - b_in) @ w_enc, no gradient) with `gathered_encode`'s
+  sparse backward."""
+  value_c = jnp.take_along_axis(value, idx, 1)
+  return gathered_encode(x, b_in, w_enc, idx, value_c, chunk) + b_enc[idx]
+
+
+def fired_latents(vals: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+  """`[n]` bool: latents non-zero in some row, from the entries `vals, idx: [batch, cap]`."""
+  return latent_sums((vals != 0).astype(jnp.float32), idx, n) > 0

@@ -323,12 +323,11 @@ class JumpReLUFamily(base.Family):
     chunk = sparse.batch_chunk(x.shape[0], sparse.ROWS_PER_STEP // cap)
 
     def forward() -> _Latents:
-      pre_c = sparse.gathered_encode(x, b_in, params.W_enc, idx,
-                                     jnp.take_along_axis(value, idx, 1), chunk) + params.b_enc[idx]
+      pre_c = sparse.pre_activations_at(x, b_in, params.W_enc, params.b_enc, value, idx, chunk)
       theta_c = theta[idx]
       f_c = jnp.where(valid, jumprelu(pre_c, theta_c, eps), 0.0)
       x_hat = sparse.sparse_decode(f_c, idx, params.W_dec, chunk) + params.b_dec
-      fired = sparse.latent_sums((f_c != 0).astype(jnp.float32), idx, d_sae) > 0
+      fired = sparse.fired_latents(f_c, idx, d_sae)
       return _Latents(
           pre=value + params.b_enc, f=sparse.scatter_rows(f_c, idx, d_sae), x_hat=x_hat,
           values=f_c, gates=jnp.where(valid, heaviside(pre_c, theta_c, eps), 0.0),

@@ -365,11 +365,10 @@ class TopKFamily(LinearFamily):
       overflow = overflow | jnp.any(dead)
 
     def sparse_path():
-      pre_c = sparse.gathered_encode(x, b_in, params.W_enc, idx,
-                                     jnp.take_along_axis(value, idx, 1), chunk) + params.b_enc[idx]
+      pre_c = sparse.pre_activations_at(x, b_in, params.W_enc, params.b_enc, value, idx, chunk)
       vals = jnp.where(valid, jax.nn.relu(pre_c), 0.0)
       x_hat = sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
-      fired = sparse.latent_sums((vals != 0).astype(jnp.float32), idx, d_sae) > 0
+      fired = sparse.fired_latents(vals, idx, d_sae)
       return (value + params.b_enc, sparse.scatter_rows(vals, idx, d_sae), x_hat, kept,
               fired)
 
