@@ -8,7 +8,7 @@
 
 from jsae import formats, runs, saes
 from jsae.ops import jumprelu, step
-from jsae.sae import SAE
+from jsae.sae import SAE, stack, unstack
 from jsae.formats import load, save
 
 __version__ = "0.1.0"
@@ -32,4 +32,4 @@ def decode(params, f, **kw):
 
 
 __all__ = ["jumprelu", "step", "encode", "decode", "formats", "runs", "saes", "SAE", "load",
-           "save", "__version__"]
+           "save", "stack", "unstack", "__version__"]

@@ -321,7 +321,7 @@ def _load_sae(path: str, step: int | None = None):
   import jsae
   p = Path(path)
   if (p / "checkpoints").is_dir():
-    return jsae.SAE.from_run(p, step=step), p
+    return jsae.runs.read_sae(p, step=step), p
   if step is not None:
     raise UsageError(f"--step is for a training run directory; {path} is an exported SAE.")
   return jsae.load(p), None

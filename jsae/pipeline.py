@@ -410,7 +410,7 @@ def run(config, workdir: str | Path, *, report: bool = True,
   `allow_changes`: optim/loss fields the training stage may resume with changed
   (`jsae demo --allow_changes=optim.lr`, e.g. after a divergence).
   """
-  from jsae import report as report_lib, sae as sae_lib
+  from jsae import report as report_lib, runs
   t0 = time.perf_counter()
   workdir = Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -427,7 +427,7 @@ def run(config, workdir: str | Path, *, report: bool = True,
   run_dir = workdir / "sae"
   result = train_stage(config, dirs["train"], run_dir, dirs["eval"],
                        allow_changes=allow_changes)
-  sae = sae_lib.SAE.from_run(run_dir)
+  sae = runs.read_sae(run_dir)
   export_dir = export_stage(sae, run_dir / "export")
   metrics = eval_stage(config, lm, sae, contexts, dirs["eval"], run_dir / "eval.json")
   browser = browse_stage(config, lm, sae, contexts, text_source, workdir / "browser")

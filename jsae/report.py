@@ -19,6 +19,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jsae import saes  # noqa: E402
+
 CURVES = (("loss", "loss"), ("l0", "L0"), ("fvu", "FVU (train batch)"), ("dead_frac", "dead fraction"))
 
 
@@ -148,12 +150,10 @@ def _fmt(v, spec=".3g"):
 
 
 def _knob(config: dict) -> str:
-  """The run's sparsity knob: lambda for the penalised families, k for the TopK ones."""
-  if "sparsity_coeff" in config["loss"]:
-    return f"&lambda; {_fmt(config['loss']['sparsity_coeff'])}"
-  if "k" in config["sae"]:
-    return f"k {_fmt(config['sae']['k'])}"
-  return "—"
+  """The run's sparsity knob as its family writes it (lambda, k, ...)."""
+  family = config["sae"]["family"]
+  knob = saes.get(family).knob_value(config) if family in saes.names() else None
+  return "—" if knob is None else f"{html.escape(knob[0])} {_fmt(knob[1])}"
 
 
 def _row(run: dict) -> str:

@@ -22,10 +22,10 @@ SHAPE_KEYS = ("family", "d_in", "d_sae", "pre_encoder_bias")
 
 # Fields that may change when a run resumes, besides the groups `run_defining`
 # ignores (train length, logging, checkpointing, evaluation, mesh, file paths):
-# the matmul dtype, the sparse step's capacity (the same updates, computed another
-# way), and settings read only at initialisation (with the family's own init-only fields).
-RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.sparse_capacity", "sae.init_b_dec",
-                     "sae.init_b_dec_batches")
+# the matmul dtype and settings read only at initialisation, with the family's own
+# init-only and resumable fields (a sparse step's capacity: the same updates,
+# computed another way).
+RESUMABLE_CHANGES = ("sae.compute_dtype", "sae.init_b_dec", "sae.init_b_dec_batches")
 
 # Groups whose fields `--allow_changes` may name: how the run learns from here on.
 # The SAE's shape and family, the data and the seeds define the run itself.
@@ -63,11 +63,11 @@ def check_source(config, source, meta: dict | None, ckpt_dir) -> None:
         " resuming on other data would not continue the same run. Use a new --workdir.")
 
 
-def run_defining(config_dict: dict, init_only: tuple[str, ...] = ()) -> dict:
+def run_defining(config_dict: dict, resumable: tuple[str, ...] = ()) -> dict:
   """{'group.field': value} of the hyperparameters that define a training run.
 
   The data files themselves are checked by fingerprint; synthetic data by its
-  generator settings here. `init_only` fields may differ.
+  generator settings here. `resumable` fields (the family's) may differ.
   """
   out = {"seed": config_dict["seed"]} if "seed" in config_dict else {}
   data = config_dict.get("data") or {}
@@ -75,7 +75,7 @@ def run_defining(config_dict: dict, init_only: tuple[str, ...] = ()) -> dict:
             "optim": config_dict.get("optim"), "data.synthetic": data.get("synthetic")}
   for group, fields in groups.items():
     for k, v in (fields or {}).items():
-      if f"{group}.{k}" not in RESUMABLE_CHANGES + tuple(init_only):
+      if f"{group}.{k}" not in RESUMABLE_CHANGES + tuple(resumable):
         out[f"{group}.{k}"] = v
   out.update({f"data.{k}": data[k] for k in ("source", "batch_size", "seed") if k in data})
   return out
@@ -113,10 +113,10 @@ def check_compatible(meta: dict, config, ckpt_dir, *,
   expected = shape_meta(config)
   diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}"
            for k in SHAPE_KEYS if meta.get(k) != expected[k]]
-  init_only = saes.get(config.sae.family).init_only_names()
-  saved = run_defining(meta.get("config") or {}, init_only)
+  resumable = saes.get(config.sae.family).resumable_names()
+  saved = run_defining(meta.get("config") or {}, resumable)
   # Through JSON, as the checkpoint's copy went, so tuples compare as lists.
-  now = run_defining(json.loads(json.dumps(config.to_dict())), init_only)
+  now = run_defining(json.loads(json.dumps(config.to_dict())), resumable)
   shape_fields = {f"sae.{k}" for k in SHAPE_KEYS}
   changed = {k: (saved[k], now.get(k)) for k in sorted(saved)
              if k not in shape_fields and saved[k] != now.get(k)}

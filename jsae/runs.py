@@ -2,6 +2,7 @@
 
     run = jsae.runs.read_run("runs/my_sae")      # latest finished checkpoint
     run.params, run.family_state, run.norm_scale, run.provenance
+    sae = jsae.runs.read_sae("runs/my_sae")      # the same, folded: a jsae.SAE
 
 The optimizer state is never read: the checkpoint's own config rebuilds the
 family's parameter shapes abstractly (`jax.eval_shape` of `init`) and Orbax
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 
 from jsae import checkpoint, saes
+from jsae.sae import SAE
 
 
 class RunError(ValueError):
@@ -138,6 +140,36 @@ def _read_step(manager, ckpt_dir: Path, step: int):
   return meta, config, restored, restored.get("family_state", abstract[1])
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+  """Whether `path` is a training run's workdir (config.json and checkpoints/)."""
+  path = Path(path).expanduser()
+  return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
+
+
+def read_sae(workdir: str | os.PathLike, *, step: int | None = None,
+             fold_decoder_norm: bool | None = None, say=None) -> SAE:
+  """The SAE of a run directory's latest (or `step`'s) checkpoint, folded to raw units.
+
+  Args:
+    workdir: a directory `jsae train` wrote (config.json, checkpoints/), or a
+      sweep member's directory.
+    step: checkpoint step; default the newest intact one.
+    fold_decoder_norm: fold decoder row norms; default True exactly when the
+      run did not keep decoder rows at unit norm (`config.optim.decoder_unit_norm`)
+      and the inference family allows it (`Family.folds_decoder_norms`).
+    say: where a skipped damaged checkpoint is reported (default stderr).
+
+  Raises:
+    FileNotFoundError: no checkpoints/ folder or no finished checkpoint in it.
+  """
+  run = read_run(workdir, step=step, say=say)
+  if fold_decoder_norm is None:
+    form = saes.get(saes.get(run.config.sae.family).inference_form)
+    fold_decoder_norm = not run.config.optim.decoder_unit_norm and form.folds_decoder_norms
+  return SAE.from_training(run.params, run.norm_scale, run.provenance,
+                           state=run.family_state, fold_decoder_norm=fold_decoder_norm)
+
+
 def training_family(workdir: str | os.PathLike) -> str | None:
   """The family a run directory trained, from its config.json (None if unreadable)."""
   try:
@@ -162,8 +194,9 @@ def run_provenance(workdir: Path, config, meta: dict, step: int) -> dict:
       norm_scale=float(meta["norm_scale"]), data_source=config.data.source,
       training_family=family.name, hyperparameters=knobs,
       tokens=step * int(config.data.batch_size))
-  if "sparsity_coeff" in knobs:
-    prov["sparsity_coeff"] = float(knobs["sparsity_coeff"])
+  knob = family.knob_value(config)
+  if knob is not None:  # the sparsity knob under its field name (sparsity_coeff, k)
+    prov[family.knob.split(".")[1]] = knob[1]
   if config.data.source == "shards":
     prov["shards_dir"] = str(config.data.shards_dir)
     try:
@@ -180,4 +213,4 @@ def run_provenance(workdir: Path, config, meta: dict, step: int) -> dict:
   return prov
 
 
-__all__ = ["Run", "RunError", "read_run", "run_provenance", "training_family"]
+__all__ = ["Run", "RunError", "is_run_dir", "read_run", "read_sae", "run_provenance", "training_family"]

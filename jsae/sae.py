@@ -1,14 +1,24 @@
 """The SAE object: a trained SAE of any family that takes the LM's own activations.
 
-    sae = jsae.load("layer_20/width_16k/average_l0_71")   # or jsae.SAE.from_run(workdir)
+    sae = jsae.load("layer_20/width_16k/average_l0_71")   # or a training run's workdir
     f = sae.encode(x)                  # x: [..., d_in] raw LM units -> [..., d_sae]
     x_hat = sae.decode(f)              # [..., d_in]; sae(x) does both
     top = sae.encode_topk(x, k=64)     # top.values, top.indices: [..., 64]
     lm_site = sae.splice_fn(keep_error=True)   # x -> x_hat + stop_gradient(x - x_hat)
 
-An `SAE` is a pytree (`flax.struct.dataclass`): its arrays are leaves, so
+An `SAE` is a pytree: its arrays are leaves, so
 `jax.jit(lambda s, x: s.encode(x))(sae, x)` works and shardings on the arrays
-apply; the family and the provenance are static metadata.
+apply. The family is static metadata; SAEs of one family and shape share one
+compiled function, and `stack` puts several on a leading axis for `vmap`:
+
+    batch = jsae.stack([jsae.load(p) for p in paths])
+    f = jax.vmap(lambda s: s.encode(x))(batch)       # [n, ..., d_sae]
+
+The provenance (where the activations came from, how the SAE was made) is
+kept beside the tree, not in it: it would otherwise split compiled functions
+per SAE and stop stacking. It belongs to the object `load` returns and to the
+SAEs its methods make (`astype`, `shard`, ...); an SAE rebuilt by a JAX
+transformation (a `jit` output, `jax.tree.map`, `jax.device_put`) has none.
 
 `sae.family` is the *inference* family, one of
 
@@ -42,23 +52,20 @@ it (rescaling changes which latents win).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from jsae import runs, saes
+from jsae import saes
 from jsae.saes import base as saes_base
 
 P = jax.sharding.PartitionSpec
-
-# The families an SAE object can be (their `infer` is the forward).
-INFERENCE_FAMILIES = ("jumprelu", "relu", "topk")
 
 
 class TopK(NamedTuple):
@@ -138,7 +145,7 @@ def provenance_json(provenance: dict | None) -> str:
 # ----------------------------------------------------------------------------- the SAE
 
 
-@struct.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class SAE:
   """An SAE of any inference family for raw LM activations (see the module docstring).
 
@@ -146,15 +153,19 @@ class SAE:
     params: the inference family's parameters in raw activation units.
       `from_params` and `from_training` store them canonically (raw float32
       threshold, `pre_encoder_bias=False`, the form every format saves).
-    family: the inference family's name (static): 'jumprelu', 'relu' or 'topk'.
+    family: the inference family's name (static; `jsae.saes.inference_names()`).
     provenance_json: where the activations came from and how the SAE was made,
-      as canonical JSON (static, so the pytree stays hashable); read it as
+      as canonical JSON, outside the pytree (module docstring); read it as
       `sae.provenance`.
   """
 
   params: Any
-  family: str = struct.field(pytree_node=False, default="jumprelu")
-  provenance_json: str = struct.field(pytree_node=False, default="{}")
+  family: str
+  provenance_json: str = "{}"
+
+  def replace(self, **changes) -> "SAE":
+    """A copy with the named attributes replaced (the provenance kept unless named)."""
+    return dataclasses.replace(self, **changes)
 
   # -- construction
 
@@ -162,10 +173,10 @@ class SAE:
   def from_params(cls, params, provenance: dict | None = None) -> "SAE":
     """An SAE from an inference family's parameters already in raw units (folds b_dec, log theta)."""
     family = saes.family_of(params)
-    if family.name not in INFERENCE_FAMILIES:
+    if family.name not in saes.inference_names():
       raise TypeError(
           f"{type(params).__name__} are training parameters of family {family.name!r};"
-          f" an SAE holds {', '.join(INFERENCE_FAMILIES)} parameters. Use"
+          f" an SAE holds {', '.join(saes.inference_names())} parameters. Use"
           " SAE.from_training(params, norm_scale, state=...) to fold them.")
     return cls(params=canonical(params), family=family.name,
                provenance_json=provenance_json(provenance))
@@ -193,28 +204,6 @@ class SAE:
       prov["decoder_norm_folded"] = True
     return cls.from_params(folded, prov)
 
-  @classmethod
-  def from_run(cls, workdir: str | os.PathLike, *, step: int | None = None,
-               fold_decoder_norm: bool | None = None) -> "SAE":
-    """The SAE of a jsae run directory's latest (or `step`'s) checkpoint, folded.
-
-    Args:
-      workdir: a directory `jsae train` wrote (config.json, checkpoints/).
-      step: checkpoint step; default the latest finished one.
-      fold_decoder_norm: fold decoder row norms; default True exactly when the
-        run did not keep decoder rows at unit norm (`config.optim.decoder_unit_norm`)
-        and the inference family allows it (not TopK).
-
-    Raises:
-      FileNotFoundError: no checkpoints/ folder or no finished checkpoint in it.
-    """
-    run = runs.read_run(workdir, step=step)
-    if fold_decoder_norm is None:
-      fold_decoder_norm = (not run.config.optim.decoder_unit_norm
-                           and saes.get(run.config.sae.family).inference_form != "topk")
-    return cls.from_training(run.params, run.norm_scale, run.provenance,
-                             state=run.family_state, fold_decoder_norm=fold_decoder_norm)
-
   # -- metadata
 
   @property
@@ -239,17 +228,13 @@ class SAE:
 
   @property
   def threshold(self) -> jax.Array:
-    """theta `[d_sae]` float32 in raw activation units (JumpReLU SAEs only)."""
-    if self.family != "jumprelu":
-      raise AttributeError(f"a {self.family!r} SAE has no threshold.")
-    return self.params.theta().astype(jnp.float32)
+    """theta `[d_sae]` float32 in raw activation units (families with a threshold)."""
+    return saes.get(self.family).threshold_of(self.params)
 
   @property
   def k(self) -> int:
-    """Latents kept per row (TopK SAEs only)."""
-    if self.family != "topk":
-      raise AttributeError(f"a {self.family!r} SAE has no k.")
-    return int(self.params.k)
+    """Latents kept per row (families with a fixed k)."""
+    return saes.get(self.family).k_of(self.params)
 
   def with_provenance(self, **updates: Any) -> "SAE":
     """The same SAE with provenance entries added or replaced."""
@@ -409,4 +394,62 @@ class SAE:
     shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s),
                              self.partition_specs(model_axis),
                              is_leaf=lambda s: isinstance(s, P))
-    return jax.device_put(self, shardings)
+    return self.replace(params=jax.device_put(self, shardings).params)
+
+
+def _flatten(sae: SAE):
+  return (sae.params,), sae.family
+
+
+def _flatten_with_keys(sae: SAE):
+  return ((jax.tree_util.GetAttrKey("params"), sae.params),), sae.family
+
+
+def _unflatten(family: str, children) -> SAE:
+  # The provenance is not part of the tree (module docstring): rebuilt SAEs have none.
+  return SAE(params=children[0], family=family)
+
+
+jax.tree_util.register_pytree_with_keys(SAE, _flatten_with_keys, _unflatten, _flatten)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def stack(members: Sequence[SAE]) -> SAE:
+  """SAEs of one family and shape on a leading `[n]` axis, for `jax.vmap`.
+
+  `jax.vmap(lambda s: s.encode(x))(stack(members))` gives `[n, ..., d_sae]`, the
+  members' encodings. The result's provenance lists the members' (`unstack`
+  gives them back).
+
+  Raises:
+    ValueError: no SAEs, or SAEs of other families, static settings or shapes.
+  """
+  members = list(members)
+  if not members:
+    raise ValueError("stack needs at least one SAE.")
+  first = members[0]
+  for i, m in enumerate(members[1:], 1):
+    if not isinstance(m, SAE):
+      raise TypeError(f"stack takes jsae.SAE objects; item {i} is a {type(m).__name__}.")
+    if jax.tree.structure(m) != jax.tree.structure(first):
+      raise ValueError(
+          f"SAE {i} ({m!r}) is not of SAE 0's family and settings ({first!r}); stack"
+          " SAEs of one family and one static layout (e.g. TopK SAEs of one k).")
+    shapes = [(a.shape, a.dtype) for a in jax.tree.leaves(m)]
+    if shapes != [(a.shape, a.dtype) for a in jax.tree.leaves(first)]:
+      raise ValueError(f"SAE {i} ({m!r}) has other shapes or dtypes than SAE 0"
+                       f" ({first!r}); stack SAEs of one d_in, d_sae and dtype"
+                       " (SAE.astype converts).")
+  params = jax.tree.map(lambda *xs: jnp.stack(xs), *[m.params for m in members])
+  return SAE(params=params, family=first.family,
+             provenance_json=provenance_json({"stacked": [m.provenance for m in members]}))
+
+
+def unstack(batch: SAE) -> list[SAE]:
+  """The SAEs of a `stack`ed batch, each with its provenance."""
+  n = jax.tree.leaves(batch.params)[0].shape[0]
+  provenances = batch.provenance.get("stacked") or [{}] * n
+  return [SAE(params=jax.tree.map(lambda a, i=i: a[i], batch.params), family=batch.family,
+              provenance_json=provenance_json(provenances[i])) for i in range(n)]

@@ -259,13 +259,7 @@ def plan(config: ml_collections.ConfigDict) -> tuple[Group, ...]:
       except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"sweep member {name} (group {group_name}): {e}") from None
       members.append(Member(name=name, group=group_name, index=i, values=values, config=mc))
-    compiled = ml_collections.ConfigDict(members[0].config.to_dict())
-    if "k" in family.fields.get("sae", {}):
-      compiled.sae.k = max(int(m.config.sae.k) for m in members)  # the selection's capacity
-    if compiled.sae.get("sparse_capacity", 0) == -1:
-      # Under vmap the sparse step's lax.cond (dense fallback) becomes a select that runs
-      # both paths, so "auto" means dense in a sweep; an explicit capacity is kept.
-      compiled.sae.sparse_capacity = 0
+    compiled = family.group_config([m.config for m in members])
     groups.append(Group(name=group_name, family=family, members=tuple(members),
                         config=compiled))
   return tuple(groups)
@@ -414,11 +408,9 @@ def group_specs(abstract: GroupState, family: saes.Family) -> GroupState:
 
 
 def member_state(state: GroupState, member: Member, family: saes.Family) -> train.TrainState:
-  """Member `member.index`'s TrainState, its TopK capacity set back to its own k."""
+  """Member `member.index`'s TrainState, with its own static settings (`member_params`)."""
   one = jax.tree.map(lambda x: x[member.index], state.members)
-  if "k" in family.fields.get("sae", {}):
-    one = one.replace(params=one.params.replace(k=int(member.config.sae.k)))
-  return one
+  return one.replace(params=family.member_params(one.params, member.config))
 
 
 # ----------------------------------------------------------------------------- memory

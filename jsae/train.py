@@ -555,9 +555,9 @@ class _StepFunctions:
     key = (with_metrics, capacity)
     if key not in self._compiled:
       settings = self._settings
-      if capacity != getattr(settings.loss, "sparse_capacity", 0):  # adaptive families only
-        settings = dataclasses.replace(
-            settings, loss=dataclasses.replace(settings.loss, sparse_capacity=capacity))
+      family = saes.get(settings.family)
+      settings = dataclasses.replace(
+          settings, loss=family.with_step_capacity(settings.loss, capacity))
       state_sharding, batch_sharding = self._shardings
       self._compiled[key] = jax.jit(
           functools.partial(train_step, settings=settings, optimizer=self._optimizer,
@@ -578,7 +578,7 @@ class _SparseCapacity:
   float rounding).
   """
 
-  META_KEY = "sparse_capacity"
+  META_KEY = "step_capacity"  # in checkpoint meta and the metrics log
 
   def __init__(self, config, settings: StepSettings, meta: dict | None):
     # Measured to pay on XLA:CPU only (docs/performance.md); on accelerators, where
@@ -586,7 +586,7 @@ class _SparseCapacity:
     # rule until a GPU/TPU measurement says otherwise.
     self.adaptive = (saes.get(config.sae.family).adapts_capacity(config)
                      and jax.default_backend() == "cpu")
-    self.now = int(getattr(settings.loss, "sparse_capacity", 0))
+    self.now = saes.get(settings.family).step_capacity(settings.loss)
     if self.adaptive and meta is not None and self.META_KEY in meta:
       self.now = int(meta[self.META_KEY])
     self._d_sae = int(config.sae.d_sae)

@@ -69,14 +69,14 @@ def test_bad_inputs(demo_run, tmp_path):
   from jsae import evals, pipeline
   workdir, _ = demo_run
   with pytest.raises(FileNotFoundError, match="checkpoint"):
-    jsae.SAE.from_run(tmp_path)  # a run directory without a finished SAE
+    jsae.runs.read_sae(tmp_path)  # a run directory without a finished SAE
   c = _small_demo_config()
   c.sae.d_in = 320
   with pytest.raises(ValueError, match="has width 640"):
     pipeline.run(c, tmp_path / "w")
   c = _small_demo_config()
   c.eval.min_density_tokens = 10**6
-  sae = jsae.SAE.from_run(workdir / "sae")
+  sae = jsae.runs.read_sae(workdir / "sae")
   lm = pipeline.load_lm(c)
   contexts, _ = pipeline.text_contexts(c, lm, workdir)
   with pytest.raises(ValueError, match="fewer than the 1,000,000"):

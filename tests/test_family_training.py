@@ -50,7 +50,7 @@ def test_recovers_planted_features(trained):
 def test_inference_form_matches_training_forward(trained):
   """TopK/ReLU/Gated: the same latents; BatchTopK/Matryoshka: the same L0 within 5%."""
   family, config, workdir, result, source, held_out = trained
-  sae = jsae.SAE.from_run(workdir)
+  sae = jsae.runs.read_sae(workdir)
   fam = jsae.saes.get(family)
   params = result.state.params
   f_raw = np.asarray(sae.encode(held_out))
@@ -76,7 +76,7 @@ def test_inference_form_matches_training_forward(trained):
 
 def test_export_then_load_gives_identical_encodings(trained, tmp_path):
   family, _, workdir, _, _, held_out = trained
-  sae = jsae.SAE.from_run(workdir)
+  sae = jsae.runs.read_sae(workdir)
   f = np.asarray(sae.encode(held_out))
   assert (f != 0).any()
   for fmt in formats.FORMATS:

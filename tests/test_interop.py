@@ -10,7 +10,7 @@ import safetensors.numpy as st
 
 import jsae
 from configs import tiny
-from jsae import data, formats as interop, train
+from jsae import data, formats as interop, runs, saes, train
 from jsae.formats import FormatError
 from jsae.sae import SAE
 from jsae.saes.jumprelu import family as JUMPRELU
@@ -314,13 +314,73 @@ def test_splice_helpers():
   assert keep(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-def test_sae_is_a_pytree_with_static_provenance():
+def test_sae_is_a_pytree_with_provenance_beside_it():
   sae = _sae()
   leaves = jax.tree.leaves(sae)
   assert len(leaves) == 5
   assert hash(jax.tree.structure(sae)) is not None  # static metadata is hashable
   assert sae.provenance["extra"] == {"a": [1, 2]}
   assert "model='google/gemma-3-270m'" in repr(sae)
+  # Not in the tree: SAEs of other provenances share a tree structure; methods keep it,
+  # a JAX transformation's rebuilt SAE has none (never another SAE's).
+  other = _sae({"model": "other"})
+  assert jax.tree.structure(other) == jax.tree.structure(sae)
+  assert sae.astype(jnp.bfloat16).provenance == sae.provenance
+  assert jax.tree.map(lambda a: a, sae).provenance == {}
+  assert jax.jit(lambda s: s)(other).provenance == {}
+
+
+def _saved_saes(tmp_path, n=5):
+  """`n` different SAEs of one family and shape, saved and loaded back (jsae format)."""
+  out = []
+  for i in range(n):
+    sae = SAE.from_training(_training_params(seed=i), C, {"member": i, "model": "m"})
+    out.append(jsae.load(jsae.save(sae, tmp_path / f"sae{i}", "jsae")))
+  return out
+
+
+def test_loaded_saes_share_one_compiled_function(tmp_path):
+  loaded = _saved_saes(tmp_path)
+  traces = []
+
+  @jax.jit
+  def encode(sae, x):
+    traces.append(1)  # runs once per trace, i.e. per compilation
+    return sae.encode(x)
+
+  x = _raw_x()
+  for sae in loaded:
+    np.testing.assert_array_equal(encode(sae, x), sae.encode(x))
+  assert len(traces) == 1
+
+
+def test_stacked_saes_vmap_to_the_members_encodings(tmp_path):
+  loaded = _saved_saes(tmp_path, n=3)
+  batch = jsae.stack(loaded)
+  assert batch.params.W_enc.shape == (3, D_IN, D_SAE)
+  x = _raw_x()
+  f = jax.jit(jax.vmap(lambda s, x: s.encode(x), in_axes=(0, None)))(batch, x)
+  x_hat = jax.vmap(lambda s, f: s.decode(f))(batch, f)
+  for i, sae in enumerate(loaded):
+    np.testing.assert_allclose(f[i], sae.encode(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x_hat[i], sae(x), rtol=1e-5, atol=1e-5)
+  back = jsae.unstack(batch)
+  assert [s.provenance["member"] for s in back] == [0, 1, 2]
+  np.testing.assert_array_equal(back[1].encode(x), loaded[1].encode(x))
+  # Other families or shapes do not stack.
+  relu = SAE.from_training(saes.get("relu").init(jax.random.key(0), d_in=D_IN, d_sae=D_SAE), C)
+  with pytest.raises(ValueError, match="family and settings"):
+    jsae.stack([loaded[0], relu])
+  with pytest.raises(ValueError, match="shapes or dtypes"):
+    jsae.stack([loaded[0], loaded[1].astype(jnp.bfloat16)])
+  with pytest.raises(ValueError, match="at least one"):
+    jsae.stack([])
+
+
+def test_load_reads_a_training_run(tiny_run):
+  config, workdir, _ = tiny_run
+  x = np.asarray(data.make_source(config).batch(0))
+  np.testing.assert_array_equal(jsae.load(workdir).encode(x), runs.read_sae(workdir).encode(x))
 
 
 # ----------------------------------------------------------------------------- runs
@@ -342,7 +402,7 @@ def test_from_run_encodes_raw_activations(tiny_run, tmp_path):
   x_raw = np.asarray(source.batch(0))
   norm_scale = source.norm_scale
   assert norm_scale != 1.0
-  sae = SAE.from_run(workdir)
+  sae = runs.read_sae(workdir)
   params = result.state.params
   f_train = np.asarray(FAMILY.encode(params, x_raw / norm_scale))
   f = np.asarray(sae.encode(x_raw))
@@ -358,19 +418,19 @@ def test_from_run_encodes_raw_activations(tiny_run, tmp_path):
   np.testing.assert_array_equal(jsae.load(out).encode(x_raw), f)
   with pytest.raises(FileExistsError, match="overwrite"):
     interop.export(workdir, tmp_path / "sl", "saelens")
-  np.testing.assert_array_equal(SAE.from_run(workdir, step=50).encode(x_raw), f)
+  np.testing.assert_array_equal(runs.read_sae(workdir, step=50).encode(x_raw), f)
   with pytest.raises(FileNotFoundError, match=r"no finished checkpoint at step 7.*\[50\]"):
-    SAE.from_run(workdir, step=7)
+    runs.read_sae(workdir, step=7)
 
 
 def test_from_run_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such run directory"):
-    SAE.from_run(tmp_path / "nope")
+    runs.read_sae(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match="not a jsae run directory"):
-    SAE.from_run(tmp_path)
+    runs.read_sae(tmp_path)
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
-    SAE.from_run(tmp_path)
+    runs.read_sae(tmp_path)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -300,7 +300,7 @@ def test_trainer_adapts_the_capacity_equals_the_dense_run_and_resumes_exactly(tm
   (the capacity in use is restored from the checkpoint, not re-derived)."""
   adaptive = train.train(_adaptive_config(), tmp_path / "adaptive", progress=False)
   log = [json.loads(l) for l in (tmp_path / "adaptive/metrics.jsonl").read_text().splitlines()]
-  capacities = [r["sparse_capacity"] for r in log]
+  capacities = [r["step_capacity"] for r in log]
   assert capacities[0] == 0 and all(c > 0 for c in capacities[1:]), capacities
   assert all(r["max_candidates"] <= 256 for r in log[1:]), [r["max_candidates"] for r in log]
 

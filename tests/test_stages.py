@@ -89,7 +89,7 @@ def test_longer_training_redoes_export_and_eval(inputs, finished, tmp_path, caps
   # The export holds the 60-step SAE: its weights equal the run's latest checkpoint.
   import jax
   import jsae
-  exported, run = jsae.load(workdir / "sae/export"), jsae.SAE.from_run(workdir / "sae")
+  exported, run = jsae.load(workdir / "sae/export"), jsae.runs.read_sae(workdir / "sae")
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(run)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -90,7 +90,8 @@ def load(path: str | os.PathLike, format: str | None = None, *, dtype=None) -> S
 
   Args:
     path: the SAE's folder, or one of its files (for Gemma Scope: the
-      `.../average_l0_N` folder or the `params.npz` file).
+      `.../average_l0_N` folder or the `params.npz` file), or a training run's
+      workdir (its newest intact checkpoint, folded: `runs.read_sae`).
     format: one of `FORMATS` to skip detection.
     dtype: cast the weights (e.g. `jnp.bfloat16`); default: as stored (float16
       and float64 become float32). A threshold is always float32.
@@ -104,6 +105,9 @@ def load(path: str | os.PathLike, format: str | None = None, *, dtype=None) -> S
       the key and the expectation).
   """
   path = Path(path).expanduser()
+  if format is None and runs.is_run_dir(path):
+    sae = runs.read_sae(path)
+    return sae if dtype is None else sae.astype(dtype)
   if format is None:
     format, target = detect_format(path)
   else:
@@ -170,7 +174,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "js
     format: one of `FORMATS`; a format that cannot hold the run's inference family
       is refused before the checkpoint is read.
     step: checkpoint step (default: latest).
-    fold_decoder_norm: see `SAE.from_run` (default: when rows were not kept unit norm).
+    fold_decoder_norm: see `runs.read_sae` (default: when rows were not kept unit norm).
     overwrite: replace existing output files.
     **layout: Gemma Scope folder layout options (see `save`).
 
@@ -187,7 +191,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "js
           f" {form!r} the {format} format cannot hold (it holds"
           f" {', '.join(_MODULES[format].FAMILIES)}). Export with --format=jsae or"
           " --format=saelens.")
-  sae = SAE.from_run(run_dir, step=step, fold_decoder_norm=fold_decoder_norm)
+  sae = runs.read_sae(run_dir, step=step, fold_decoder_norm=fold_decoder_norm)
   return save(sae, out, format, overwrite=overwrite, **layout)
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from jsae import saes
 from jsae.formats import common
 from jsae.formats.common import FormatError
-from jsae.sae import INFERENCE_FAMILIES, SAE
+from jsae.sae import SAE
 
 NAME = "jsae"
 LAYOUT = "config.json + sae.safetensors"
-FAMILIES = INFERENCE_FAMILIES
+FAMILIES = tuple(saes.inference_names())
 FORMAT = "jsae-sae"
 FORMAT_VERSION = 2
 CONFIG, WEIGHTS = "config.json", "sae.safetensors"

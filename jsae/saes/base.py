@@ -5,23 +5,33 @@ trainer, the sharding rules, the SAE object and the formats ask the family and
 know nothing of any family's specifics:
 
   fields                 its config fields (`Field`s under config.sae / config.loss)
+  knob, knob_symbol      the field a sparsity sweep varies and how reports write it
   settings(config)       static, hashable hyperparameters (shapes, choices)
   hyperparams(config)    traced scalars, the sparsity knob among them, so that a
                          sweep can `vmap` over them
+  init_kwargs(config)    `init`'s options from a config
   init(key, d_in=, d_sae=, ...)        fresh float32 parameters
   init_state(d_sae, settings)          the family's slot in TrainState (a
                                        running threshold, ...); `NoState()` if none
   loss(params, state, x, settings=, hparams=, dead=, step=) -> (loss, Output)
   metrics(output, settings)            family scalars, on logging steps only
   constrain(params, settings)          back onto the constraint set after an update
+  step_capacity / with_step_capacity   the sparse train step's capacity in settings
+  adapts_capacity(config)              whether the trainer re-picks that capacity
+  group_config(configs)                the one compiled config of a sweep group
+  member_params(params, config)        a sweep member's params out of its group's
   param_specs / state_specs            PartitionSpecs per field: a field without
                                        one is an error, never silently replicated
   fold(params, state, norm_scale)      training form -> (inference family, params)
                                        in raw LM units; `canonical` the saved layout
   encode / decode                      the training-form forward (functional API)
 
-Inference families (those an exported SAE can be: jumprelu, relu, topk) also
-provide `infer(params, x)`: the forward in plain jnp ops (any autodiff mode).
+Inference families (those an exported SAE can be: `inference_names()`) also
+provide `infer(params, x)`, the forward in plain jnp ops (any autodiff mode),
+`fold_decoder_norms` (unless `folds_decoder_norms` is False) and the
+family-specific properties of the SAE object (`threshold_of`, `k_of`).
+Nothing outside `jsae/saes/` names a family or a family's field except the
+formats' own mappings to their architecture names.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import struct
 
 from jsae import ops
@@ -63,12 +74,15 @@ class Field(NamedTuple):
     doc: one line for configs and the README.
     traced: passed to the step as a traced scalar (a sweepable knob).
     init_only: read only at initialisation, so it may change on resume.
+    resumable: changes how a step is computed, not its result (a sparse
+      step's capacity), so it may change on resume.
   """
 
   default: Any
   doc: str
   traced: bool = False
   init_only: bool = False
+  resumable: bool = False
 
 
 @struct.dataclass
@@ -110,18 +124,30 @@ class Family:
   config_defaults: dict[str, Any] = {}  # other groups' defaults, e.g. optim.decoder_unit_norm
   # [batch, d_in] x [d_in, d_sae]-sized matmuls in one train step (FLOP accounting).
   step_matmuls: int = 5
+  # 'group.field' of the sparsity knob a Pareto sweep varies, and its symbol in reports.
+  knob: str = ""
+  knob_symbol: str = ""
+  # Inference families: whether `fold_decoder_norms` keeps which latents are active.
+  folds_decoder_norms: bool = True
 
   # -- config
+
+  def knob_value(self, config) -> tuple[str, Any] | None:
+    """(symbol, value) of the sparsity knob in `config` (a ConfigDict or its dict), or None."""
+    if not self.knob:
+      return None
+    group, name = self.knob.split(".")
+    return self.knob_symbol, config[group][name]
+
+  def resumable_names(self) -> tuple[str, ...]:
+    """'group.field' names that may change on resume (init-only and resumable fields)."""
+    return tuple(f"{g}.{n}" for g, fs in self.fields.items()
+                 for n, f in fs.items() if f.init_only or f.resumable)
 
   def traced_names(self) -> tuple[str, ...]:
     """'group.field' names of the traced hyperparameters."""
     return tuple(f"{g}.{n}" for g, fs in self.fields.items()
                  for n, f in fs.items() if f.traced)
-
-  def init_only_names(self) -> tuple[str, ...]:
-    """'group.field' names read only at initialisation."""
-    return tuple(f"{g}.{n}" for g, fs in self.fields.items()
-                 for n, f in fs.items() if f.init_only)
 
   def validate(self, config) -> None:
     """Raises FamilyConfigError for fields of another family, missing fields, bad values."""
@@ -177,7 +203,39 @@ class Family:
           out[n] = jnp.asarray(v, dtype)
     return out
 
+  def init_kwargs(self, config) -> dict:
+    """`init`'s keyword options (beyond d_in, d_sae) from a config."""
+    raise NotImplementedError
+
+  def group_config(self, configs: list):
+    """The config one compiled step of a sweep group runs with, from its members'
+    configs (which differ only in traced fields): a copy of the first member's,
+    with the family's shape-affecting settings made to fit every member."""
+    return ml_collections.ConfigDict(configs[0].to_dict())
+
+  def member_params(self, params: Params, config) -> Params:
+    """A sweep member's own parameters out of its group's (`group_config`) params."""
+    del config
+    return params
+
   # -- training
+
+  def init(self, key: jax.Array, *, d_in: int, d_sae: int, **options) -> Params:
+    """Fresh float32 parameters (`options` from `init_kwargs`)."""
+    raise NotImplementedError
+
+  def loss(self, params: Params, state: Any, x: jax.Array, *, settings, hparams: dict,
+           dead: jax.Array, step: jax.Array) -> tuple[jax.Array, "Output"]:
+    """(scalar loss, Output) on `x: [batch, d_in]` normalised inputs.
+
+    `hparams` holds the traced fields, `dead: [d_sae]` the latents silent for
+    `dead_window_steps`, `step` the update's step (warm-ups).
+    """
+    raise NotImplementedError
+
+  def encode(self, params: Params, x: jax.Array, **options) -> jax.Array:
+    """The training-form latents `[..., d_sae]` float32 of `x: [..., d_in]`."""
+    raise NotImplementedError
 
   def init_state(self, d_sae: int, settings) -> Any:
     """The family's TrainState slot at step 0."""
@@ -189,9 +247,21 @@ class Family:
     del output, settings
     return {}
 
+  def step_capacity(self, settings) -> int:
+    """Latents per row of the sparse train step these settings run (0: the dense step)."""
+    return int(getattr(settings, "sparse_capacity", 0))
+
+  def with_step_capacity(self, settings, capacity: int):
+    """`settings` with the sparse step's capacity set to `capacity` (0: dense)."""
+    if capacity == self.step_capacity(settings):
+      return settings
+    if not hasattr(settings, "sparse_capacity"):
+      raise ValueError(f"family {self.name!r} has no sparse train step.")
+    return dataclasses.replace(settings, sparse_capacity=int(capacity))
+
   def adapts_capacity(self, config) -> bool:
-    """Whether the trainer re-picks `settings.sparse_capacity` on logging steps from the
-    logged `max_candidates` metric (`ops.sparse.adapt_capacity`)."""
+    """Whether the trainer re-picks the step's capacity (`with_step_capacity`) on logging
+    steps from the logged `max_candidates` metric (`ops.sparse.adapt_capacity`)."""
     del config
     return False
 
@@ -228,6 +298,18 @@ class Family:
   def infer(self, params: Params, x: jax.Array) -> jax.Array:
     """Inference forward (plain jnp; defined by inference families)."""
     raise NotImplementedError(f"{self.name!r} is a training family; fold it first.")
+
+  def fold_decoder_norms(self, params: Params) -> Params:
+    """Unit-norm decoder rows with the norms moved into the encoder (inference families)."""
+    raise NotImplementedError(f"{self.name!r} does not fold decoder norms.")
+
+  def threshold_of(self, params: Params) -> jax.Array:
+    """theta `[d_sae]` float32 of inference parameters (families with a threshold)."""
+    raise AttributeError(f"a {self.name!r} SAE has no threshold.")
+
+  def k_of(self, params: Params) -> int:
+    """Latents kept per row of inference parameters (families with a fixed k)."""
+    raise AttributeError(f"a {self.name!r} SAE has no k.")
 
   def decode(self, params: Params, f: jax.Array, *, compute_dtype="float32") -> jax.Array:
     """Reconstruction `[..., d_in]` (float32) of latents `f: [..., d_sae]`."""
@@ -268,6 +350,11 @@ def get(name: str) -> Family:
 def names() -> list[str]:
   """Names of all registered families."""
   return sorted(_REGISTRY)
+
+
+def inference_names() -> list[str]:
+  """Names of the families an exported SAE can be (its `infer` is the forward)."""
+  return sorted(n for n, f in _REGISTRY.items() if f.inference_form == n)
 
 
 def family_of(params: Params) -> Family:

@@ -32,7 +32,7 @@ from jsae import losses, ops
 from jsae.saes import base
 from jsae.saes.base import Field
 from jsae.saes.jumprelu import JumpReLUParams, fold_norm_scale
-from jsae.saes.relu import check_lambda_fields, lambda_fields
+from jsae.saes.shared import check_lambda_fields, lambda_fields
 
 P = jax.sharding.PartitionSpec
 
@@ -84,6 +84,7 @@ class GatedFamily(base.Family):
   param_spec_table = {"W_enc": P(None, "model"), "b_gate": P("model"), "r_mag": P("model"),
                       "b_mag": P("model"), "W_dec": P("model", None), "b_dec": P()}
   config_defaults = {"optim.decoder_unit_norm": False}
+  knob, knob_symbol = "loss.sparsity_coeff", "λ"
   step_matmuls = 8  # one encoder matmul for both paths, two decodes (+ their gradients)
   fields = {
       "sae": {},

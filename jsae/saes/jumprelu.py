@@ -22,7 +22,7 @@ from flax import struct
 from jsae import losses, ops
 from jsae.ops import jumprelu, sparse
 from jsae.ops import step as heaviside
-from jsae.saes import base
+from jsae.saes import base, shared
 from jsae.saes.base import Field
 
 P = jax.sharding.PartitionSpec
@@ -129,6 +129,7 @@ class JumpReLUFamily(base.Family):
   inference_form = "jumprelu"
   param_spec_table = {**base.LINEAR_SPECS, "threshold": P("model")}
   config_defaults = {"optim.decoder_unit_norm": True}
+  knob, knob_symbol = "loss.sparsity_coeff", "λ"
   fields = {
       "sae": {
           "threshold_param": Field("raw", "'raw' theta or 'log' theta (GDM; log freezes"
@@ -141,7 +142,8 @@ class JumpReLUFamily(base.Family):
                                 " pre-activations too"),
           "sparse_capacity": Field(-1, "latents per row of the sparse train step (active or"
                                    " in the window); 0: dense; -1: auto (from the target L0, then"
-                                   " the logged max_candidates: ops.sparse.adapt_capacity)"),
+                                   " the logged max_candidates: ops.sparse.adapt_capacity)",
+                                   resumable=True),
       },
       "loss": {
           "sparsity": Field("step", "'step' (L0, Gemma Scope), 'tanh' (Anthropic),"
@@ -345,6 +347,10 @@ class JumpReLUFamily(base.Family):
                 theta_p10=q10, theta_p50=q50, theta_p90=q90,
                 max_candidates=jnp.max(jnp.sum(candidates, -1)).astype(jnp.float32))
 
+  def group_config(self, configs: list):
+    """The first member's config; an automatic sparse step is dense in a sweep."""
+    return shared.dense_when_auto(super().group_config(configs))
+
   def adapts_capacity(self, config) -> bool:
     """With `sae.sparse_capacity=-1` (auto) wherever the sparse step applies."""
     return config.sae.sparse_capacity == -1 and not (config.sae.ste_to_input
@@ -379,6 +385,10 @@ class JumpReLUFamily(base.Family):
     params = raw_threshold(params)
     n = base.row_norm_factors(params.W_dec)
     return base.fold_decoder_norms_linear(params).replace(threshold=params.threshold * n)
+
+  def threshold_of(self, params: JumpReLUParams) -> jax.Array:
+    """theta `[d_sae]` float32, whatever the parameterisation."""
+    return params.theta().astype(jnp.float32)
 
 
 def fold_norm_scale(params: JumpReLUParams, norm_scale: float) -> JumpReLUParams:

@@ -22,11 +22,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from jsae import losses, ops
-from jsae.saes import base
+from jsae.saes import base, shared
 from jsae.saes.base import Field
-from jsae.saes.relu import LinearFamily
-from jsae.saes.topk import (BatchTopKFamily, BatchTopKParams, TopKSettings, _AUX_FIELDS,
-                            _aux_loss)
+from jsae.saes.shared import LinearFamily
+from jsae.saes.topk import BatchTopKFamily, BatchTopKParams, TopKSettings
 
 
 @struct.dataclass
@@ -75,7 +74,7 @@ class MatryoshkaFamily(BatchTopKFamily):
                  if k != "sparse_capacity"},
               "group_sizes": Field((), "sizes of the nested latent groups, summing to d_sae"
                                    " (empty: d_sae/16, /16, /8, /4, /2)")},
-      "loss": {**_AUX_FIELDS,
+      "loss": {**shared.AUX_FIELDS,
                "group_loss": Field("sum", "'sum' of the levels' losses (paper, SAELens) or"
                                    " their 'mean' (dictionary_learning)")},
   }
@@ -134,7 +133,7 @@ class MatryoshkaFamily(BatchTopKFamily):
     total = sum(level_losses)
     if settings.group_loss == "mean":
       total = total / len(level_losses)
-    aux = _aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
+    aux = shared.aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
     parts = dict(reconstruction=rec, matryoshka=total, aux=aux,
                  **{f"reconstruction_level_{i}": v for i, v in enumerate(level_losses[:-1])})
     state = self.next_state(state, kept, settings)

@@ -21,7 +21,7 @@ from flax import struct
 
 from jsae import losses, ops
 from jsae.saes import base
-from jsae.saes.base import Field
+from jsae.saes.shared import LinearFamily, check_lambda_fields, lambda_fields
 
 
 @struct.dataclass
@@ -56,53 +56,6 @@ class ReLUSettings:
   compute_dtype: str = "float32"
 
 
-def lambda_fields(coeff: float, doc: str) -> dict[str, Field]:
-  """The loss fields every lambda-penalised family has (coefficient and its warm-up)."""
-  return {"sparsity_coeff": Field(coeff, doc, traced=True),
-          "sparsity_warmup_steps": Field(10_000, "lambda rises linearly from 0 over these"
-                                         " steps")}
-
-
-def check_lambda_fields(config) -> None:
-  """Raises FamilyConfigError for a negative lambda or warm-up."""
-  for field in ("sparsity_coeff", "sparsity_warmup_steps"):
-    if not config.loss[field] >= 0:
-      raise base.FamilyConfigError(f"config.loss.{field}: must be >= 0; got"
-                                   f" {config.loss[field]!r}.")
-
-
-class LinearFamily(base.Family):
-  """What the families with a plain linear encoder share (ReLU, TopK, BatchTopK)."""
-
-  param_spec_table = dict(base.LINEAR_SPECS)
-  init_row_norm = 1.0  # decoder row norm at init
-
-  def init_kwargs(self, config) -> dict:
-    """`init` options from the config."""
-    return dict(pre_encoder_bias=config.sae.pre_encoder_bias)
-
-  def init(self, key: jax.Array, *, d_in: int, d_sae: int, pre_encoder_bias: bool = True,
-           **static):
-    """Decoder rows He-uniform at norm `init_row_norm`, W_enc = W_dec^T, zero biases."""
-    W_enc, W_dec = base.init_linear(key, d_in, d_sae, row_norm=self.init_row_norm)
-    return self.params_type(W_enc=W_enc, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
-                            b_dec=jnp.zeros((d_in,), jnp.float32),
-                            pre_encoder_bias=pre_encoder_bias, **static)
-
-  def pre_activations(self, params, x: jax.Array, *, compute_dtype="float32") -> jax.Array:
-    """pi(x): `x: [..., d_in]` -> `[..., d_sae]` float32."""
-    return base.linear_pre_activations(params, x, compute_dtype=compute_dtype)
-
-  def fold_linear(self, params, norm_scale: float):
-    """Pre-encoder bias into b_enc, then b_enc and b_dec times C."""
-    c = base.check_norm_scale(norm_scale)
-    return base.scale_biases(base.fold_pre_encoder_bias(params), c)
-
-  def fold_decoder_norms(self, params):
-    """Unit-norm decoder rows, norms moved into the encoder (same on/off pattern)."""
-    return base.fold_decoder_norms_linear(params)
-
-
 class ReLUFamily(LinearFamily):
   """Pure functions of the ReLU family (see the module docstring)."""
 
@@ -111,6 +64,7 @@ class ReLUFamily(LinearFamily):
   inference_form = "relu"
   init_row_norm = 0.1  # Anthropic April 2024 / SAELens heuristic
   config_defaults = {"optim.decoder_unit_norm": False}
+  knob, knob_symbol = "loss.sparsity_coeff", "λ"
   fields = {"sae": {},
             "loss": lambda_fields(0.05, "lambda of sum_i f_i ||d_i|| (inputs at E||x||^2 = 1)")}
 

@@ -32,10 +32,10 @@ from flax import struct
 
 from jsae import losses, ops
 from jsae.ops import sparse
-from jsae.saes import base
+from jsae.saes import base, shared
 from jsae.saes.base import Field
 from jsae.saes.jumprelu import JumpReLUParams, fold_norm_scale
-from jsae.saes.relu import LinearFamily
+from jsae.saes.shared import LinearFamily
 
 
 @struct.dataclass
@@ -197,30 +197,7 @@ def batch_topk_mask(pre: jax.Array, capacity: int, k: jax.Array, candidates_per_
   return mask.reshape(pre.shape), smallest
 
 
-def _aux_loss(pre, x, x_hat, W_dec, dead, settings: TopKSettings) -> jax.Array:
-  """AuxK on the stopped residual, skipped (0) when no latent is dead."""
-  k_aux = min(settings.k_aux, pre.shape[-1])
-  if settings.aux_coeff <= 0 or k_aux <= 0:
-    return jnp.zeros((), jnp.float32)
-  residual = jax.lax.stop_gradient(x.astype(jnp.float32) - x_hat)
-
-  def aux(operands):
-    pre, W_dec = operands
-    return losses.auxk(residual, pre, dead, W_dec, k_aux, form=settings.aux_form,
-                       compute_dtype=settings.compute_dtype)
-  return jax.lax.cond(jnp.any(dead), aux, lambda _: jnp.zeros((), jnp.float32),
-                      (pre, W_dec))
-
-
 # ----------------------------------------------------------------------------- families
-
-_AUX_FIELDS = {
-    "aux_coeff": Field(1 / 32, "AuxK weight alpha (Gao, OpenAI, dictionary_learning: 1/32;"
-                       " SAELens: 1.0)"),
-    "aux_form": Field("gao", "AuxK form: 'gao' (ReLU'd, residual-variance-normalised) or"
-                      " 'saelens' (pre-ReLU, unnormalised, scaled by min(n_dead/k_aux, 1))"),
-}
-
 
 class TopKFamily(LinearFamily):
   """Pure functions of the TopK family (see the module docstring)."""
@@ -229,14 +206,17 @@ class TopKFamily(LinearFamily):
   params_type = TopKParams
   inference_form = "topk"
   config_defaults = {"optim.decoder_unit_norm": True}
+  knob, knob_symbol = "sae.k", "k"
+  folds_decoder_norms = False  # rescaling latents changes which k win
   fields = {
       "sae": {"k": Field(32, "latents kept per token (Gao: 32; SAELens: 100)", traced=True),
               "k_aux": Field(512, "dead latents per token in AuxK (Gao: 512), capped at"
                              " d_sae"),
               "sparse_capacity": Field(-1, "sparse train step: -1 auto (ops.sparse."
                                        "capacity_rule on k), 0 dense, >= k on (TopK's rows"
-                                       " hold exactly k latents: the capacity is k)")},
-      "loss": dict(_AUX_FIELDS),
+                                       " hold exactly k latents: the capacity is k)",
+                                       resumable=True)},
+      "loss": dict(shared.AUX_FIELDS),
   }
 
   def check_values(self, config) -> None:
@@ -294,6 +274,17 @@ class TopKFamily(LinearFamily):
   def init_kwargs(self, config) -> dict:
     return dict(super().init_kwargs(config), k=int(config.sae.k))
 
+  def group_config(self, configs: list):
+    """The first member's config at the largest k (the selection's capacity; each member
+    keeps the first k of it, which equals its own top k), the automatic sparse step dense."""
+    config = shared.dense_when_auto(super().group_config(configs))
+    config.sae.k = max(int(c.sae.k) for c in configs)
+    return config
+
+  def member_params(self, params, config):
+    """The params with the member's own k (the group's are at the largest k)."""
+    return params.replace(k=int(config.sae.k))
+
   def init(self, key: jax.Array, *, d_in: int, d_sae: int, k: int = 32,
            pre_encoder_bias: bool = True):
     """Unit-norm He-uniform decoder rows, W_enc = W_dec^T (Gao), zero biases."""
@@ -322,7 +313,7 @@ class TopKFamily(LinearFamily):
     else:
       pre, f, x_hat, kept, fired = self._dense_forward(params, x, hparams["k"], settings)
     rec = losses.reconstruction(x, x_hat)
-    aux = _aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
+    aux = shared.aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
     parts = dict(reconstruction=rec, aux=aux)
     state = self.next_state(state, kept, settings)
     return rec + settings.aux_coeff * aux, base.Output(f=f, x_hat=x_hat, state=state,
@@ -391,6 +382,10 @@ class TopKFamily(LinearFamily):
         " decoder-row norms into the encoder would change which latents win. Train TopK"
         " with optim.decoder_unit_norm=True (its default) and export without folding.")
 
+  def k_of(self, params: TopKParams) -> int:
+    """Latents kept per row."""
+    return int(params.k)
+
   def infer(self, params: TopKParams, x: jax.Array) -> jax.Array:
     """ReLU of each row's k largest pre-activations, plain jnp."""
     pre = base.plain_pre_activations(params, x)
@@ -410,8 +405,9 @@ class BatchTopKFamily(TopKFamily):
               "threshold_ema": Field(0.01, "rate of the running inference threshold's"
                                      " moving average (SAELens: 0.01), bias-corrected"),
               "sparse_capacity": Field(-1, "latents per row of the sparse train step; 0:"
-                                       " dense; -1: auto (ops.sparse.capacity_rule on k)")},
-      "loss": dict(_AUX_FIELDS),
+                                       " dense; -1: auto (ops.sparse.capacity_rule on k)",
+                                       resumable=True)},
+      "loss": dict(shared.AUX_FIELDS),
   }
 
   def check_values(self, config) -> None:

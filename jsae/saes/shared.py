@@ -1,0 +1,105 @@
+"""Family code that several families share: the plain linear encoder and decoder,
+the lambda-penalty fields, AuxK's fields and loss, and the sparse step's sweep rule.
+
+Families build on these public names; no family reaches into another's module.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jsae import losses
+from jsae.saes import base
+from jsae.saes.base import Field
+
+
+def lambda_fields(coeff: float, doc: str) -> dict[str, Field]:
+  """The loss fields every lambda-penalised family has (coefficient and its warm-up)."""
+  return {"sparsity_coeff": Field(coeff, doc, traced=True),
+          "sparsity_warmup_steps": Field(10_000, "lambda rises linearly from 0 over these"
+                                         " steps")}
+
+
+def check_lambda_fields(config) -> None:
+  """Raises FamilyConfigError for a negative lambda or warm-up."""
+  for field in ("sparsity_coeff", "sparsity_warmup_steps"):
+    if not config.loss[field] >= 0:
+      raise base.FamilyConfigError(f"config.loss.{field}: must be >= 0; got"
+                                   f" {config.loss[field]!r}.")
+
+
+AUX_FIELDS = {
+    "aux_coeff": Field(1 / 32, "AuxK weight alpha (Gao, OpenAI, dictionary_learning: 1/32;"
+                       " SAELens: 1.0)"),
+    "aux_form": Field("gao", "AuxK form: 'gao' (ReLU'd, residual-variance-normalised) or"
+                      " 'saelens' (pre-ReLU, unnormalised, scaled by min(n_dead/k_aux, 1))"),
+}
+
+
+def aux_loss(pre: jax.Array, x: jax.Array, x_hat: jax.Array, W_dec: jax.Array,
+             dead: jax.Array, settings) -> jax.Array:
+  """AuxK on the stopped residual x - x_hat, 0 when no latent is dead.
+
+  `pre: [batch, d_sae]`, `x, x_hat: [batch, d_in]`, `dead: [d_sae]`; `settings`
+  carries k_aux, aux_coeff, aux_form and compute_dtype.
+  """
+  k_aux = min(settings.k_aux, pre.shape[-1])
+  if settings.aux_coeff <= 0 or k_aux <= 0:
+    return jnp.zeros((), jnp.float32)
+  residual = jax.lax.stop_gradient(x.astype(jnp.float32) - x_hat)
+
+  def aux(operands):
+    pre, W_dec = operands
+    return losses.auxk(residual, pre, dead, W_dec, k_aux, form=settings.aux_form,
+                       compute_dtype=settings.compute_dtype)
+  return jax.lax.cond(jnp.any(dead), aux, lambda _: jnp.zeros((), jnp.float32),
+                      (pre, W_dec))
+
+
+def dense_when_auto(config):
+  """`config` with an automatic sparse step (`sae.sparse_capacity=-1`) set to dense.
+
+  A sweep group's members run under `vmap` or `lax.map`, where the sparse step's
+  `lax.cond` fallback becomes a select that runs both paths, so "auto" means
+  dense there; an explicit capacity is kept.
+  """
+  if config.sae.get("sparse_capacity", 0) == -1:
+    config.sae.sparse_capacity = 0
+  return config
+
+
+class LinearFamily(base.Family):
+  """What the families with a plain linear encoder share (ReLU, TopK, BatchTopK)."""
+
+  param_spec_table = dict(base.LINEAR_SPECS)
+  init_row_norm = 1.0  # decoder row norm at init
+
+  def init_kwargs(self, config) -> dict:
+    """`init` options from the config."""
+    return dict(pre_encoder_bias=config.sae.pre_encoder_bias)
+
+  def init(self, key: jax.Array, *, d_in: int, d_sae: int, pre_encoder_bias: bool = True,
+           **static):
+    """Decoder rows He-uniform at norm `init_row_norm`, W_enc = W_dec^T, zero biases."""
+    W_enc, W_dec = base.init_linear(key, d_in, d_sae, row_norm=self.init_row_norm)
+    return self.params_type(W_enc=W_enc, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
+                            b_dec=jnp.zeros((d_in,), jnp.float32),
+                            pre_encoder_bias=pre_encoder_bias, **static)
+
+  def pre_activations(self, params, x: jax.Array, *, compute_dtype="float32") -> jax.Array:
+    """pi(x): `x: [..., d_in]` -> `[..., d_sae]` float32."""
+    return base.linear_pre_activations(params, x, compute_dtype=compute_dtype)
+
+  def fold_linear(self, params, norm_scale: float):
+    """Pre-encoder bias into b_enc, then b_enc and b_dec times C."""
+    c = base.check_norm_scale(norm_scale)
+    return base.scale_biases(base.fold_pre_encoder_bias(params), c)
+
+  def fold_decoder_norms(self, params):
+    """Unit-norm decoder rows, norms moved into the encoder (same on/off pattern)."""
+    return base.fold_decoder_norms_linear(params)
+
+
+__all__ = ["AUX_FIELDS", "LinearFamily", "aux_loss", "check_lambda_fields",
+           "dense_when_auto", "lambda_fields"]
