@@ -404,7 +404,7 @@ def cmd_browse(args: list[str]) -> int:
   result = browse_lib.browse(config, sae, lm, contexts["eval"], out,
                              fmt=extra["format"] or "site", text_source=text_source,
                              latents=latents, say=pipeline.say)
-  print(f"wrote {result.path} ({len(result.records)} latent pages; {result.tokens:,} tokens at"
+  print(f"wrote {result.path} ({result.covers}; {result.tokens:,} tokens at"
         f" {result.tokens_per_s:,.0f} tokens/s; logit effects {result.logit_s:.1f}s)")
   return 0
 

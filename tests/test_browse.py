@@ -1,6 +1,8 @@
 """The browse pass against brute force: top-N per latent (ties, silent latents), the
 uniform sample, histograms, logit effects, latent sharding, and the site in Chromium."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +150,53 @@ def test_latent_sharded_pass_equals_one_device(tiny_lm, streamed):
   assert stats.top_values.sharding.spec == jax.sharding.PartitionSpec("model")
   for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(stats)):
     np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_stream_and_logit_effects_of_chosen_latents_equal_their_rows_of_the_full_pass(
+    tiny_lm, streamed):
+  params, config = tiny_lm
+  sae, ctx, edges, full, _ = streamed
+  ids = [40, 1, 17, 5]  # any order; 1 never fires
+  stats = stream.stream(sae, params, config, SITE, ctx, SETTINGS, edges=edges, progress=False,
+                        latents=ids)
+  assert stats.fire_count.shape == (len(ids),)
+  for name, a, b in zip(full.__dataclass_fields__, jax.tree.leaves(full),
+                        jax.tree.leaves(stats)):
+    np.testing.assert_array_equal(np.asarray(b), a if a.ndim == 0 else a[ids], err_msg=name)
+  whole = logits.logit_effects(sae.params.W_dec, params, config, SITE, k=4, chunk=20)
+  some = logits.logit_effects(sae.params.W_dec[np.array(ids)], params, config, SITE, k=4,
+                              chunk=20)
+  for a, b in zip(dataclasses.astuple(whole), dataclasses.astuple(some)):
+    np.testing.assert_array_equal(b, a[ids])
+
+
+@pytest.mark.parametrize("latents,words", [
+    (None, "all 4,096 latents"),
+    ([3, 17, 200], "3 of 4,096 latents: 3, 17, 200"),
+    (list(range(1000)), "1,000 of 4,096 latents: 0-999"),
+    ([0, 1, 2, 7, 9, 10], "6 of 4,096 latents: 0-2, 7, 9-10"),
+    (list(range(0, 100, 2)), "50 of 4,096 latents: 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,"
+                             " ... (38 more)"),
+])
+def test_coverage_names_the_chosen_latents(latents, words):
+  from jsae.browse import run
+  assert run.coverage(latents, 4096) == words
+
+
+@pytest.mark.parametrize("ids", [[40, 1, 17, 5], [2, 30, 47]])  # the model axis (2) divides 4
+def test_chosen_latents_of_a_latent_sharded_sae_equal_the_one_device_pass(tiny_lm, streamed,
+                                                                          ids):
+  from jsae.browse import run
+  params, config = tiny_lm
+  sae, ctx, edges, full, _ = streamed
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+  sharded_sae = sae.shard(mesh)
+  specs = run._stats_sharding(sharded_sae, len(ids))
+  assert (specs is None) == (len(ids) % 2 == 1)
+  stats = stream.stream(sharded_sae, params, config, SITE, ctx, SETTINGS, edges=edges,
+                        stats_sharding=specs, latents=ids, progress=False)
+  if specs is not None:
+    assert stats.top_values.sharding.spec == jax.sharding.PartitionSpec("model")
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(np.asarray(b), a if a.ndim == 0 else a[ids], rtol=1e-5,
+                               atol=1e-6)

@@ -3,7 +3,9 @@ uniform sample, an activation histogram, firing counts.
 
 `LatentStats` is a pytree of `[d_sae, ...]` arrays, so `update` is one jitted
 function of (stats, a batch of SAE activations) and, for a latent-sharded SAE,
-every array stays sharded on the `model` axis with its latents.
+every array stays sharded on the `model` axis with its latents. Given the ids of
+a subset of latents, the arrays have one row per chosen latent and a latent's
+row holds exactly what it holds in a pass over every latent.
 
 Tokens are named by their *global index* g = context * seq_len + position in
 the stream of contexts. Per latent:
@@ -46,7 +48,8 @@ def hist_edges(low: float = 1e-3, high: float = 1e5, bins_per_decade: int = 20) 
 
 @struct.dataclass
 class LatentStats:
-  """The streaming accumulators (see the module docstring); every array has d_sae rows.
+  """The streaming accumulators (see the module docstring); every array has one row per
+  latent accumulated (`d_sae` below; the number of chosen latents for a subset).
 
   Attributes:
     top_values: `[d_sae, n_top]` largest activations, descending (0 where empty).
@@ -133,22 +136,27 @@ def _merge_top(values, tokens, windows, new_values, new_tokens, new_windows, k: 
 
 @functools.partial(jax.jit, static_argnames=("seq_len", "left", "right", "seed"))
 def update(stats: LatentStats, acts: jax.Array, valid: jax.Array, first_token: jax.Array,
-           edges: jax.Array, *, seq_len: int, left: int, right: int, seed: int) -> LatentStats:
+           edges: jax.Array, latents: jax.Array | None = None, *, seq_len: int, left: int,
+           right: int, seed: int) -> LatentStats:
   """Folds a batch into `stats`.
 
   Args:
-    stats: the accumulators.
+    stats: the accumulators: one row per latent of `latents` (all `d_sae` without it).
     acts: `[batch * seq_len, d_sae]` SAE activations of a batch of whole contexts.
     valid: `[batch * seq_len]` bool, False at BOS / pad positions (never counted).
     first_token: `[]` int32 global index of the batch's first token.
     edges: `[n_bins + 1]` float32 histogram edges.
+    latents: optional `[n]` int32 ids of the latents accumulated, in the order of the
+      rows of `stats` (None: every latent, row l is latent l).
     seq_len, left, right, seed: context length, window, sampling seed (static).
   """
   n_top, n_samples = stats.top_values.shape[1], stats.sample_values.shape[1]
+  if latents is not None:  # only the chosen latents' columns: the work below is per row
+    acts = acts[:, latents]
   acts = jnp.where(valid[:, None], acts.astype(jnp.float32), 0.0)
-  acts_t = acts.T  # [d_sae, P]
+  acts_t = acts.T  # [n_rows, P]: one row per latent accumulated
   active = acts_t > 0
-  d_sae, n_pos = acts_t.shape
+  n_rows, n_pos = acts_t.shape
   global_tok = first_token + jnp.arange(n_pos, dtype=jnp.int32)
 
   # Top examples: the batch's own top n_top first, then the merge.
@@ -164,8 +172,10 @@ def update(stats: LatentStats, acts: jax.Array, valid: jax.Array, first_token: j
       jnp.where(got, batch_values, -jnp.inf), batch_tokens, batch_windows, n_top)
   top_values = jnp.where(jnp.isfinite(top_values), top_values, 0.0)
 
-  # Uniform sample: the smallest priorities among active tokens.
-  latent_ids = jnp.arange(d_sae, dtype=jnp.int32)[:, None]
+  # Uniform sample: the smallest priorities among active tokens. The hash takes the
+  # latent's own id, not its row, so a latent's sample is the same in any subset.
+  rows = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
+  latent_ids = rows if latents is None else latents.astype(jnp.int32)[:, None]
   prio = jnp.where(active, priority(seed, global_tok[None, :], latent_ids), _NO_PRIORITY)
   k = min(n_samples, n_pos)
   neg, sample_pos = jax.lax.top_k(-prio, k)
@@ -189,14 +199,14 @@ def update(stats: LatentStats, acts: jax.Array, valid: jax.Array, first_token: j
   bins = jnp.clip(guess.astype(jnp.int32), 0, n_bins - 1)
   bins = bins - (acts_t < edges[bins]) + ((acts_t >= edges[bins + 1]) & (bins < n_bins - 1))
   in_range = active & (acts_t >= edges[0]) & (acts_t <= edges[-1])
-  flat = jnp.where(in_range, latent_ids * n_bins + bins, d_sae * n_bins)  # out of range: dropped
-  hist = jnp.zeros(d_sae * n_bins + 1, jnp.int32).at[flat.reshape(-1)].add(1)[:-1]
+  flat = jnp.where(in_range, rows * n_bins + bins, n_rows * n_bins)  # out of range: dropped
+  hist = jnp.zeros(n_rows * n_bins + 1, jnp.int32).at[flat.reshape(-1)].add(1)[:-1]
 
   return LatentStats(
       top_values=top_values, top_tokens=top_tokens, top_windows=top_windows,
       sample_priority=sample_priority, sample_values=sample_values,
       sample_tokens=sample_tokens, sample_windows=sample_windows,
-      hist_counts=stats.hist_counts + hist.reshape(d_sae, n_bins),
+      hist_counts=stats.hist_counts + hist.reshape(n_rows, n_bins),
       fire_count=stats.fire_count + active.sum(axis=1, dtype=jnp.int32),
       max_value=jnp.maximum(stats.max_value, acts_t.max(axis=1)),
       sum_value=stats.sum_value + acts_t.sum(axis=1),

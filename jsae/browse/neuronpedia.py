@@ -80,14 +80,21 @@ def write_batches(out_dir: str | Path, records: list[dict], logit_strings: list[
                   logit_hists: list[tuple], edges, *, model_id: str, layer: int, sae_set: str,
                   n_prompts: int, prompt_tokens: int, dataset: str,
                   per_batch: int = 128) -> list[Path]:
-  """Writes DIR/batch-N.json for `records` (in id order); returns the files."""
+  """Writes DIR/batch-N.json for `records` (in id order: every latent, or the chosen ones);
+  returns the files. `logit_strings` and `logit_hists` (heights, centres) hold one entry
+  per record, in the records' order."""
+  if not len(records) == len(logit_strings) == len(logit_hists):
+    raise ValueError(f"write_batches: {len(records)} records, {len(logit_strings)} logit"
+                     f" tables and {len(logit_hists)} logit histograms; pass one of each per"
+                     " record, in the records' order.")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   files = []
   for n, start in enumerate(range(0, len(records), per_batch)):
-    feats = [feature(r, logit_strings[r["id"]], logit_hists[r["id"]], edges,
-                     n_prompts=n_prompts, prompt_tokens=prompt_tokens, dataset=dataset)
-             for r in records[start:start + per_batch]]
+    part = slice(start, start + per_batch)
+    feats = [feature(r, strings, hist, edges, n_prompts=n_prompts, prompt_tokens=prompt_tokens,
+                     dataset=dataset)
+             for r, strings, hist in zip(records[part], logit_strings[part], logit_hists[part])]
     path = out / f"batch-{n}.json"
     path.write_text(json.dumps(dict(model_id=model_id, layer=layer, sae_set=sae_set,
                                     features=feats)))

@@ -3,7 +3,8 @@
 Steps: check the inputs (SAE width against the site, enough tokens, an output
 directory that is empty or this SAE's) -> stream the text through the LM and the
 SAE (`stream.stream`) -> logit effects in chunks (`logits.logit_effects`) -> records
-with decoded windows -> write.
+with decoded windows -> write. Given `latents`, every step after the SAE's encode
+works on those latents alone, and only they are written.
 """
 
 from __future__ import annotations
@@ -45,13 +46,18 @@ def browsed_contexts(config, contexts):
   return contexts.take(slice(0, kept))
 
 
-def browse_definition(config, sae, lm, contexts, text_source: str, fmt: str) -> dict:
+def browse_definition(config, sae, lm, contexts, text_source: str, fmt: str,
+                      latents: list[int] | None = None) -> dict:
   """What defines a browser: the SAE's weights, the site, the LM, the streamed text,
-  the settings and the format (recorded in DIR/browse.json)."""
-  return dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)), site=config.lm.site,
-              lm=lm.definition(), text_source=text_source, format=fmt,
-              settings=dataclasses.asdict(settings_from_config(config)),
-              contexts=stages.array_fingerprint(contexts.tokens, contexts.mask))
+  the settings, the format and, for a browser of chosen latents, their ids (recorded in
+  DIR/browse.json; a browser of every latent records no `latents`, as before)."""
+  definition = dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)), site=config.lm.site,
+                    lm=lm.definition(), text_source=text_source, format=fmt,
+                    settings=dataclasses.asdict(settings_from_config(config)),
+                    contexts=stages.array_fingerprint(contexts.tokens, contexts.mask))
+  if latents is not None:  # so the demo never reuses a browser of some latents as its own
+    definition["latents"] = list(latents)
+  return definition
 
 
 def _check_out_dir(out: Path, definition: dict, fmt: str) -> None:
@@ -67,13 +73,57 @@ def _check_out_dir(out: Path, definition: dict, fmt: str) -> None:
 
 
 def check_latents(latents, d_sae: int) -> list[int] | None:
-  """The requested latent ids, checked against `d_sae` (None: all)."""
+  """The requested latent ids, checked against `d_sae`, sorted, each once (None: all)."""
   if latents is None:
     return None
+  if not len(latents):
+    raise BrowseError("--latents names no latent; name some (--latents=3,17,42), or leave"
+                      " the flag out to browse every latent.")
   bad = [l for l in latents if not 0 <= l < d_sae]
   if bad:
     raise BrowseError(f"latent id(s) {bad} out of range: this SAE has latents 0 ... {d_sae - 1}.")
   return sorted(set(latents))
+
+
+def coverage(latents: list[int] | None, d_sae: int, max_groups: int = 12) -> str:
+  """Which latents a browser covers, for people: 'all 4,096 latents', '3 of 4,096
+  latents: 3, 17, 200', '1,000 of 4,096 latents: 0-999' (runs of consecutive ids as
+  ranges; past `max_groups` of them, the number left out).
+
+  Args:
+    latents: sorted distinct ids (`check_latents`), or None for every latent.
+    d_sae: the SAE's width.
+  """
+  if latents is None:
+    return f"all {d_sae:,} latents"
+  groups, start = [], 0
+  for i in range(1, len(latents) + 1):  # a group ends where the next id is not one more
+    if i == len(latents) or latents[i] != latents[i - 1] + 1:
+      first, last = latents[start], latents[i - 1]
+      groups.append(str(first) if first == last else f"{first}-{last}")
+      start = i
+  shown = ", ".join(groups[:max_groups])
+  if len(groups) > max_groups:
+    shown += f", ... ({len(groups) - max_groups} more)"
+  return f"{len(latents):,} of {d_sae:,} latents: {shown}"
+
+
+def _stats_sharding(sae, n_rows: int):
+  """The accumulators' shardings for a latent-sharded SAE (on its `model` axis), else None.
+
+  A subset of latents whose count the `model` axis does not divide stays on one device:
+  jax shards a dimension only in equal parts, and a subset's accumulators are small.
+  """
+  sharding = getattr(jax.tree.leaves(sae)[0], "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or "model" not in mesh.axis_names or mesh.shape["model"] <= 1:
+    return None
+  if n_rows % mesh.shape["model"]:
+    return None
+  P = jax.sharding.PartitionSpec
+  return jax.tree.map(
+      lambda a: jax.sharding.NamedSharding(mesh, P("model") if a.ndim else P()),
+      accumulate.init(1, n_top=1, n_samples=1, window=1, n_bins=1))
 
 
 def _logit_strings(eff: logits.LogitEffects, tokenizer) -> list[dict]:
@@ -94,7 +144,8 @@ class BrowseResult:
     tokens: held-out tokens streamed.
     tokens_per_s: speed of the streaming pass.
     logit_s: seconds of the logit-effect pass.
-    records: the per-latent records written.
+    records: the per-latent records written (every latent, or the chosen ones).
+    covers: which latents, in words (`coverage`).
   """
 
   path: Path
@@ -102,11 +153,13 @@ class BrowseResult:
   tokens_per_s: float
   logit_s: float
   records: list
+  covers: str = ""
 
 
 def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source: str = "",
            latents=None, progress: bool = True, say=print) -> BrowseResult:
-  """Every latent's browser data from `contexts` (held-out text) into `out_dir`.
+  """Every latent's (or the chosen latents') browser data from `contexts` (held-out text)
+  into `out_dir`.
 
   Args:
     config: a config with `lm.site` and `browse` (configs/default.py).
@@ -116,8 +169,9 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
     out_dir: the output directory.
     fmt: 'site' or 'neuronpedia'.
     text_source: a description of the text (recorded, and Neuronpedia's `dataset`).
-    latents: ids of the latents whose pages are written (default: all; the
-      statistics always cover every latent).
+    latents: ids of the latents browsed (default: all). Only their statistics and
+      logit effects are computed and only they are written and listed; each one's
+      content is what a browser of every latent shows for it.
   """
   if fmt not in FORMATS:
     raise BrowseError(f"--format={fmt}: expected one of {', '.join(FORMATS)}.")
@@ -131,60 +185,60 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
                       f" {settings.n_top} examples asked per latent; raise"
                       " config.text.max_eval_tokens or lower config.browse.n_top.")
   out = Path(out_dir)
-  definition = browse_definition(config, sae, lm, contexts, text_source, fmt)
+  definition = browse_definition(config, sae, lm, contexts, text_source, fmt, latents)
   _check_out_dir(out, definition, fmt)
+  ours = (out / RECORD_NAME).exists()  # this SAE's browser was written here before
+  covers = coverage(latents, sae.d_sae)
+  n_rows = sae.d_sae if latents is None else len(latents)
 
   edges = accumulate.hist_edges()
-  stats_sharding = None
-  sharding = getattr(jax.tree.leaves(sae)[0], "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is not None and "model" in mesh.axis_names and mesh.shape["model"] > 1:
-    P = jax.sharding.PartitionSpec
-    stats_sharding = jax.tree.map(
-        lambda a: jax.sharding.NamedSharding(mesh, P("model") if a.ndim else P()),
-        accumulate.init(1, n_top=1, n_samples=1, window=1, n_bins=1))
   t0 = time.perf_counter()
   stats = stream.stream(sae, lm.params, lm.config, site_name, contexts, settings, edges=edges,
-                        stats_sharding=stats_sharding, progress=progress)
+                        stats_sharding=_stats_sharding(sae, n_rows), latents=latents,
+                        progress=progress)
   jax.block_until_ready(stats)
   stream_s = time.perf_counter() - t0
-  say(f"browse: {contexts.n_tokens:,} tokens through {site_name} and {sae.d_sae} latents"
+  browsed = f"{sae.d_sae}" if latents is None else f"{n_rows} of {sae.d_sae}"
+  say(f"browse: {contexts.n_tokens:,} tokens through {site_name} and {browsed} latents"
       f" in {stream_s:.0f}s ({contexts.n_tokens / stream_s:,.0f} tokens/s)")
   t0 = time.perf_counter()
-  eff = logits.logit_effects(sae.params.W_dec, lm.params, lm.config, site_name,
+  w_dec = sae.params.W_dec if latents is None else sae.params.W_dec[np.asarray(latents)]
+  eff = logits.logit_effects(w_dec, lm.params, lm.config, site_name,
                              k=config.browse.logit_tokens)
   logit_s = time.perf_counter() - t0
   records = stream.latent_records(stats, contexts, lm.tokenizer, settings, edges, latents)
-  strings = _logit_strings(eff, lm.tokenizer)
+  strings = _logit_strings(eff, lm.tokenizer)  # one per record, in the records' order
   if fmt == "site":
-    if latents is not None:  # the index lists every latent; pages exist for the chosen ones
-      chosen = {r["id"]: r for r in records}
-      records = [chosen.get(l) or _stub(l, stats) for l in range(sae.d_sae)]
+    what = f"{sae.d_sae} latents" if latents is None else covers
     path = site.write_site(out, records, strings, edges=edges, tokens=int(stats.tokens_seen),
-                           title=f"{sae.d_sae} latents at {site_name} of {lm.name}",
+                           title=f"{what} at {site_name} of {lm.name}",
                            meta=f"{contexts.n_tokens:,} held-out tokens of {text_source}",
-                           per_file=config.browse.latents_per_file)
+                           per_file=config.browse.latents_per_file,
+                           covers=None if latents is None else covers)
   else:
     kind, layer = gemma.parse_site(site_name, lm.config)
     hists = list(zip(eff.hist_heights, eff.hist_centres))
-    neuronpedia.write_batches(out, records, strings, hists, edges, model_id=lm.config.name,
-                              layer=layer, sae_set=f"jsae-{kind}-{sae.d_sae}",
-                              n_prompts=contexts.n_contexts, prompt_tokens=contexts.seq_len,
-                              dataset=text_source)
+    files = neuronpedia.write_batches(out, records, strings, hists, edges,
+                                      model_id=lm.config.name, layer=layer,
+                                      sae_set=f"jsae-{kind}-{sae.d_sae}",
+                                      n_prompts=contexts.n_contexts,
+                                      prompt_tokens=contexts.seq_len, dataset=text_source)
+    if ours:
+      _remove_stale_batches(out, files)
     path = out
   (out / RECORD_NAME).write_text(json.dumps(definition, indent=2, sort_keys=True) + "\n")
   return BrowseResult(path=path, tokens=contexts.n_tokens,
                       tokens_per_s=contexts.n_tokens / stream_s, logit_s=logit_s,
-                      records=records)
+                      records=records, covers=covers)
 
 
-def _stub(latent: int, stats) -> dict:
-  """An index-only record (no page data) for a latent outside `latents`."""
-  n = int(stats.fire_count[latent])
-  seen = max(int(stats.tokens_seen), 1)
-  return dict(id=latent, fire_count=n, density=n / seen, max=float(stats.max_value[latent]),
-              mean=float(stats.sum_value[latent]) / max(n, 1), hist=[], top=[], bands=[])
+def _remove_stale_batches(out: Path, written: list[Path]) -> None:
+  """Removes batch-N.json files of an earlier export of this SAE that this one did not
+  write (it covered more latents): an upload of the directory then holds only this one."""
+  for path in out.glob("batch-*.json"):
+    if path not in written:
+      path.unlink()
 
 
-__all__ = ["BrowseError", "BrowseResult", "FORMATS", "browse", "check_latents",
+__all__ = ["BrowseError", "BrowseResult", "FORMATS", "browse", "check_latents", "coverage",
            "settings_from_config"]

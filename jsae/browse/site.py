@@ -1,12 +1,14 @@
 """The static feature browser: plain HTML + data scripts + one small script, no server.
 
-    DIR/index.html          every latent: id, density, max and mean activation; sortable,
-                            searchable (?q=ID), paginated; the density histogram
+    DIR/index.html          every latent (or the chosen ones: --latents): id, density, max
+                            and mean activation; sortable, searchable (?q=ID), paginated;
+                            the density histogram
     DIR/latent.html?id=N    one latent: highlighted top examples (shading by activation,
                             the value as a tooltip), quantile-band samples, its activation
                             histogram, top / bottom logit tokens
     DIR/data/index.js       the index table (one small row per latent)
-    DIR/data/latents-K.js   the full records of latents K*per_file ... (a page loads one)
+    DIR/data/latents-K.js   the full records of the index's rows K*per_file ... (a page
+                            loads one)
     DIR/browse.json         what the browser was made from (refuses a different SAE)
 
 Data files are scripts (`JSAE.chunk(...)`) rather than JSON so the pages work from
@@ -107,12 +109,15 @@ function indexPage() {
 function latentPage() {
   const id = parseInt(new URLSearchParams(location.search).get('id') || '0');
   load('data/index.js', () => {
-    const d = JSAE.index, k = Math.floor(id / d.per_file);
-    if (!(id >= 0 && id < d.rows.length)) {
-      document.getElementById('title').textContent = 'latent ' + id + ' does not exist (0 ... '
-        + (d.rows.length - 1) + ')'; return; }
+    // Data files hold the index's rows in order: every latent, or only the chosen ones.
+    const d = JSAE.index, at = d.rows.findIndex(x => x[0] === id);
+    const k = Math.floor(at / d.per_file);
+    if (at < 0) {
+      document.getElementById('title').textContent = 'latent ' + id + (d.covers
+        ? ' is not in this browser, which covers ' + d.covers
+        : ' does not exist (0 ... ' + (d.rows.length - 1) + ')'); return; }
     load('data/latents-' + String(k).padStart(5, '0') + '.js', () => {
-      const r = JSAE.chunks[k][id - k * d.per_file];
+      const r = JSAE.chunks[k][at - k * d.per_file];
       document.title = 'latent ' + id;
       document.getElementById('title').textContent = 'latent ' + id;
       document.getElementById('stats').textContent = 'density ' + fmt(r.density)
@@ -189,10 +194,20 @@ def _compact(record: dict, edges, logit_strings) -> dict:
 
 
 def write_site(out_dir: str | Path, records: list[dict], logit_strings: list[dict], *,
-               edges, title: str, meta: str, tokens: int, per_file: int = 256) -> Path:
-  """Writes the browser for `records` (`stream.latent_records`, every latent, in id
-  order) into `out_dir`; returns index.html. `logit_strings[l]` is
-  {'pos': [[token, value], ...], 'neg': [...]}."""
+               edges, title: str, meta: str, tokens: int, per_file: int = 256,
+               covers: str | None = None) -> Path:
+  """Writes the browser for `records` into `out_dir`; returns index.html.
+
+  Args:
+    records: `stream.latent_records`, in id order: every latent, or the chosen ones.
+    logit_strings: one per record, in the same order: {'pos': [[token, value], ...],
+      'neg': [...]}.
+    covers: for a browser of chosen latents, which ones (`run.coverage`): the index and
+      the page of a latent left out say it. None: `records` are every latent.
+  """
+  if len(logit_strings) != len(records):
+    raise ValueError(f"write_site: {len(records)} records but {len(logit_strings)} logit"
+                     " tables; pass one table per record, in the records' order.")
   out = Path(out_dir)
   (out / "data").mkdir(parents=True, exist_ok=True)
   (out / "browse.js").write_text(_SCRIPT)
@@ -202,15 +217,26 @@ def write_site(out_dir: str | Path, records: list[dict], logit_strings: list[dic
   log_d = np.log10(density[density > 0]) if (density > 0).any() else np.zeros(0)
   counts, bin_edges = np.histogram(log_d, bins=40) if log_d.size else (np.zeros(0), [0])
   rows = [[r["id"], r["density"], _round(r["max"]), _round(r["mean"])] for r in records]
-  (out / "data" / "index.js").write_text(_script("setIndex", dict(
-      title=title, meta=meta + f"; {int((density == 0).sum())} latent(s) never fired",
-      rows=rows, per_file=per_file, tokens=tokens,
-      density_hist=dict(counts=[int(c) for c in counts],
-                        labels=[f"{e:.2f}" for e in bin_edges[:-1]]))))
+  index = dict(title=title, meta=meta + f"; {int((density == 0).sum())} latent(s) never fired",
+               rows=rows, per_file=per_file, tokens=tokens,
+               density_hist=dict(counts=[int(c) for c in counts],
+                                 labels=[f"{e:.2f}" for e in bin_edges[:-1]]))
+  if covers is not None:  # only then: a browser of every latent keeps today's index
+    index["covers"] = covers
+  (out / "data" / "index.js").write_text(_script("setIndex", index))
+  written = set()
   for k in range(0, len(records), per_file):
-    chunk = [_compact(r, edges, logit_strings[r["id"]]) for r in records[k:k + per_file]]
-    (out / "data" / f"latents-{k // per_file:05d}.js").write_text(
+    chunk = [_compact(r, edges, strings) for r, strings in zip(records[k:k + per_file],
+                                                               logit_strings[k:k + per_file])]
+    path = out / "data" / f"latents-{k // per_file:05d}.js"
+    path.write_text(
         _script("chunk", chunk).replace("JSAE.chunk(", f"JSAE.chunk({k // per_file}, ", 1))
+    written.add(path)
+  # A browser written here before (of more latents) leaves data files of latents this one
+  # does not cover: removed, so the directory holds only what its index links.
+  for path in (out / "data").glob("latents-*.js"):
+    if path not in written:
+      path.unlink()
   return out / "index.html"
 
 

@@ -52,7 +52,7 @@ class BrowseSettings:
 
 def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: TokenContexts,
            settings: BrowseSettings, *, edges: np.ndarray, stats_sharding=None,
-           progress: bool = True) -> accumulate.LatentStats:
+           latents=None, progress: bool = True) -> accumulate.LatentStats:
   """Streams `contexts` through the LM to `site` and `sae`, accumulating per-latent stats.
 
   Args:
@@ -63,9 +63,17 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     settings: what to keep.
     edges: histogram edges (`accumulate.hist_edges()`).
     stats_sharding: optional pytree of shardings for the accumulators (latent-sharded SAEs).
+    latents: optional ids of the latents to accumulate, `n` of them: the stats then have
+      `n` rows in this order (the SAE still encodes every latent: TopK-style SAEs choose
+      among all of them). None: every latent.
+
+  Returns:
+    `LatentStats` with `d_sae` rows, or one row per id of `latents`.
   """
   capture = harvest.capture_fn(lm_config, (site,))
-  stats = accumulate.init(sae.d_sae, n_top=settings.n_top, n_samples=settings.n_samples,
+  n_rows = sae.d_sae if latents is None else len(latents)
+  chosen = None if latents is None else jnp.asarray(latents, jnp.int32)
+  stats = accumulate.init(n_rows, n_top=settings.n_top, n_samples=settings.n_samples,
                           window=settings.window, n_bins=len(edges) - 1)
   if stats_sharding is not None:
     stats = jax.device_put(stats, stats_sharding)
@@ -81,7 +89,7 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     f = encode(sae, x.reshape(-1, x.shape[-1]))
     valid = (contexts.mask[rows] & (idx < n)[:, None]).reshape(-1)
     stats = accumulate.update(stats, f, jnp.asarray(valid), jnp.int32(start * seq), edges32,
-                              seq_len=seq, left=settings.window_left,
+                              chosen, seq_len=seq, left=settings.window_left,
                               right=settings.window_right, seed=settings.seed)
     bar.update(int(valid.sum()))
   bar.close()
@@ -124,7 +132,9 @@ def _example(token: int, value: float, window: np.ndarray, contexts: TokenContex
 
 def latent_records(stats: accumulate.LatentStats, contexts: TokenContexts, tokenizer,
                    settings: BrowseSettings, edges: np.ndarray, latents=None) -> list[dict]:
-  """Per-latent dicts (id, density, max, mean, histogram, top examples, band samples).
+  """Per-latent dicts (id, density, max, mean, histogram, top examples, band samples), one
+  per row of `stats`, in row order; `latents` are the rows' latent ids, as passed to
+  `stream` (None: row l is latent l).
 
   Quantile bands split [0, max activation] into `n_bands` equal ranges (highest first);
   each shows up to `per_band` examples drawn, in priority order, from the uniform sample
@@ -142,13 +152,14 @@ def latent_records(stats: accumulate.LatentStats, contexts: TokenContexts, token
 
   centres = np.sqrt(edges[:-1] * edges[1:])
   records = []
-  for l in (range(s.fire_count.shape[0]) if latents is None else latents):
-    n_fire, vmax = int(s.fire_count[l]), float(s.max_value[l])
+  ids = range(s.fire_count.shape[0]) if latents is None else latents
+  for row, latent in enumerate(ids):
+    n_fire, vmax = int(s.fire_count[row]), float(s.max_value[row])
     top = [_example(t, v, w, contexts, settings, strings)
-           for t, v, w in zip(s.top_tokens[l], s.top_values[l], s.top_windows[l]) if t >= 0]
-    pool = [(t, v, w) for t, v, w in zip(s.sample_tokens[l], s.sample_values[l],
-                                         s.sample_windows[l]) if t >= 0]
-    pool += [(t, v, w) for t, v, w in zip(s.top_tokens[l], s.top_values[l], s.top_windows[l])
+           for t, v, w in zip(s.top_tokens[row], s.top_values[row], s.top_windows[row]) if t >= 0]
+    pool = [(t, v, w) for t, v, w in zip(s.sample_tokens[row], s.sample_values[row],
+                                         s.sample_windows[row]) if t >= 0]
+    pool += [(t, v, w) for t, v, w in zip(s.top_tokens[row], s.top_values[row], s.top_windows[row])
              if t >= 0 and t not in {p[0] for p in pool}]
     bands = []
     for b in reversed(range(settings.n_bands)):
@@ -156,13 +167,13 @@ def latent_records(stats: accumulate.LatentStats, contexts: TokenContexts, token
       inside = [p for p in pool if lo < p[1] <= hi or (b == 0 and p[1] <= hi)]
       in_hist = (centres > lo) & (centres <= hi)
       bands.append(dict(min=lo, max=hi,
-                        contains=float(s.hist_counts[l][in_hist].sum()) / max(tokens_seen, 1),
+                        contains=float(s.hist_counts[row][in_hist].sum()) / max(tokens_seen, 1),
                         examples=[_example(t, v, w, contexts, settings, strings)
                                   for t, v, w in inside[:settings.per_band]]))
     records.append(dict(
-        id=int(l), fire_count=n_fire, density=n_fire / max(tokens_seen, 1), max=vmax,
-        mean=float(s.sum_value[l]) / max(n_fire, 1),
-        hist=[int(c) for c in s.hist_counts[l]], top=top, bands=bands))
+        id=int(latent), fire_count=n_fire, density=n_fire / max(tokens_seen, 1), max=vmax,
+        mean=float(s.sum_value[row]) / max(n_fire, 1),
+        hist=[int(c) for c in s.hist_counts[row]], top=top, bands=bands))
   return records
 
 
