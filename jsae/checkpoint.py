@@ -8,7 +8,6 @@ the whole data position: resuming needs no iterator state.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -175,15 +174,3 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
-
-
-def write_json(path, obj: Any) -> None:
-  """Writes JSON (atomically on local disks: temporary file + rename)."""
-  text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-  path = epath.Path(path)
-  if "://" in str(path):  # object stores write whole objects atomically
-    path.write_text(text)
-    return
-  tmp = Path(str(path) + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, Path(str(path)))

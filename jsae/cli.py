@@ -209,13 +209,20 @@ def cmd_train(args: list[str]) -> int:
     print(f"stopped by {result.stop_reason} at step {result.steps}; checkpoint saved in"
           f" {result.workdir}; run the same command again to resume")
     return 0
-  m = result.metrics
-  print(f"trained {result.steps} steps in {result.workdir}: loss {m.get('loss', float('nan')):.4g},"
-        f" L0 {m.get('l0', float('nan')):.1f}, FVU {m.get('fvu', float('nan')):.3f},"
-        f" dead {m.get('dead_frac', float('nan')):.1%}")
+  what = ("already complete: " if result.complete_before else "") + "trained"
+  print(f"{what} {result.steps} steps in {result.workdir}: {_metrics_line(result.metrics)}")
   for warning in result.warnings:
     print(f"warning: {warning}")
   return 0
+
+
+def _metrics_line(m: dict) -> str:
+  """'loss 0.1, L0 12.3, FVU 0.045, dead 1.2%' of a run's last record (— where missing)."""
+  def fmt(key, spec):
+    v = m.get(key)
+    return "—" if v is None else format(v, spec)
+  return (f"loss {fmt('loss', '.4g')}, L0 {fmt('l0', '.1f')}, FVU {fmt('fvu', '.3f')},"
+          f" dead {fmt('dead_frac', '.1%')}")
 
 
 def cmd_sweep(args: list[str]) -> int:
@@ -242,7 +249,7 @@ def cmd_sweep(args: list[str]) -> int:
         f" {result.steps} steps, in {result.workdir}")
   for name, m in sorted(result.metrics.items()):
     print(f"  {name:40s} L0 {m.get('l0', float('nan')):7.2f}  FVU {m.get('fvu', float('nan')):.4f}")
-  for name, status in sorted(result.frozen.items()):
+  for name, status in sorted({**result.unhealthy, **result.frozen}.items()):
     print(f"  {name:40s} {status}")
   print(f"summary: {result.workdir / 'summary.json'}")
   return 0

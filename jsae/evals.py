@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from typing import Any, Iterable
 
 import jax
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jsae import jsonio
 from jsae.lm import gemma, next_token
 
 DENSE_THRESHOLD = 0.1
@@ -326,13 +326,6 @@ def write_json(path, metrics: dict) -> None:
   freq = metrics.pop("firing_frequency", None)
   if freq is not None:
     np.save(path.with_name(path.stem + "_firing_frequency.npy"), np.asarray(freq))
-  path.write_text(json.dumps({k: _jsonable(v) for k, v in metrics.items()}, indent=2) + "\n")
-
-
-def _jsonable(v):
-  if isinstance(v, (np.floating, np.integer)):
-    return v.item()
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)
-  return v
+  path.write_text(json.dumps(jsonio.finite_or_none(metrics), indent=2, allow_nan=False)
+                  + "\n")
 

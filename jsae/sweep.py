@@ -36,17 +36,16 @@ import functools
 import itertools
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import struct
-from tqdm.auto import tqdm
 
-from jsae import checkpoint, data, optim, resume, saes, sharding, stopping, train
+from jsae import checkpoint, jsonio, loop, optim, resume, saes, sharding, train
 from jsae import config as config_lib
 
 P = jax.sharding.PartitionSpec
@@ -370,6 +369,18 @@ def member_loop(config, sweep_axis: int = 1) -> str:
   return loop
 
 
+# An update this many times larger than the parameters it changes (global norms) is a
+# blow-up, not learning: Adam moves each entry by about lr, so a sane run's ratio is
+# about lr * sqrt(d_in) / (decoder row norm), far below 1.
+MAX_UPDATE_RATIO = 100.0
+
+
+def update_ratio(new, old) -> jax.Array:
+  """`[]` ||new - old|| / ||old|| over every float leaf (global norms)."""
+  delta = jax.tree.map(lambda a, b: a - b, new, old)
+  return optax.global_norm(delta) / jnp.maximum(optax.global_norm(old), 1e-30)
+
+
 def group_step(state: GroupState, batch: jax.Array, hparams: dict, *, settings: train.StepSettings,
                optim_config, total_steps: int, with_metrics: bool = True,
                loop: str = "vmap") -> tuple[GroupState, dict]:
@@ -377,9 +388,11 @@ def group_step(state: GroupState, batch: jax.Array, hparams: dict, *, settings: 
 
   `loop`: 'vmap' (one batched step) or 'map' (`lax.map`: the members one after
   another inside the same compiled step, the batch read once either way).
-  A member whose loss or updated parameters are not finite keeps its previous
-  state and is frozen from then on; the others are unaffected (members are
-  independent under either loop).
+  A member whose update is unhealthy (a non-finite loss or parameter, or
+  parameters that change by more than `MAX_UPDATE_RATIO` times their norm) keeps
+  its previous state and is frozen from then on, so its frozen state is its last
+  healthy one; the others are unaffected (members are independent under either
+  loop).
   """
   step = functools.partial(_member_step, settings=settings, optim_config=optim_config,
                            total_steps=total_steps, with_metrics=with_metrics)
@@ -387,7 +400,9 @@ def group_step(state: GroupState, batch: jax.Array, hparams: dict, *, settings: 
     new, metrics = jax.lax.map(lambda a: step(a[0], batch, a[1]), (state.members, hparams))
   else:
     new, metrics = jax.vmap(step, in_axes=(0, None, 0))(state.members, batch, hparams)
-  ok = jnp.isfinite(metrics["loss"]) & _finite_per_member(new.params) & ~state.frozen
+  ratio = jax.vmap(update_ratio)(new.params, state.members.params)
+  ok = (jnp.isfinite(metrics["loss"]) & _finite_per_member(new.params)
+        & (ratio <= MAX_UPDATE_RATIO) & ~state.frozen)
 
   def keep(n, o):
     return jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
@@ -491,7 +506,8 @@ class SweepResult:
     steps: the step reached.
     workdir: the sweep directory.
     preempted: True when SIGTERM or Ctrl-C stopped the sweep (after a checkpoint).
-    frozen: {member name: step} of the members frozen by a non-finite value.
+    frozen: {member name: status} of the members frozen by an unhealthy update.
+    unhealthy: {member name: health warning} of members failing without NaN.
   """
 
   states: dict
@@ -501,6 +517,7 @@ class SweepResult:
   workdir: Path
   preempted: bool = False
   frozen: dict = dataclasses.field(default_factory=dict)
+  unhealthy: dict = dataclasses.field(default_factory=dict)
 
 
 def _restore(workdir, target: dict, step: int | None = None) -> dict:
@@ -518,7 +535,8 @@ def _restore(workdir, target: dict, step: int | None = None) -> dict:
   return dict(state)
 
 
-def _member_dir(workdir, member: Member):
+def member_dir(workdir, member: Member):
+  """The member's own run directory, `WORKDIR/members/NAME`."""
   return workdir / "members" / member.name
 
 
@@ -527,7 +545,7 @@ def _write_members(workdir, groups, states, meta_of) -> None:
   for g in groups:
     for m in g.members:
       state = member_state(states[g.name], m, g.family)
-      manager = checkpoint.make_manager(_member_dir(workdir, m), max_to_keep=1,
+      manager = checkpoint.make_manager(member_dir(workdir, m), max_to_keep=1,
                                         async_save=False)
       try:
         step = int(state.step)
@@ -538,16 +556,103 @@ def _write_members(workdir, groups, states, meta_of) -> None:
         manager.close()
 
 
-def _summary(groups, states, last_metrics, steps) -> dict:
+class _Groups(loop.Trainee):
+  """A sweep's groups for `loop.run_steps`: every group's compiled step on each batch,
+  each member's log line, held-out metrics and health, the frozen members.
+
+  A member whose update is rejected (`group_step`) is frozen by the step itself
+  and reported once; a member failing without NaN (`loop.health_warning`) is
+  warned about once and marked in its status, as a single run is.
+  """
+
+  def __init__(self, groups, states: dict, step_fns: dict, hparams: dict, *, workdir,
+               start: int, num_steps: int, held_out: list, norm_scale: float, meta: dict):
+    self.groups, self.states = groups, states
+    self._step_fns, self._hparams, self._meta = step_fns, hparams, meta
+    self._num_steps, self.held_out, self._norm_scale = num_steps, held_out, norm_scale
+    self.logs = ({m.name: loop.MetricsLog(member_dir(workdir, m), start)
+                  for g in groups for m in g.members} if jax.process_index() == 0 else {})
+    self.metrics: dict = {}  # member name -> its last record
+    self.reported_frozen: set = set()
+    self.warnings: dict = {}  # member name -> its health warning
+    self._device_metrics: dict = {}
+
+  def step(self, batch, *, with_metrics: bool) -> None:
+    for g in self.groups:
+      self.states[g.name], self._device_metrics[g.name] = self._step_fns[g.name][with_metrics](
+          self.states[g.name], batch, self._hparams[g.name])
+
+  def observe(self, done: int, *, evaluate: bool, clock: loop.Clock) -> None:
+    for g in self.groups:
+      host = {k: np.asarray(v) for k, v in jax.device_get(self._device_metrics[g.name]).items()}
+      frozen = np.asarray(self.states[g.name].frozen)
+      frozen_step = np.asarray(self.states[g.name].frozen_step)
+      for m in g.members:
+        if frozen[m.index]:
+          self._report_frozen(m, int(frozen_step[m.index]))
+          continue
+        metrics = {k: float(v[m.index]) for k, v in host.items()}
+        if evaluate:
+          one = member_state(self.states[g.name], m, g.family)
+          metrics.update(loop.held_out_metrics(one.params, one.family_state, self.held_out,
+                                               self._norm_scale))
+        record = loop.step_record(metrics, done=done, batch_size=m.config.data.batch_size,
+                                  lr=train.optim_lr(m.config, self._num_steps, done - 1),
+                                  clock=clock)
+        self.metrics[m.name] = record
+        if m.name in self.logs:
+          self.logs[m.name].write(record)
+        warning = loop.health_warning(record, done, m.config)
+        if warning and m.name not in self.warnings:
+          loop.say(f"warning: sweep member {m.name}: {warning}")
+        if warning:
+          self.warnings[m.name] = warning
+
+  def _report_frozen(self, member: Member, step: int) -> None:
+    if member.name not in self.reported_frozen:
+      self.reported_frozen.add(member.name)
+      loop.say(f"sweep member {member.name}: its update at step {step} was not finite, or"
+               f" over {MAX_UPDATE_RATIO:g} times its parameters; frozen at its last good"
+               f" state (step {step}), the other members go on. Lower its lr or enable"
+               " config.optim.clip_grad_norm.")
+
+  def save(self, manager, done: int) -> None:
+    checkpoint.save(manager, done, self.states, self._meta)
+
+  def postfix(self) -> dict:
+    running = [v for v in self.metrics.values() if v.get("fvu") is not None]
+    if not running:
+      return {}
+    return dict(FVU=f"{np.median([v['fvu'] for v in running]):.3f}",
+                L0=f"{np.median([v['l0'] for v in running]):.1f}",
+                frozen=len(self.reported_frozen))
+
+
+STATUS_NAME = "status.json"  # in each member's directory: member_status
+
+
+def member_status(frozen_step: int | None, warning: str | None) -> dict:
+  """A member's status record: 'frozen' (with the step), 'unhealthy' (with the health
+  warning) or 'ok'; reports leave the first two out of their Pareto fronts."""
+  if frozen_step is not None:
+    return dict(status="frozen", step=frozen_step,
+                detail=f"frozen at step {frozen_step} (a non-finite or exploding update)")
+  if warning:
+    return dict(status="unhealthy", detail=warning)
+  return dict(status="ok")
+
+
+def _summary(groups, states, last_metrics, warnings, steps) -> dict:
   members = []
   for g in groups:
     frozen = np.asarray(states[g.name].frozen)
     frozen_step = np.asarray(states[g.name].frozen_step)
     for m in g.members:
+      status = member_status(int(frozen_step[m.index]) if frozen[m.index] else None,
+                             warnings.get(m.name))
       members.append(dict(
           name=m.name, group=g.name, family=g.family.name, values=m.values,
-          status=f"frozen at step {int(frozen_step[m.index])} (non-finite loss or"
-                 " parameters)" if frozen[m.index] else "ok",
+          status=status["status"] if status["status"] == "ok" else status["detail"],
           metrics=last_metrics.get(m.name, {}), dir=f"members/{m.name}"))
   return dict(steps=steps, members=members)
 
@@ -565,26 +670,84 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   # -- Plan and validate, before any compilation.
   groups = plan(config)
   base = groups[0].members[0].config  # the shared fields
-  workdir = train.prepare_workdir(workdir)
   num_steps = config_lib.total_steps(base)
-  manager = checkpoint.make_manager(workdir, max_to_keep=base.ckpt.max_to_keep,
-                                    async_save=base.ckpt.async_save)
-  say = lambda message: tqdm.write(f"[jsae] {message}") if jax.process_index() == 0 else None
-  _, meta = checkpoint.newest_intact(
-      manager, functools.partial(checkpoint.read_meta, manager), say=say)
-  if meta is not None:
-    check_resume_plan(meta["plan"], groups, manager.directory)
+  with loop.Session(base, workdir, source=source) as session:
+    workdir, manager = session.workdir, session.manager
+    _, meta = checkpoint.newest_intact(
+        manager, functools.partial(checkpoint.read_meta, manager), say=loop.say)
+    if meta is not None:
+      check_resume_plan(meta["plan"], groups, manager.directory)
 
-  # -- Data, read once per step for every group.
-  own_source = source is None
-  source = data.make_source(base) if own_source else source
-  for g in groups:
-    resume.check_source(g.config, source, meta, manager.directory)
+    # -- Data, read once per step for every group.
+    source = session.source
+    for g in groups:
+      resume.check_source(g.config, source, meta, manager.directory)
 
-  # -- Mesh and states, restored or initialised, already sharded.
-  mesh = sharding.make_mesh(base.mesh, sweep=base.mesh.sweep)
-  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
-  abstracts, shardings, b_decs = {}, {}, {}
+    # -- Mesh and states, restored or initialised, already sharded.
+    mesh = sharding.make_mesh(base.mesh, sweep=base.mesh.sweep)
+    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
+    abstracts, shardings = _abstract_groups(groups, mesh, base, num_steps)
+    check_fits(groups, abstracts, mesh, *device_memory_bytes(config))
+    if meta is not None:
+      target = {name: jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstracts[name],
+          shardings[name]) for name in abstracts}
+      start, states = checkpoint.resume_newest_intact(
+          workdir, manager, functools.partial(_restore, workdir, target), say=loop.say)
+      loop.say(f"resuming the sweep from step {start} of {num_steps} in {workdir}")
+    else:
+      start, states = 0, _init_groups(groups, shardings, source, num_steps)
+
+    # -- Compile: per group, a step with and one without metrics.
+    hparams, step_fns = _compile(config, groups, mesh, shardings, batch_sharding,
+                                 source.norm_scale, num_steps)
+    sweep_meta = dict(plan=plan_json(groups), norm_scale=source.norm_scale,
+                      data_fingerprint=getattr(source, "fingerprint", None),
+                      config=config.to_dict())
+    if jax.process_index() == 0:
+      jsonio.write_json(workdir / "sweep.json", sweep_meta["plan"])
+      for g in groups:
+        for m in g.members:
+          jsonio.write_json(loop.prepare_workdir(member_dir(workdir, m)) / "config.json",
+                            m.config.to_dict())
+
+    # -- The loop, with the held-out set (fixed batches) if configured.
+    trainee = _Groups(groups, states, step_fns, hparams, workdir=workdir, start=start,
+                      num_steps=num_steps, held_out=loop.held_out_batches(base, batch_sharding),
+                      norm_scale=source.norm_scale, meta=sweep_meta)
+    n_members = sum(len(g.members) for g in groups)
+    end = loop.run_steps(trainee, session, base, start=start, num_steps=num_steps,
+                         batch_sharding=batch_sharding, evaluating=bool(trainee.held_out),
+                         progress=progress, desc=f"sweep ({n_members} SAEs)")
+
+    # -- Members as single runs (with their status), the summary and the report.
+    _write_members(workdir, groups, states, lambda m: resume.checkpoint_meta(m.config, source))
+  last_lines = {name: log.last() for name, log in trainee.logs.items() if log.lines}
+  summary = _summary(groups, states, last_lines, trainee.warnings, end.done)
+  frozen = {m["name"]: m["status"] for m in summary["members"]
+            if m["status"].startswith("frozen")}
+  if jax.process_index() == 0:
+    jsonio.write_json(workdir / "summary.json", summary)
+    for g in groups:
+      frozen_flags = np.asarray(states[g.name].frozen)
+      frozen_steps = np.asarray(states[g.name].frozen_step)
+      for m in g.members:
+        jsonio.write_json(member_dir(workdir, m) / STATUS_NAME, member_status(
+            int(frozen_steps[m.index]) if frozen_flags[m.index] else None,
+            trainee.warnings.get(m.name)))
+    if config.sweep.report and not end.preempted:
+      from jsae import report  # matplotlib only when a report is wanted
+      report.write_report([member_dir(workdir, m) for g in groups for m in g.members],
+                          workdir / "report")
+  return SweepResult(states=states, groups=groups, metrics=trainee.metrics, steps=end.done,
+                     workdir=Path(str(workdir)), preempted=end.preempted, frozen=frozen,
+                     unhealthy=dict(trainee.warnings))
+
+
+def _abstract_groups(groups, mesh, base, num_steps) -> tuple[dict, dict]:
+  """({group: abstract GroupState}, {group: its NamedShardings}); ConfigError when a group
+  does not split over the mesh."""
+  abstracts, shardings = {}, {}
   for g in groups:
     sharding.check_divisible(mesh, d_sae=g.config.sae.d_sae, batch_size=base.data.batch_size)
     if len(g.members) % mesh.shape["sweep"]:
@@ -593,147 +756,42 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                          " is a multiple of it, or config.mesh.sweep=1.")
     abstracts[g.name] = jax.eval_shape(lambda g=g: init_group(g, total_steps=num_steps))
     shardings[g.name] = sharding.named(mesh, group_specs(abstracts[g.name], g.family))
-  check_fits(groups, abstracts, mesh, *device_memory_bytes(config))
-  if meta is not None:
-    target = {name: jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstracts[name],
-        shardings[name]) for name in abstracts}
-    start, states = checkpoint.resume_newest_intact(
-        workdir, manager, functools.partial(_restore, workdir, target), say=say)
-  else:
-    start = 0
-    states = {}
-    for g in groups:
-      b_dec = None
-      if g.config.sae.init_b_dec == "mean":
-        n = g.config.sae.init_b_dec_batches
-        b_decs.setdefault(n, train.initial_b_dec(g.config, source))
-        b_dec = b_decs[n]
-      states[g.name] = jax.jit(functools.partial(init_group, g, total_steps=num_steps),
-                               out_shardings=shardings[g.name])(b_dec=b_dec)
+  return abstracts, shardings
 
-  # -- Compile: per group, a step with and one without metrics.
+
+def _init_groups(groups, shardings: dict, source, num_steps: int) -> dict:
+  """{group: GroupState} at step 0, sharded (the data mean read once per batch count)."""
+  states, b_decs = {}, {}
+  for g in groups:
+    b_dec = None
+    if g.config.sae.init_b_dec == "mean":
+      n = g.config.sae.init_b_dec_batches
+      b_decs.setdefault(n, loop.initial_b_dec(g.config, source))
+      b_dec = b_decs[n]
+    states[g.name] = jax.jit(functools.partial(init_group, g, total_steps=num_steps),
+                             out_shardings=shardings[g.name])(b_dec=b_dec)
+  return states
+
+
+def _compile(config, groups, mesh, shardings: dict, batch_sharding, norm_scale: float,
+             num_steps: int) -> tuple[dict, dict]:
+  """({group: members' traced values}, {group: {with_metrics: jitted group_step}})."""
   hparams, step_fns = {}, {}
-  loop = member_loop(config, mesh.shape.get("sweep", 1))
+  member_loop_ = member_loop(config, mesh.shape.get("sweep", 1))
   for g in groups:
     hparams[g.name] = jax.device_put(group_hyperparams(g), jax.sharding.NamedSharding(
         mesh, P("sweep")))
-    settings = train.StepSettings.from_config(g.config, source.norm_scale)
+    settings = train.StepSettings.from_config(g.config, norm_scale)
     step_fns[g.name] = {
         wm: jax.jit(functools.partial(group_step, settings=settings, optim_config=g.config.optim,
-                                      total_steps=num_steps, with_metrics=wm, loop=loop),
+                                      total_steps=num_steps, with_metrics=wm,
+                                      loop=member_loop_),
                     in_shardings=(shardings[g.name], batch_sharding, None),
                     out_shardings=(shardings[g.name], None), donate_argnums=0)
         for wm in (False, True)}
-  sweep_meta = dict(plan=plan_json(groups), norm_scale=source.norm_scale,
-                    data_fingerprint=getattr(source, "fingerprint", None),
-                    config=config.to_dict())
-  if jax.process_index() == 0:
-    checkpoint.write_json(workdir / "sweep.json", sweep_meta["plan"])
-    for g in groups:
-      for m in g.members:
-        d = train.prepare_workdir(_member_dir(workdir, m))
-        checkpoint.write_json(d / "config.json", m.config.to_dict())
-
-  # -- Held-out evaluation set (fixed batches), if configured.
-  held_out = train._held_out_batches(base, batch_sharding)
-
-  # -- Loop.
-  logs = ({m.name: train._MetricsLog(_member_dir(workdir, m), start)
-           for g in groups for m in g.members} if jax.process_index() == 0 else {})
-  n_members = sum(len(g.members) for g in groups)
-  bar = tqdm(total=num_steps, initial=start, unit="step",
-             disable=not progress or jax.process_index() != 0, dynamic_ncols=True,
-             desc=f"sweep ({n_members} SAEs)", mininterval=1.0)
-  last_metrics: dict = {}
-  reported_frozen: set = set()
-  t0 = time.perf_counter()
-  preemption = stopping.StopRequests(manager)
-  done, preempted = start, False
-  try:
-    preemption.__enter__()
-    for step in range(start, num_steps):
-      batch = sharding.global_batch(source.batch(step), batch_sharding, base.data.batch_size)
-      done = step + 1
-      is_log, is_ckpt, is_eval = train.step_events(base, done, num_steps, bool(held_out))
-      metrics = {}
-      for g in groups:
-        states[g.name], metrics[g.name] = step_fns[g.name][is_log or is_ckpt](
-            states[g.name], batch, hparams[g.name])
-      if is_log or is_ckpt:
-        _log_members(groups, states, metrics, logs, last_metrics, reported_frozen,
-                     done=done, start=start, elapsed=time.perf_counter() - t0,
-                     num_steps=num_steps, held_out=held_out if is_eval else [],
-                     norm_scale=source.norm_scale)
-        running = [v for v in last_metrics.values() if "fvu" in v]
-        if running:
-          bar.set_postfix(FVU=f"{np.median([v['fvu'] for v in running]):.3f}",
-                          L0=f"{np.median([v['l0'] for v in running]):.1f}",
-                          frozen=len(reported_frozen), refresh=False)
-      preempted = preemption.reached(done) and done < num_steps
-      if is_ckpt or preempted:
-        checkpoint.save(manager, done, states, sweep_meta)
-      bar.update(1)
-      if preempted:
-        tqdm.write(f"stopped by {preemption.reason}: saved sweep checkpoint {done} in"
-                   f" {manager.directory}; run the same command again to resume.")
-        break
-  finally:
-    preemption.__exit__()
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    if own_source:
-      source.close()
-
-  # -- Members as single runs, the summary and the report.
-  meta_of = lambda m: resume.checkpoint_meta(m.config, source)
-  _write_members(workdir, groups, states, meta_of)
-  last_lines = {name: json.loads(log.lines[-1]) for name, log in logs.items() if log.lines}
-  summary = _summary(groups, states, last_lines, done)
-  frozen = {m["name"]: m["status"] for m in summary["members"] if m["status"] != "ok"}
-  if jax.process_index() == 0:
-    checkpoint.write_json(workdir / "summary.json", summary)
-    if config.sweep.report and not preempted:
-      from jsae import report  # matplotlib only when a report is wanted
-      report.write_report([_member_dir(workdir, m) for g in groups for m in g.members],
-                          workdir / "report")
-  return SweepResult(states=states, groups=groups, metrics=last_metrics, steps=done,
-                     workdir=Path(str(workdir)), preempted=preempted, frozen=frozen)
+  return hparams, step_fns
 
 
-def _log_members(groups, states, metrics, logs, last_metrics, reported_frozen, *, done, start,
-                 elapsed, num_steps, held_out, norm_scale) -> None:
-  """Writes each running member's metrics line; reports newly frozen members once.
-
-  With `held_out` batches, each member's held-out FVU, L0 and dead fraction too.
-  """
-  for g in groups:
-    host = {k: np.asarray(v) for k, v in jax.device_get(metrics[g.name]).items()}
-    frozen = np.asarray(states[g.name].frozen)
-    frozen_step = np.asarray(states[g.name].frozen_step)
-    batch = g.config.data.batch_size
-    for m in g.members:
-      if frozen[m.index]:
-        if m.name not in reported_frozen:
-          reported_frozen.add(m.name)
-          tqdm.write(f"sweep member {m.name}: non-finite loss or parameters at step"
-                     f" {int(frozen_step[m.index])}; frozen at its last good state, the other"
-                     " members go on. Lower its lr or enable config.optim.clip_grad_norm.")
-        continue
-      record = {k: float(v[m.index]) for k, v in host.items()}
-      record.update(step=done, tokens=done * batch,
-                    lr=train.optim_lr(m.config, num_steps, done - 1),
-                    tokens_per_s=(done - start) * batch / max(elapsed, 1e-9))
-      if held_out:
-        one = member_state(states[g.name], m, g.family)
-        record.update(train.held_out_metrics(one.params, one.family_state, held_out,
-                                             norm_scale))
-      last_metrics[m.name] = record
-      if m.name in logs:
-        logs[m.name].write(record)
-
-
-__all__ = ["Group", "GroupState", "Member", "SweepResult", "check_fits", "group",
-           "group_hyperparams", "group_step", "init_group", "member_config", "member_state",
-           "plan", "sweep", "sweep_config"]
+__all__ = ["Group", "GroupState", "MAX_UPDATE_RATIO", "Member", "SweepResult", "check_fits",
+           "group", "group_hyperparams", "group_step", "init_group", "member_config",
+           "member_dir", "member_state", "member_status", "plan", "sweep", "sweep_config"]

@@ -1,10 +1,11 @@
-"""Training: the TrainState pytree, a pure jitted train_step, and train(config, workdir).
+"""Training one SAE: the TrainState pytree, a pure jitted train_step, and train(config, workdir).
 
 `train` runs in fixed sections: validate -> data -> model/optimizer -> restore
-or init -> compile -> loop (metrics, checkpoints) -> final checkpoint. Running
-it again on the same workdir resumes from the latest checkpoint; because
-batches are a function of (seed, step), N steps + restart + N steps equals 2N
-uninterrupted steps bit for bit.
+or init -> compile -> the loop (`jsae.loop.run_steps`, which a sweep runs too;
+here its trainee is one SAE: `_OneSAE`). Running it again on the same workdir
+resumes from the latest checkpoint; because batches are a function of
+(seed, step), N steps + restart + N steps equals 2N uninterrupted steps bit for
+bit. A finished run says so and returns its final metrics.
 """
 
 from __future__ import annotations
@@ -12,25 +13,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from etils import epath
 from flax import struct
-from tqdm.auto import tqdm
 
 P = jax.sharding.PartitionSpec
 
-from jsae import checkpoint, data, evals, losses, optim, resume, saes, sharding, stopping
-from jsae import sae as sae_lib
+from jsae import checkpoint, jsonio, loop, losses, optim, resume, saes, sharding
 from jsae.ops import sparse
 from jsae import config as config_lib
 
@@ -163,42 +158,6 @@ def _step_metrics(loss, out, x, fires, steps_since_fired, grads, settings):
       grad_norm=optax.global_norm(grads))
 
 
-def initial_b_dec(config, source) -> np.ndarray:
-  """Mean of the first `init_b_dec_batches` batches, in normalised units: `[d_in]`.
-
-  Residual streams with massive constant dimensions (Gemma) put most of E||x||^2
-  in the mean; starting b_dec there saves the many Adam steps (~lr each) it
-  would otherwise take to get there. A function of (seed, steps), so exact.
-  """
-  total = np.zeros(config.sae.d_in, np.float64)
-  rows = 0
-  for step in range(config.sae.init_b_dec_batches):
-    batch = np.asarray(source.batch(step), np.float64)
-    total += batch.sum(0)
-    rows += len(batch)
-  if jax.process_count() > 1:  # every process must start from the same mean
-    from jax.experimental import multihost_utils
-    total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
-    rows *= jax.process_count()
-  return (total / rows / source.norm_scale).astype(np.float32)
-
-
-def _held_out_batches(config, batch_sharding) -> list:
-  """`config.eval.batches` fixed held-out batches as global arrays ([] when off)."""
-  if config.eval.every_steps <= 0:
-    return []
-  source = data.make_eval_source(config)
-  if source is None:
-    tqdm.write("eval.every_steps is set but there is no held-out data"
-               " (set config.data.eval_shards_dir); skipping held-out checks.")
-    return []
-  try:
-    return [sharding.global_batch(source.batch(i), batch_sharding, config.data.batch_size)
-            for i in range(config.eval.batches)]
-  finally:
-    source.close()
-
-
 def restore_state(workdir, target: TrainState, step: int | None = None) -> TrainState:
   """Checkpoint `step`'s (default: the latest) TrainState in `target`'s structure and
   shardings (CheckpointDamagedError when its files cannot be read).
@@ -220,14 +179,6 @@ def restore_state(workdir, target: TrainState, step: int | None = None) -> Train
   return TrainState(**fields)
 
 
-def held_out_metrics(params, family_state, batches: list, norm_scale: float) -> dict:
-  """FVU, L0 and dead fraction (never fired on the set) of the inference form on held-out batches."""
-  model = sae_lib.SAE.from_training(params, norm_scale, state=family_state)
-  weights = [jnp.ones(b.shape[0], jnp.float32) for b in batches]
-  m = evals.activation_metrics(model, zip(batches, weights), d_in=model.d_in, d_sae=model.d_sae)
-  return {"eval_fvu": m["fvu"], "eval_l0": m["l0"], "eval_dead_frac": m["dead_frac"]}
-
-
 class TrainingDivergedError(RuntimeError):
   """Loss or parameters became NaN/Inf; the message names the last good checkpoint."""
 
@@ -243,7 +194,9 @@ class TrainResult:
     workdir: the run directory.
     preempted: True when SIGTERM or Ctrl-C stopped the run early (after a checkpoint).
     stop_reason: 'SIGTERM' or 'Ctrl-C' when preempted, else None.
-    warnings: signs of a failing run without NaN (`health_warning`), newest last.
+    warnings: signs of a failing run without NaN (`loop.health_warning`), newest last.
+    complete_before: the run had already trained every step (nothing ran;
+      `metrics` is its last logged record).
   """
 
   state: TrainState
@@ -253,68 +206,13 @@ class TrainResult:
   preempted: bool = False
   stop_reason: str | None = None
   warnings: list = dataclasses.field(default_factory=list)
-
-
-def prepare_workdir(workdir: str | os.PathLike):
-  """Creates `workdir` (local or e.g. gs://) and checks it is writable."""
-  path = (epath.Path(workdir) if "://" in str(workdir)
-          else epath.Path(Path(workdir).expanduser().absolute()))
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_test.{os.getpid()}"  # unique: several processes share a workdir
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise OSError(f"workdir {path} is not writable ({e.strerror}); pass a"
-                  " --workdir you can write to.") from e
-  return path
-
-
-class _MetricsLog:
-  """metrics.jsonl: one JSON line per logged step, written by process 0.
-
-  Lines logged after the last checkpoint of an interrupted run are redone on
-  resume, so they are dropped at start to keep one line per step. Object
-  stores (gs://) cannot append, so there the file is rewritten at each flush.
-  """
-
-  def __init__(self, workdir, resume_step: int):
-    self.path = workdir / "metrics.jsonl"
-    self.lines = []
-    if self.path.exists():
-      self.lines = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-    self.path.write_text("".join(line + "\n" for line in self.lines))
-    self._local = "://" not in str(self.path)
-
-  def write(self, record: dict) -> None:
-    line = json.dumps(record)
-    self.lines.append(line)
-    if self._local:
-      with open(self.path, "a") as f:
-        f.write(line + "\n")
-    else:
-      self.path.write_text("".join(l + "\n" for l in self.lines))
-
-  def close(self) -> None:
-    pass
+  complete_before: bool = False
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
                             if jnp.issubdtype(x.dtype, jnp.floating)]))
-
-
-def step_events(config, done: int, num_steps: int, evaluating: bool
-                ) -> tuple[bool, bool, bool]:
-  """(log, checkpoint, held-out eval) after `done` of `num_steps` steps; the last step
-  does all three, and an eval step is logged too."""
-  last = done == num_steps
-  is_ckpt = done % config.ckpt.every_steps == 0 or last
-  is_eval = evaluating and (done % config.eval.every_steps == 0 or last)
-  is_log = done % config.train.log_every == 0 or last or is_eval
-  return is_log, is_ckpt, is_eval
 
 
 def _resume_point(manager, config, allow_changes: tuple[str, ...], say) -> tuple:
@@ -378,23 +276,79 @@ def _divergence_message(bad: list[str], done: int, last_checked: int, last_good,
           " Also check the data for NaN/Inf (jsae shards verify).")
 
 
-# FVU this far above 1 (worse than predicting the mean) or every latent dead, past
-# the learning-rate warmup and the dead window: the run is failing without a NaN.
-_EXPLODED_FVU = 2.0
+class _OneSAE(loop.Trainee):
+  """One SAE for `loop.run_steps`: its state, compiled steps, log and checks.
+
+  A non-finite metric (or, on checkpoint steps, parameter) stops the run with
+  TrainingDivergedError naming the steps and the last good checkpoint.
+  """
+
+  def __init__(self, config, session: loop.Session, *, state: TrainState, step_fns,
+               hparams, capacity: "_SparseCapacity", meta: dict, held_out: list,
+               num_steps: int):
+    self.config, self.session, self.state = config, session, state
+    self._step_fns, self._hparams, self.capacity = step_fns, hparams, capacity
+    self._meta, self.held_out, self._num_steps = meta, held_out, num_steps
+    start = int(state.step)
+    self.log = loop.MetricsLog(session.workdir, start) if jax.process_index() == 0 else None
+    self.last_good = session.manager.latest_step()
+    self.last_checked = start  # the newest step whose metrics were finite
+    self.metrics: dict = {}
+    self.warnings: list[str] = []
+    self._device_metrics = None
+
+  def step(self, batch, *, with_metrics: bool) -> None:
+    self.state, self._device_metrics = self._step_fns(with_metrics, self.capacity.now)(
+        self.state, batch, self._hparams)
+
+  def observe(self, done: int, *, evaluate: bool, clock: loop.Clock) -> None:
+    metrics = {k: float(v) for k, v in jax.device_get(self._device_metrics).items()}
+    self.capacity.observe(metrics)
+    self._check_finite(metrics, done)
+    if evaluate:
+      metrics.update(loop.held_out_metrics(self.state.params, self.state.family_state,
+                                           self.held_out, self.session.source.norm_scale))
+    self.metrics = loop.step_record(
+        metrics, done=done, batch_size=self.config.data.batch_size,
+        lr=optim_lr(self.config, self._num_steps, done - 1), clock=clock)
+    if self.log is not None:
+      self.log.write(self.metrics)
+    warning = loop.health_warning(self.metrics, done, self.config)
+    if warning and not self.warnings:  # once per run: the summary repeats the last one
+      loop.say(f"warning: {warning}")
+    if warning:
+      self.warnings = [warning]
+
+  def _check_finite(self, metrics: dict, done: int) -> None:
+    """Raises TrainingDivergedError when a metric, or on a checkpoint step a parameter,
+    is not finite."""
+    bad = loop.non_finite(metrics)
+    is_ckpt = done % self.config.ckpt.every_steps == 0 or done == self._num_steps
+    if is_ckpt and not bad and not bool(_all_finite(self.state.params)):
+      bad = ["parameters"]
+    if bad:
+      if jax.process_index() == 0:
+        resume.record_history(self.session.workdir, "diverged", done, non_finite=bad,
+                              last_good_checkpoint=self.last_good)
+      raise TrainingDivergedError(_divergence_message(
+          bad, done, self.last_checked, self.last_good, self.session.manager.directory))
+    self.last_checked = done
+
+  def save(self, manager, done: int) -> None:
+    checkpoint.save(manager, done, self.state, self.capacity.record(self._meta))
+    self.last_good = done
+
+  def postfix(self) -> dict:
+    m = self.metrics
+    return dict(loss=f"{m['loss']:.4g}", L0=f"{m['l0']:.1f}", FVU=f"{m['fvu']:.3f}",
+                dead=f"{m['dead_frac']:.2f}")
 
 
-def health_warning(metrics: dict, done: int, config) -> str | None:
-  """A warning for a run that is failing without NaN (FVU far above 1, all latents dead)."""
-  if done <= max(config.optim.warmup_steps, config.loss.dead_window_steps):
-    return None
-  if metrics.get("fvu", 0.0) > _EXPLODED_FVU:
-    return (f"FVU {metrics['fvu']:.3g} at step {done}: the SAE reconstructs worse than"
-            " the data's mean; the run is probably diverging (lower config.optim.lr).")
-  if metrics.get("dead_frac", 0.0) >= 1.0:
-    return (f"every latent is dead at step {done} (none fired in"
-            f" {config.loss.dead_window_steps} steps); the sparsity penalty or threshold is"
-            " too strong for this data (lower the sparsity coefficient).")
-  return None
+def _finished_metrics(workdir) -> dict:
+  """The last metrics.jsonl record of a finished run ({} if it has none)."""
+  path = workdir / "metrics.jsonl"
+  lines = [l for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+  return json.loads(lines[-1]) if lines else {}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -411,136 +365,78 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       checkpoint's when resuming (recorded in WORKDIR/history.jsonl).
 
   Returns:
-    A TrainResult with the final state and last metrics.
+    A TrainResult with the final state and last metrics (a finished run's
+    final metrics when there was nothing left to train: `complete_before`).
   """
   # -- Validate, before any compilation.
   config_lib.validate(config)
-  workdir = prepare_workdir(workdir)
   num_steps = config_lib.total_steps(config)
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.ckpt.max_to_keep,
-                                    async_save=config.ckpt.async_save)
-  say = lambda message: tqdm.write(f"[jsae] {message}") if jax.process_index() == 0 else None
-  meta, changes = _resume_point(manager, config, allow_changes, say)
+  with loop.Session(config, workdir, source=source) as session:
+    workdir, manager = session.workdir, session.manager
+    meta, changes = _resume_point(manager, config, allow_changes, loop.say)
 
-  # -- Data.
-  own_source = source is None
-  source = data.make_source(config) if own_source else source
-  resume.check_source(config, source, meta, manager.directory)
-  settings = StepSettings.from_config(config, source.norm_scale)
+    # -- Data.
+    resume.check_source(config, session.source, meta, manager.directory)
+    settings = StepSettings.from_config(config, session.source.norm_scale)
 
-  # -- Mesh, model and optimizer; restore or init, already sharded.
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_divisible(mesh, d_sae=config.sae.d_sae, batch_size=config.data.batch_size)
-  optimizer = optim.make_optimizer(config.optim, total_steps=num_steps)
-  init = functools.partial(create_state, config=config, optimizer=optimizer)
-  key = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init, key)
-  state_sharding = sharding.named(
-      mesh, sharding.state_specs(abstract, saes.get(config.sae.family)))
-  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
-  if meta is not None:
-    # Restoring onto this run's mesh works whatever mesh saved the checkpoint.
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
-    saved_opt = _saved_opt_state(meta, config, num_steps, abstract.params)
-    restored, state = _restore_newest_intact(workdir, manager, target, saved_opt, mesh,
-                                             saes.get(config.sae.family), say)
-    try:  # a damaged newer step was skipped: that step's meta, not the newest's, goes on
-      meta = checkpoint.read_meta(manager, restored)
-    except checkpoint.CheckpointDamagedError:
-      pass
-  else:
-    b_dec = initial_b_dec(config, source) if config.sae.init_b_dec == "mean" else None
-    state = jax.jit(init, out_shardings=state_sharding)(key, b_dec=b_dec)
-  start = int(state.step)
-  if jax.process_index() == 0:
-    checkpoint.write_json(workdir / "config.json", config.to_dict())
-    if changes:
-      resume.record_history(workdir, "resumed_with_changes", start,
-                            changes={k: {"checkpoint": old, "now": new}
-                                     for k, (old, new) in changes.items()})
-      say(f"resuming step {start} with changed " + ", ".join(
-          f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-          + f" (recorded in {workdir / resume.HISTORY_NAME})")
+    # -- Mesh, model and optimizer; restore or init, already sharded.
+    family = saes.get(config.sae.family)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_divisible(mesh, d_sae=config.sae.d_sae, batch_size=config.data.batch_size)
+    optimizer = optim.make_optimizer(config.optim, total_steps=num_steps)
+    init = functools.partial(create_state, config=config, optimizer=optimizer)
+    key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, key)
+    state_sharding = sharding.named(mesh, sharding.state_specs(abstract, family))
+    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
+    if meta is not None:
+      # Restoring onto this run's mesh works whatever mesh saved the checkpoint.
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sharding)
+      saved_opt = _saved_opt_state(meta, config, num_steps, abstract.params)
+      restored, state = _restore_newest_intact(workdir, manager, target, saved_opt, mesh,
+                                               family, loop.say)
+      try:  # a damaged newer step was skipped: that step's meta, not the newest's, goes on
+        meta = checkpoint.read_meta(manager, restored)
+      except checkpoint.CheckpointDamagedError:
+        pass
+    else:
+      b_dec = (loop.initial_b_dec(config, session.source) if config.sae.init_b_dec == "mean"
+               else None)
+      state = jax.jit(init, out_shardings=state_sharding)(key, b_dec=b_dec)
+    start = int(state.step)
+    if start >= num_steps:
+      loop.say(f"{workdir} is complete: {start} steps of {num_steps} trained (raise"
+               " config.train.num_tokens to train further).")
+      return TrainResult(state=state, metrics=_finished_metrics(workdir), steps=start,
+                         workdir=workdir, complete_before=True)
+    if jax.process_index() == 0:
+      jsonio.write_json(workdir / "config.json", config.to_dict())
+      if changes:
+        resume.record_history(workdir, "resumed_with_changes", start,
+                              changes={k: {"checkpoint": old, "now": new}
+                                       for k, (old, new) in changes.items()})
+        loop.say(f"resuming step {start} with changed " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            + f" (recorded in {workdir / resume.HISTORY_NAME})")
+      elif start:
+        loop.say(f"resuming from step {start} of {num_steps} in {workdir}")
 
-  hparams = jax.device_put(hyperparams(config), jax.sharding.NamedSharding(mesh, P()))
-  step_fns = _StepFunctions(settings, optimizer, state_sharding, batch_sharding)
-  capacity = _SparseCapacity(config, settings, meta)
-  meta = resume.checkpoint_meta(config, source)
-
-  # -- Held-out evaluation set (fixed batches), if configured.
-  held_out = _held_out_batches(config, batch_sharding)
-
-  # -- Loop.
-  log = _MetricsLog(workdir, start) if jax.process_index() == 0 else None
-  bar = tqdm(total=num_steps, initial=start, unit="step",
-             disable=not progress or jax.process_index() != 0,
-             dynamic_ncols=True, desc="train", mininterval=1.0)
-  last_good = manager.latest_step()
-  last_checked = start  # the newest step whose metrics were finite
-  metrics_host: dict = {}
-  warnings: list[str] = []
-  t0, tokens_per_step = time.perf_counter(), config.data.batch_size
-  stop = stopping.StopRequests(manager)
-  done, preempted = start, False
-  try:
-    stop.__enter__()
-    for step in range(start, num_steps):
-      batch = sharding.global_batch(source.batch(step), batch_sharding, config.data.batch_size)
-      done = step + 1
-      is_log, is_ckpt, is_eval = step_events(config, done, num_steps, bool(held_out))
-      state, metrics = step_fns(is_log or is_ckpt, capacity.now)(state, batch, hparams)
-      if is_log or is_ckpt:
-        metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        capacity.observe(metrics_host)
-        bad = [k for k, v in metrics_host.items() if not math.isfinite(v)]
-        if is_ckpt and not bad and not bool(_all_finite(state.params)):
-          bad = ["parameters"]
-        if bad:
-          if jax.process_index() == 0:
-            resume.record_history(workdir, "diverged", done, non_finite=bad,
-                                  last_good_checkpoint=last_good)
-          raise TrainingDivergedError(_divergence_message(
-              bad, done, last_checked, last_good, manager.directory))
-        last_checked = done
-        if is_eval:
-          metrics_host.update(held_out_metrics(state.params, state.family_state,
-                                               held_out, source.norm_scale))
-        elapsed = time.perf_counter() - t0
-        metrics_host.update(step=done, tokens=done * tokens_per_step,
-                            lr=float(optim_lr(config, num_steps, step)),
-                            tokens_per_s=(done - start) * tokens_per_step / elapsed)
-        if log is not None:
-          log.write(metrics_host)
-        warning = health_warning(metrics_host, done, config)
-        if warning and not warnings:  # once per run: the summary repeats the last one
-          say(f"warning: {warning}")
-        if warning:
-          warnings = [warning]
-        bar.set_postfix(loss=f"{metrics_host['loss']:.4g}",
-                        L0=f"{metrics_host['l0']:.1f}", FVU=f"{metrics_host['fvu']:.3f}",
-                        dead=f"{metrics_host['dead_frac']:.2f}", refresh=False)
-      preempted = stop.reached(done) and done < num_steps
-      if is_ckpt or preempted:
-        checkpoint.save(manager, done, state, capacity.record(meta))
-        last_good = done
-      bar.update(1)
-      if preempted:
-        say(f"stopped by {stop.reason}: saved checkpoint {done} in {manager.directory};"
-            " run the same command again to resume.")
-        break
-  finally:
-    stop.__exit__()
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    if log is not None:
-      log.close()
-    if own_source:
-      source.close()
-  return TrainResult(state=state, metrics=metrics_host, steps=done, workdir=workdir,
-                     preempted=preempted, stop_reason=stop.reason if preempted else None,
-                     warnings=warnings)
+    # -- Compile lazily (per capacity); the held-out set; the loop.
+    hparams = jax.device_put(hyperparams(config), jax.sharding.NamedSharding(mesh, P()))
+    trainee = _OneSAE(
+        config, session, state=state, hparams=hparams,
+        step_fns=_StepFunctions(settings, optimizer, state_sharding, batch_sharding),
+        capacity=_SparseCapacity(config, settings, meta),
+        meta=resume.checkpoint_meta(config, session.source),
+        held_out=loop.held_out_batches(config, batch_sharding), num_steps=num_steps)
+    end = loop.run_steps(trainee, session, config, start=start, num_steps=num_steps,
+                         batch_sharding=batch_sharding,
+                         evaluating=bool(trainee.held_out),
+                         progress=progress, desc="train")
+  return TrainResult(state=trainee.state, metrics=trainee.metrics, steps=end.done,
+                     workdir=workdir, preempted=end.preempted, stop_reason=end.stop_reason,
+                     warnings=trainee.warnings)
 
 
 class _StepFunctions:

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from test_train import _tiny
-from jsae import checkpoint, data, optim, resume, runs, train
+from jsae import checkpoint, data, loop, optim, resume, runs, train
 from jsae import config as config_lib
 
 
@@ -185,7 +185,7 @@ def test_exploding_run_without_nan_warns(tmp_path):
 def test_health_warning_thresholds():
   c = _tiny()
   late = max(c.optim.warmup_steps, c.loss.dead_window_steps) + 1
-  assert train.health_warning({"fvu": 5.0, "dead_frac": 0.0}, late, c)
-  assert "dead" in train.health_warning({"fvu": 0.5, "dead_frac": 1.0}, late, c)
-  assert train.health_warning({"fvu": 0.5, "dead_frac": 0.5}, late, c) is None
-  assert train.health_warning({"fvu": 5.0, "dead_frac": 1.0}, 1, c) is None  # still warming up
+  assert loop.health_warning({"fvu": 5.0, "dead_frac": 0.0}, late, c)
+  assert "dead" in loop.health_warning({"fvu": 0.5, "dead_frac": 1.0}, late, c)
+  assert loop.health_warning({"fvu": 0.5, "dead_frac": 0.5}, late, c) is None
+  assert loop.health_warning({"fvu": 5.0, "dead_frac": 1.0}, 1, c) is None  # still warming up
