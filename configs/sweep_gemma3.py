@@ -5,7 +5,9 @@
   jsae eval --config=configs/demo.py --workdir=runs/acts --sae=runs/sweep_gemma3
 
 Other sites: `:site=mlp_out.6` or `:site=attn_z.6` here and `--config.lm.site=...`
-on harvest and eval (docs/results.md has every command). Each family's group holds
+on harvest and eval (docs/results.md has every command). The held-out split harvested
+beside `shards=` (its `train/` replaced by `eval/`, or `eval_shards=DIR`) gives the
+held-out FVU and L0 every 100 steps. Each family's group holds
 configs/demo.py's settings for it (2048 latents, batch 1024) and sweeps its sparsity
 knob so that L0 spans about 10 to 200; `seed` repeats of a middle point show the noise.
 All members read each batch once.
@@ -25,12 +27,13 @@ KNOBS = {
 }
 
 
-def _family_config(family: str, site: str, shards_dir: str):
+def _family_config(family: str, site: str, shards_dir: str, eval_shards_dir: str):
   c = demo.get_config(f"family={family}")
   c.lm.site = site
   c.sae.d_in = evals.site_width(gemma.get_config(c.lm.model), site)
   c.sae.d_sae = 2048
   c.data.shards_dir = shards_dir
+  c.data.eval_shards_dir = eval_shards_dir  # held-out FVU / L0 every eval.every_steps
   c.train.num_tokens = 300 * 1024  # ~1.2 epochs over the harvested tokens
   c.optim.warmup_steps = 50
   if "sparsity_warmup_steps" in c.loss:
@@ -43,16 +46,20 @@ def _family_config(family: str, site: str, shards_dir: str):
 def get_config(arg: str | None = None):
   """One group per family on config `site` (default resid_post.6); 'families=a+b' picks some."""
   args = default.parse_arg(arg)
-  unknown_args = sorted(set(args) - {"site", "shards", "families"})
+  unknown_args = sorted(set(args) - {"site", "shards", "eval_shards", "families"})
   if unknown_args:
     raise ValueError(f"unknown config argument(s) {unknown_args}; configs/sweep_gemma3.py takes"
-                     " site=SITE, shards=DIR and families=a+b.")
+                     " site=SITE, shards=DIR, eval_shards=DIR and families=a+b.")
   site = args.get("site", "resid_post.6")
   shards_dir = args.get("shards", f"runs/acts/activations/train/{site}")
+  # `jsae harvest` writes the held-out split beside the training one.
+  eval_shards_dir = args.get("eval_shards", shards_dir.replace("/train/", "/eval/")
+                             if "/train/" in shards_dir else "")
   families = args.get("families", "+".join(KNOBS)).split("+")
   unknown = sorted(set(families) - set(KNOBS))
   if unknown:
     raise ValueError(f"families={'+'.join(unknown)}: not in {sorted(KNOBS)}.")
-  groups = {name: sweep.group(_family_config(name, site, shards_dir), KNOBS[name], mode="zip")
-            for name in families}
-  return sweep.sweep_config(_family_config("jumprelu", site, shards_dir), groups)
+  groups = {name: sweep.group(_family_config(name, site, shards_dir, eval_shards_dir),
+                              KNOBS[name], mode="zip") for name in families}
+  return sweep.sweep_config(_family_config("jumprelu", site, shards_dir, eval_shards_dir),
+                            groups)

@@ -53,7 +53,37 @@ def _restore(manager: ocp.CheckpointManager, step: int, args) -> Any:
   except (KeyboardInterrupt, MemoryError):
     raise
   except Exception as e:  # Orbax and TensorStore raise many types for unreadable files
+    silence_orbax_echoes()
     raise CheckpointDamagedError(manager.directory, step, e) from e
+
+
+# What Orbax's parallel readers leave behind when a checkpoint read fails: each
+# failed coroutine, and the thread that posts to the closed event loop, prints a
+# traceback of the error the caller already got (as CheckpointDamagedError), some
+# of them later, when the coroutines are collected.
+_ORBAX_ECHOES = ("Encountered error while reading array index", "Event loop is closed")
+
+
+def silence_orbax_echoes() -> None:
+  """Drops those echo tracebacks, process-wide and once (installed on the first damaged
+  read); every other unraisable exception or thread error is reported as before."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  if getattr(sys.unraisablehook, "jsae_drops_orbax_echoes", False):
+    return
+  unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+
+  def is_echo(exc) -> bool:
+    return exc is not None and any(e in str(exc) for e in _ORBAX_ECHOES)
+
+  def unraisable(u):
+    return None if is_echo(u.exc_value) else unraisable_hook(u)
+
+  def thread_error(a):
+    return None if is_echo(a.exc_value) else thread_hook(a)
+
+  unraisable.jsae_drops_orbax_echoes = True
+  sys.unraisablehook, threading.excepthook = unraisable, thread_error
 
 
 def newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], Any], *,

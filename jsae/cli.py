@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 USAGE = """usage: jsae COMMAND [flags]
@@ -150,10 +151,21 @@ def _explain_flag_error(message: str, args: list[str] = ()) -> str:
                if suggestion else "")
             if culprit else message.replace("\\n", " ").replace("\n", " ")
             + ". That config field does not exist in this config")
-    owner = _family_field_owner(args)
+    owner = _family_field_owner(args) or _sweep_field_hint(culprit)
     return (f"{what};" + (f" {owner}" if owner else " see configs/default.py for every field")
             + " (overrides look like --config.optim.lr=3e-4).")
   return message
+
+
+def _sweep_field_hint(culprit: str | None) -> str:
+  """How to sweep from the command line, for an override of a group's swept values."""
+  if not culprit or ".swept." not in culprit:
+    return ""
+  group = culprit.split(".swept.")[0]
+  return (f"config.{group}.swept lists every field the group can sweep (its family's traced"
+          f" knobs, seed and lr; () where not swept); set one as --config.{group}.swept.lr="
+          "'(1e-3, 3e-4)'. A shape or static setting cannot be swept inside a group: give each"
+          " value a group of its own in the sweep config file")
 
 
 def _family_field_owner(args) -> str:
@@ -351,12 +363,24 @@ def cmd_eval(args: list[str]) -> int:
   if (sweep_dir / "sweep.json").is_file():  # every member, the LM prefix shared
     if extra["out"]:
       raise UsageError("--out is for one SAE; a sweep's members get members/NAME/eval.json.")
-    members = sorted(p for p in (sweep_dir / "members").iterdir() if p.is_dir())
-    saes = {p.name: (_load_sae(str(p))[0], p / "eval.json") for p in members}
+    from jsae import sweep
+    statuses = sweep.member_statuses(sweep_dir)
+    members = [sweep_dir / "members" / name for name in statuses]
+    saes = {}
+    for p in members:
+      status = statuses[p.name]
+      if status["status"] == "frozen":  # its state is its last healthy one, not a result
+        print(f"  {p.name:40s} not evaluated: {status.get('detail', 'frozen')}")
+        continue
+      saes[p.name] = (_load_sae(str(p))[0], p / "eval.json")
+    if not saes:
+      raise UsageError(f"every member of the sweep in {sweep_dir} is frozen; nothing to"
+                       " evaluate (see its summary.json).")
   else:
     sae, run_dir = _load_sae(extra["sae"], step)
     out = Path(extra["out"]) if extra["out"] else (run_dir or Path(workdir)) / "eval.json"
     saes = {"": (sae, out)}
+  t0 = time.perf_counter()
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   pipeline.check_text_source(config)
@@ -365,11 +389,13 @@ def cmd_eval(args: list[str]) -> int:
   dirs = pipeline.harvest_stage(config, lm, contexts, text_source, workdir)
   metrics = pipeline.eval_many_stage(config, lm, saes, contexts, dirs["eval"])
   if "" in metrics:
-    print(f"wrote {saes[''][1]}\n" + pipeline.summary_table(metrics[""], 0.0))
+    print(f"wrote {saes[''][1]}\n"
+          + pipeline.summary_table(metrics[""], time.perf_counter() - t0))
     return 0
   for name, m in metrics.items():
+    status = statuses[name]["status"]
     print(f"  {name:40s} L0 {m['l0']:7.2f}  FVU {m['fvu']:.4f}  delta LM loss"
-          f" {m['delta_lm_loss']:.4f}")
+          f" {m['delta_lm_loss']:.4f}" + ("" if status == "ok" else f"  ({status})"))
   from jsae import report
   index = report.write_report(members, sweep_dir / "report")
   print(f"wrote {len(metrics)} members' eval.json; report: {index}")
@@ -475,7 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jsae: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   from jsae import user_errors
-  user_errors.silence_orbax_echoes()
   try:
     return COMMANDS[command](rest)
   except KeyboardInterrupt:

@@ -148,9 +148,11 @@ def mesh_axes(mesh_config, devices: int) -> dict | None:
 
 
 def device_bytes(costs: list[GroupCost], axes: dict) -> tuple[int, int]:
-  """(state bytes, one step's activation bytes) per device on a mesh of `axes`."""
+  """(every group's state bytes, the largest group's step activation bytes) per device on
+  a mesh of `axes`: the groups' steps are separate calls, one group's activations live
+  at a time (as `sweep.sweep_bytes` counts for the run itself)."""
   state = sum(sharding.per_device_bytes(c.abstract, c.specs, axes) for c in costs)
-  acts = sum(sweep.step_working_bytes(c.config, c.members, axes) for c in costs)
+  acts = max(sweep.step_working_bytes(c.config, c.members, axes) for c in costs)
   return state, acts
 
 
@@ -315,8 +317,10 @@ def format_estimate(e: dict) -> str:
         f" {'yes' if r['fits'] else 'NO':>4s} {r['step_s'] * 1e3:>6.1f} ms"
         f" {_duration(r['wall_s']):>10s} {r['read_bytes_per_s'] / 2**30:>5.2f} GiB/s"
         f" {_duration(harvest_s):>9s}  {r['mfu']:.1%}: {r['mfu_source']}")
-  lines.append(f"  (harvest time at an assumed {LM_MFU:.0%} LM MFU; wall time = FLOPs /"
-               " (devices x bf16 peak x MFU); 'NO': shard over more devices, config.mesh)")
+  lines.append(f"  (state/dev: every group's parameters and optimizer state; acts/dev: the"
+               " largest group's step, as groups run one after another; harvest time at an"
+               f" assumed {LM_MFU:.0%} LM MFU; wall time = FLOPs / (devices x bf16 peak x"
+               " MFU); 'NO': shard over more devices, config.mesh)")
   c = e["compiled"]
   if "skipped" in c:
     lines.append(f"  compiled: skipped ({c['skipped']})")

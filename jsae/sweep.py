@@ -66,7 +66,10 @@ def group(family_config: ml_collections.ConfigDict, values: dict, *, mode: str =
       `tiny.get_config('family=topk')`); its own sae./loss. fields and its
       family's optim defaults are kept, the shared fields come from the sweep.
     values: {field: sequence} of swept values: the family's traced fields (bare
-      names: 'sparsity_coeff', 'k', ...), 'seed' and 'lr'.
+      names: 'sparsity_coeff', 'k', ...), 'seed' and 'lr'. Every sweepable field
+      is in the group's `swept`, an empty tuple for those not swept (the group's
+      or the sweep's shared value), so the command line can sweep any of them:
+      --config.sweep.groups.NAME.swept.lr='(1e-3, 3e-4)'.
     mode: 'grid' (every combination) or 'zip' (the i-th of every sequence;
       sequences of length 1 are repeated).
   """
@@ -80,8 +83,16 @@ def group(family_config: ml_collections.ConfigDict, values: dict, *, mode: str =
   g.optim = ml_collections.ConfigDict(
       {d.split(".")[1]: family_config.optim[d.split(".")[1]]
        for d in family.config_defaults if d.startswith("optim.")})
-  g.swept = ml_collections.ConfigDict({k: tuple(v) for k, v in values.items()})
+  # Unknown or static fields in `values` are refused by `plan`, with the fix.
+  g.swept = ml_collections.ConfigDict({k: () for k in sweepable(family)})
+  for k, v in values.items():
+    g.swept[k] = tuple(v)
   return g
+
+
+def sweepable(family: saes.Family) -> tuple[str, ...]:
+  """The fields a group of `family` can sweep: its traced fields, 'seed' and 'lr'."""
+  return tuple(n.split(".")[1] for n in family.traced_names()) + COMMON_SWEPT
 
 
 def sweep_config(base: ml_collections.ConfigDict, groups: dict[str, ml_collections.ConfigDict],
@@ -144,13 +155,12 @@ def _field_error(group_name: str, field: str, message: str) -> config_lib.Config
 
 
 def _combinations(group_name: str, g) -> list[dict]:
-  """The members' {field: value} dicts of a group, by its mode."""
+  """The members' {field: value} dicts of a group, by its mode (an empty sequence: the
+  field is not swept)."""
   values = {k: list(v) if isinstance(v, (tuple, list)) else [v] for k, v in g.swept.items()}
+  values = {k: v for k, v in values.items() if v}
   if not values:
     return [{}]
-  for k, v in values.items():
-    if not v:
-      raise _field_error(group_name, f"swept.{k}", "is empty; give at least one value.")
   keys = sorted(values)
   if g.mode == "grid":
     return [dict(zip(keys, combo)) for combo in itertools.product(*(values[k] for k in keys))]
@@ -238,11 +248,9 @@ def plan(config: ml_collections.ConfigDict) -> tuple[Group, ...]:
                 " differ in it cannot share one compiled step; give each value a group of"
                 " its own" if static else f"{field!r} is not a field of family {family.name!r}")
         raise _field_error(group_name, f"swept.{field}",
-                           f"{what}. Sweepable here: "
-                           + ", ".join(n.split(".")[1] for n in family.traced_names())
-                           + ", seed, lr.")
+                           f"{what}. Sweepable here: {', '.join(sweepable(family))}.")
     combos = _combinations(group_name, g)
-    varying = [k for k in sorted(g.swept) if len({repr(c[k]) for c in combos}) > 1]
+    varying = [k for k in sorted(combos[0]) if len({repr(c[k]) for c in combos}) > 1]
     members = []
     for i, values in enumerate(combos):
       name = _member_name(group_name, values, varying)
@@ -464,32 +472,40 @@ def device_memory_bytes(config) -> tuple[int | None, str]:
     return None, "unknown"
 
 
-def group_bytes(group: Group, abstract_group: GroupState, axis_sizes) -> int:
-  """Bytes per device a group needs: its state and one step's activations."""
-  return (state_bytes(abstract_group, group.family, axis_sizes)
-          + step_working_bytes(group.config, len(group.members), axis_sizes))
+def sweep_bytes(groups: tuple[Group, ...], abstracts: dict, axis_sizes) -> tuple[int, int]:
+  """(every group's state, the largest group's step activations) in bytes per device.
+
+  The groups' steps are separate compiled calls that run one after another, so
+  only one group's activations are live at a time, beside every group's state.
+  """
+  states = sum(state_bytes(abstracts[g.name], g.family, axis_sizes) for g in groups)
+  steps = max(step_working_bytes(g.config, len(g.members), axis_sizes) for g in groups)
+  return states, steps
 
 
 def check_fits(groups: tuple[Group, ...], abstracts: dict, mesh, limit: int | None,
                limit_source: str = "device memory") -> None:
-  """Raises ConfigError (before compiling) when the sweep's state and step exceed `limit`."""
+  """Raises ConfigError (before compiling) when the sweep's states and its largest
+  group's step (`sweep_bytes`) exceed `limit`."""
   if limit is None:
     return
-  need = {g.name: group_bytes(g, abstracts[g.name], mesh.shape) for g in groups}
-  total = sum(need.values())
+  states, steps = sweep_bytes(groups, abstracts, mesh.shape)
+  total = states + steps
   if total <= limit:
     return
-  worst = max(groups, key=lambda g: need[g.name])
-  per_member = need[worst.name] / len(worst.members)
-  others = total - need[worst.name]
+  own = {g.name: state_bytes(abstracts[g.name], g.family, mesh.shape)
+         + step_working_bytes(g.config, len(g.members), mesh.shape) for g in groups}
+  worst = max(groups, key=lambda g: own[g.name])
+  per_member = own[worst.name] / len(worst.members)
+  others = states - state_bytes(abstracts[worst.name], worst.family, mesh.shape)
   fits = max(int((limit - others) // per_member), 0)
   raise config_lib.ConfigError(
       f"config.sweep.groups.{worst.name}: the sweep needs about {total / 2**30:.3g} GiB per"
-      f" device (state and one step's activations) but a device has {limit / 2**30:.3g}"
-      f" GiB ({limit_source}); group {worst.name!r} has {len(worst.members)} members and"
-      f" about {fits} fit. Split the group into several sweeps, shard the members with"
-      " config.mesh.sweep, the latents with config.mesh.model, or lower"
-      " config.data.batch_size.")
+      f" device (every group's state and the largest group's step activations) but a"
+      f" device has {limit / 2**30:.3g} GiB ({limit_source}); group {worst.name!r} has"
+      f" {len(worst.members)} members and about {fits} fit. Split the group into several"
+      " sweeps, shard the members with config.mesh.sweep, the latents with"
+      " config.mesh.model, or lower config.data.batch_size.")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -640,6 +656,18 @@ def member_status(frozen_step: int | None, warning: str | None) -> dict:
   if warning:
     return dict(status="unhealthy", detail=warning)
   return dict(status="ok")
+
+
+def member_statuses(sweep_dir) -> dict[str, dict]:
+  """{member name: its status record} of a finished sweep directory, in name order
+  ({'status': 'ok'} for a member without one, as sweeps before statuses wrote)."""
+  out = {}
+  for member in sorted(p for p in (Path(sweep_dir) / "members").iterdir() if p.is_dir()):
+    try:
+      out[member.name] = json.loads((member / STATUS_NAME).read_text())
+    except (OSError, ValueError):
+      out[member.name] = {"status": "ok"}
+  return out
 
 
 def _summary(groups, states, last_metrics, warnings, steps) -> dict:
@@ -793,5 +821,5 @@ def _compile(config, groups, mesh, shardings: dict, batch_sharding, norm_scale: 
 
 
 __all__ = ["Group", "GroupState", "MAX_UPDATE_RATIO", "Member", "SweepResult", "check_fits",
-           "group", "group_hyperparams", "group_step", "init_group", "member_config",
-           "member_dir", "member_state", "member_status", "plan", "sweep", "sweep_config"]
+           "group", "group_hyperparams", "group_step", "sweep_bytes", "init_group", "member_config",
+           "member_dir", "member_state", "member_status", "member_statuses", "plan", "sweep", "sweep_config"]

@@ -67,24 +67,4 @@ def describe(exc: BaseException) -> str | None:
   return None
 
 
-# What Orbax's parallel readers leave behind when a checkpoint read fails: each
-# failed coroutine, and the thread that posts to the closed event loop, prints a
-# traceback of the error the caller already got.
-_ORBAX_ECHOES = ("Encountered error while reading array index", "Event loop is closed")
-
-
-def silence_orbax_echoes() -> None:
-  """Drops those echo tracebacks (process-wide: for the `jsae` command, which owns its
-  process); every other unraisable exception or thread error is reported as before."""
-  import sys  # pylint: disable=import-outside-toplevel
-  import threading  # pylint: disable=import-outside-toplevel
-  unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
-
-  def is_echo(exc) -> bool:
-    return exc is not None and any(e in str(exc) for e in _ORBAX_ECHOES)
-
-  sys.unraisablehook = lambda u: None if is_echo(u.exc_value) else unraisable_hook(u)
-  threading.excepthook = lambda a: None if is_echo(a.exc_value) else thread_hook(a)
-
-
-__all__ = ["OPTIONAL_PACKAGES", "describe", "silence_orbax_echoes"]
+__all__ = ["OPTIONAL_PACKAGES", "describe"]

@@ -68,7 +68,8 @@ def test_sweep_dry_run_matches_hand_computation():
   assert v3["mesh"] == {"sweep": 1, "data": 8, "model": 1}  # data parallel at 2^14
   state = 6 * 2 * 4 * (groups["gated"]["params_per_sae"] + groups["topk"]["params_per_sae"])
   assert v3["state_bytes"] == pytest.approx(state, rel=1e-3)  # replicated over 'data'
-  assert v3["activation_bytes"] == 12 * 6 * 4 * (b // 8) * n
+  # One group's step at a time (6 members), not both groups' activations together.
+  assert v3["activation_bytes"] == 6 * 6 * 4 * (b // 8) * n
   assert v3["step_s"] == pytest.approx(e["flops_per_step"] / (8 * 61.5e12 * 0.508))
 
 

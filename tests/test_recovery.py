@@ -4,6 +4,8 @@ Ctrl-C, and runs that fail without NaN."""
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -135,6 +137,19 @@ def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path, ca
   assert sorted(int(s) for s in os.listdir(run / "checkpoints")) == [40, 60]
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_damaged_checkpoint_read_prints_no_orbax_tracebacks(tmp_path):
+  """Orbax's failed reader coroutines echo the error as tracebacks, some when collected,
+  after jsae's one-line message: reading a damaged run from Python shows only that line."""
+  train.train(_tiny(train__num_tokens=40 * 512, ckpt__every_steps=20), tmp_path, progress=False)
+  _damage(tmp_path, 40)
+  code = f"import jsae; print(jsae.runs.read_sae({str(tmp_path)!r}).provenance['step'])"
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0 and done.stdout.strip() == "20", done.stderr
+  assert "checkpoint step 40" in done.stderr and "damaged" in done.stderr
+  assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
 def test_every_checkpoint_damaged_is_an_error_naming_the_step(tmp_path):

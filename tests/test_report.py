@@ -64,6 +64,76 @@ def test_unevaluated_runs_plot_their_logged_fvu(tmp_path):
                                                   "held-out batches (metrics.jsonl)")
 
 
+def test_frozen_unhealthy_non_finite_and_off_scale_runs_stay_off_the_fronts(tmp_path):
+  """A frozen sweep member with a non-finite FVU (null, or 'nan' from older files), an
+  unhealthy one, and a run 1e10 above the others: the report is written, the fronts hold
+  only the healthy finite points, and the page says what was left out and why."""
+  runs = [_fake_run(tmp_path, f"ok{i}", l0, d, i) for i, (l0, d) in
+          enumerate([(20, 0.9), (50, 0.4), (120, 0.2)])]
+  frozen = _fake_run(tmp_path, "frozen", 459, 0.1, 7)
+  (frozen / "eval.json").write_text('{"l0": 459.0, "fvu": "nan", "delta_lm_loss": null,'
+                                    ' "delta_lm_loss_zero": 5.0}')
+  (frozen / "status.json").write_text(json.dumps(
+      {"status": "frozen", "step": 0, "detail": "frozen at step 0 (a non-finite or"
+       " exploding update)"}))
+  sick = _fake_run(tmp_path, "sick", 300, 0.05, 8)
+  (sick / "status.json").write_text(json.dumps({"status": "unhealthy",
+                                                "detail": "every latent is dead"}))
+  huge = _fake_run(tmp_path, "huge", 80, 0.3, 9)
+  evaluation = json.loads((huge / "eval.json").read_text())
+  (huge / "eval.json").write_text(json.dumps(dict(evaluation, fvu=7.1e11)))
+  loaded = [report.load_run(r) for r in runs + [frozen, sick, huge]]
+  assert loaded[3]["eval"]["fvu"] is None and report.sparsity_point(loaded[3], "fvu") is None
+  notes = report.plot_pareto(loaded, "fvu", "FVU", tmp_path / "p.png")
+  assert notes == ["#4 frozen left out: frozen at step 0 (a non-finite or exploding update)",
+                   "#5 sick left out: every latent is dead", "#6 huge off-scale (FVU 7.1e+11)"]
+  index = report.write_report(runs + [frozen, sick, huge], tmp_path / "report")
+  page = index.read_text()
+  assert "frozen left out" in page and "huge off-scale" in page
+  assert page.count("<tr>") == 1 + 6 and "<td>frozen</td>" in page
+
+
+def test_empty_delta_loss_panel_single_step_runs_and_mixed_token_counts(tmp_path):
+  run = _fake_run(tmp_path, "a", 20, 0.9, 0)
+  (run / "eval.json").unlink()
+  (run / "metrics.jsonl").write_text(json.dumps(dict(step=10, loss=1.0, l0=20.0, fvu=0.3,
+                                                     dead_frac=0.0)) + "\n")
+  loaded = report.load_run(run)
+  report.plot_curves([loaded], tmp_path / "c.png")  # one logged step: drawn as a marker
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots()
+  plotted = []
+  real_plot = report.plt.Axes.plot
+  try:
+    report.plt.Axes.plot = lambda self, *a, **k: plotted.append(k) or real_plot(self, *a, **k)
+    report.plot_curves([loaded], tmp_path / "c2.png")
+  finally:
+    report.plt.Axes.plot = real_plot
+    plt.close(fig)
+  assert plotted and all(k.get("marker") == "o" for k in plotted)
+  texts = []
+  real_text = report.plt.Axes.text
+  try:
+    report.plt.Axes.text = lambda self, *a, **k: texts.append(a[2]) or real_text(self, *a, **k)
+    assert report.plot_pareto([loaded], "delta_lm_loss", "delta LM loss", tmp_path / "d.png") == []
+  finally:
+    report.plt.Axes.text = real_text
+  assert texts and "run jsae eval" in texts[0]
+  b, c = _fake_run(tmp_path, "b", 30, 0.5, 1), _fake_run(tmp_path, "c", 60, 0.3, 2)
+  for run, targets in ((b, 32_735), (c, 1_023)):
+    evaluation = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps(dict(evaluation, lm_targets=targets)))
+  titles = []
+  real_title = report.plt.Axes.set_title
+  try:
+    report.plt.Axes.set_title = lambda self, t, **k: titles.append(t) or real_title(self, t, **k)
+    report.plot_pareto([report.load_run(b), report.load_run(c)], "delta_lm_loss",
+                       "delta LM loss", tmp_path / "e.png")
+  finally:
+    report.plt.Axes.set_title = real_title
+  assert "different numbers of target tokens (1,023, 32,735)" in titles[0]
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("JSAE_REQUIRE_CHROMIUM"),
                     reason="needs Debian's chromium (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(tmp_path):

@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+import jsae
 from configs import sweep_tiny, tiny_jumprelu
 from jsae import config as config_lib
-from jsae import data, sharding, sweep, train
+from jsae import data, saes, sharding, sweep, train
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 20
@@ -152,6 +153,71 @@ def test_diverging_member_is_frozen_and_the_others_are_unchanged(tmp_path):
   assert [m["status"] for m in summary["members"]][1].startswith("frozen")
 
 
+def test_exploding_members_are_frozen_at_a_healthy_state_that_exports(tmp_path):
+  """lr 1e30 and 1e6 blow up without NaN at first (parameters near 1e29, W_dec rows
+  renormalised to 0); the update is refused, so the frozen state is the initialisation,
+  which exports and loads back. The member's status and eval.json say so."""
+  values = {"sparsity_coeff": (0.02,), "lr": (2e-3, 1e30, 1e6)}
+  c = _config("jumprelu", swept={"jumprelu": values}, mode="zip")
+  result = sweep.sweep(c, tmp_path / "sw", progress=False)
+  (g,) = result.groups
+  assert sorted(result.frozen) == sorted([g.members[1].name, g.members[2].name])
+  init = jax.device_get(sweep.init_group(g, total_steps=STEPS))
+  for m in g.members[1:]:
+    frozen = sweep.member_state(result.states["jumprelu"], m, g.family)
+    assert int(frozen.step) == 0
+    for a, b in zip(jax.tree.leaves(frozen.params),
+                    jax.tree.leaves(jax.tree.map(lambda x, i=m.index: x[i], init.members.params))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    member = result.workdir / "members" / m.name
+    assert json.loads((member / "status.json").read_text())["status"] == "frozen"
+    out = jsae.formats.export(member, tmp_path / f"out_{m.index}", "jsae")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jsae.load(out)))
+  ok = result.workdir / "members" / g.members[0].name
+  assert json.loads((ok / "status.json").read_text()) == {"status": "ok"}
+  # `jsae eval --sae=SWEEP` reads these to leave the frozen members out.
+  statuses = sweep.member_statuses(result.workdir)
+  assert [statuses[m.name]["status"] for m in g.members] == ["ok", "frozen", "frozen"]
+
+
+def test_export_refuses_non_finite_parameters(tmp_path):
+  sae = jsae.SAE.from_training(
+      saes.get("jumprelu").init(jax.random.key(0), d_in=8, d_sae=16), 1.0)
+  bad = sae.replace(params=sae.params.replace(b_enc=sae.params.b_enc.at[3].set(np.inf)))
+  with pytest.raises(jsae.formats.FormatError, match=r"b_enc hold non-finite.*--step"):
+    jsae.save(bad, tmp_path / "x", "jsae")
+  assert not (tmp_path / "x").exists()
+
+
+def test_member_failing_without_nan_is_warned_about_and_marked(tmp_path, capsys):
+  """The single run's health checks apply to each member: at lr 0.3 a member's FVU
+  passes 9 at step 20 (its updates stay under the freeze limit), and it is warned about
+  once, marked unhealthy in its status and the summary; the other member is ok."""
+  c = _config("jumprelu", steps=30, mode="zip", swept={"jumprelu": {
+      "sparsity_coeff": (0.02, 50.0), "lr": (2e-3, 0.3)}})
+  c.loss.dead_window_steps = 10
+  c.optim.warmup_steps = 5
+  result = sweep.sweep(c, tmp_path, progress=False)
+  bad = "jumprelu-lr=0.3-sparsity_coeff=50"
+  assert not result.frozen and list(result.unhealthy) == [bad]
+  assert "worse than the data's mean" in result.unhealthy[bad]
+  out = capsys.readouterr().out
+  assert out.count(f"warning: sweep member {bad}: FVU") == 1
+  status = json.loads((tmp_path / "members" / bad / "status.json").read_text())
+  assert status["status"] == "unhealthy" and "FVU" in status["detail"]
+  summary = {m["name"]: m["status"] for m in json.loads((tmp_path / "summary.json").read_text())[
+      "members"]}
+  assert summary["jumprelu-lr=0.002-sparsity_coeff=0.02"] == "ok" and "FVU" in summary[bad]
+
+
+def test_a_resumed_sweep_says_where_it_resumes(tmp_path, capsys):
+  c = _config("topk", steps=10)
+  sweep.sweep(c, tmp_path, progress=False)
+  c.train.num_tokens = 20 * c.data.batch_size
+  sweep.sweep(c, tmp_path, progress=False)
+  assert "resuming the sweep from step 10 of 20" in capsys.readouterr().out
+
+
 def test_sweep_over_a_sweep_data_model_mesh_matches_one_device(tmp_path):
   c = _config("topk")
   c.sweep.member_loop = "vmap"  # on both sides: this compares meshes, not loops
@@ -185,8 +251,9 @@ def test_sweep_larger_than_memory_and_changed_grid_are_refused(tmp_path):
   c = _config("topk")
   (g,) = sweep.plan(c)
   mesh = sharding.make_mesh(c.mesh, sweep=1)
-  need = sweep.group_bytes(g, jax.eval_shape(lambda: sweep.init_group(g, total_steps=STEPS)),
-                          mesh.shape)
+  need = sum(sweep.sweep_bytes(
+      (g,), {g.name: jax.eval_shape(lambda: sweep.init_group(g, total_steps=STEPS))},
+      mesh.shape))
   c.sweep.memory_limit_gb = 0.75 * need / 2**30  # room for one of the two members
   with pytest.raises(config_lib.ConfigError,
                      match=r"groups.topk: .* \(config.sweep.memory_limit_gb\); group 'topk' has"
@@ -239,6 +306,9 @@ def test_gemma3_comparison_config_plans_every_family_at_each_site():
     for g in groups:
       assert g.config.sae.d_in == d_in and g.config.lm.site == site
       assert g.config.data.shards_dir == f"runs/acts/activations/train/{site}"
+      # The held-out split beside it: held-out checks run instead of being skipped.
+      assert g.config.data.eval_shards_dir == f"runs/acts/activations/eval/{site}"
+  assert sweep.plan(sweep_gemma3.get_config("eval_shards=x"))[0].config.data.eval_shards_dir == "x"
   with pytest.raises(ValueError, match="unknown config argument"):
     sweep_gemma3.get_config("layer=6")
 

@@ -166,6 +166,13 @@ def test_cli_train_runs_and_reports_bad_flags(tmp_path):
   assert (tmp_path / "run/checkpoints/100").is_dir()
   saved = json.loads((tmp_path / "run/config.json").read_text())
   assert saved["train"]["num_tokens"] == 51200
+  again = _jsae("train", "--config=configs/tiny.py", f"--workdir={tmp_path}/run",
+                "--config.train.num_tokens=51200", "--config.ckpt.every_steps=50", cwd=REPO)
+  assert again.returncode == 0, again.stderr
+  last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+  assert "is complete: 100 steps of 100" in again.stdout + again.stderr
+  assert "already complete: trained 100 steps" in again.stdout and "nan" not in again.stdout
+  assert f"L0 {last['l0']:.1f}, FVU {last['fvu']:.3f}" in again.stdout
   bad = _jsae("train", "--config=tiny", f"--workdir={tmp_path}/x", "--config.optim.lrr=1", cwd=tmp_path)
   assert bad.returncode == 2 and "did you mean config.optim.lr" in bad.stderr and "Traceback" not in bad.stderr
   missing = _jsae("train", "--config=configs/nope.py", "--workdir=x", cwd=tmp_path)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
+
 from jsae import runs, saes
 from jsae.formats import common, gemma_scope, gemma_scope_2, native, saelens
 from jsae.formats.common import FormatError
@@ -153,6 +155,7 @@ def save(sae: SAE, path: str | os.PathLike, format: str = "jsae", *,
   if not isinstance(sae, SAE):
     raise TypeError(f"save needs a jsae.SAE; got {type(sae).__name__}.")
   format = check_can_save(sae, format)
+  check_finite(sae)
   sae = sae.replace(params=canonical(sae.params))
   if layout:
     allowed = _LAYOUT_OPTIONS.get(format, ())
@@ -161,6 +164,20 @@ def save(sae: SAE, path: str | os.PathLike, format: str = "jsae", *,
       raise TypeError(f"save(format={format!r}) got unexpected option(s) {unknown};"
                       f" allowed: {list(allowed)}.")
   return _MODULES[format].save(sae, Path(path).expanduser(), overwrite, **layout)
+
+
+def check_finite(sae: SAE) -> None:
+  """Raises FormatError when a parameter holds NaN or infinity (nothing is written)."""
+  bad = [name for name in saes.base.array_fields(sae.params)
+         if not bool(jnp.all(jnp.isfinite(getattr(sae.params, name))))]
+  if bad:
+    where = sae.provenance.get("run_dir")
+    step = sae.provenance.get("step")
+    raise FormatError(
+        f"the SAE's {', '.join(bad)} hold non-finite values (NaN or infinity)"
+        + (f" at step {step} of {where}" if where else "") + ", so no format can hold it:"
+        " the run diverged. Export an earlier checkpoint (jsae export RUN OUT --step=N),"
+        " or retrain with a lower config.optim.lr.")
 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "jsae", *,
@@ -195,5 +212,5 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "js
   return save(sae, out, format, overwrite=overwrite, **layout)
 
 
-__all__ = ["FORMATS", "FormatError", "SAE", "canonical_format", "check_can_save",
+__all__ = ["FORMATS", "FormatError", "SAE", "canonical_format", "check_can_save", "check_finite",
            "common", "detect_format", "export", "families", "load", "save"]
