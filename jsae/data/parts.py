@@ -7,8 +7,11 @@ resumable shard directory
 
     SITE_DIR/part-0000k-of-0000N/manifest.json, shard-000000.bin, ...
 
-so its shards are exactly the single-process shards k*S ... (k+1)*S - 1. When
-every part is complete, process 0 merges: each part's shard files are renamed
+so its shards are exactly the single-process shards k*S ... (k+1)*S - 1. Only
+the part holding the last row may end on a partial shard; when there are fewer
+shards than processes, the parts after it are empty (a 1,023-row split on two
+processes: part 0 holds one partial shard, part 1 nothing). When every part is
+complete, process 0 merges: each part's shard files are renamed
 into SITE_DIR under their global names, and one `manifest.json` listing them
 all is written atomically, last. The result is byte for byte the dataset one
 process would have written (same files, checksums, C and fingerprint), so
@@ -34,7 +37,12 @@ _PART = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
 def row_ranges(total_rows: int, rows_per_shard: int, process_count: int
                ) -> list[tuple[int, int]]:
-  """[(lo, hi)] global rows of each process: contiguous, shard-aligned, together complete."""
+  """[(lo, hi)] global rows of each process: contiguous, shard-aligned, together complete.
+
+  Every process gets ceil(shards / processes) shards, in order, so each `lo` is a
+  multiple of `rows_per_shard`; the range ending at `total_rows` may hold a
+  partial shard, and the ranges after it are empty (lo == hi == total_rows).
+  """
   shards_each = math.ceil(math.ceil(total_rows / rows_per_shard) / process_count)
   span = shards_each * rows_per_shard
   return [(min(k * span, total_rows), min((k + 1) * span, total_rows))
@@ -95,8 +103,7 @@ def merge(site_dir: str | os.PathLike, process_count: int) -> shards.Manifest:
       if getattr(m, key) != getattr(first, key):
         raise shards.ShardError(f"{where}: {key} differs from part 0's; the parts are"
                                 " not one dataset (delete the directory and harvest again).")
-    if k < process_count - 1 and m.shards and m.shards[-1].rows != m.rows_per_shard:
-      raise shards.ShardError(f"{where}: expected whole shards in a part before the last.")
+  check_part_rows([m.num_rows for m in parts], first.rows_per_shard, site_dir)
   entries = []
   for k, m in enumerate(parts):
     for s in m.shards:
@@ -117,9 +124,33 @@ def merge(site_dir: str | os.PathLike, process_count: int) -> shards.Manifest:
   return merged
 
 
+def check_part_rows(part_rows: list[int], rows_per_shard: int, site_dir: str | os.PathLike
+                    ) -> None:
+  """Raises ShardError unless part k holds exactly the rows `row_ranges` gives process k.
+
+  Args:
+    part_rows: `[process_count]` rows in each complete part.
+    rows_per_shard: the parts' shard size.
+    site_dir: the dataset being merged (named in the error).
+
+  The plan is recomputed from the parts' total, so parts written under another
+  plan (another rows_per_shard or jsae version) are refused instead of merged
+  into a dataset whose shards do not line up.
+  """
+  total, count = sum(part_rows), len(part_rows)
+  for k, (rows, (lo, hi)) in enumerate(zip(part_rows, row_ranges(total, rows_per_shard, count))):
+    if rows != hi - lo:
+      raise shards.ShardError(
+          f"{part_directory(site_dir, k, count)}: holds {rows} rows, but a {count}-process"
+          f" harvest of {total} rows in shards of {rows_per_shard} gives process {k} rows"
+          f" {lo}..{hi} ({hi - lo} rows); the parts do not form one dataset. Delete"
+          f" {site_dir} and harvest it again.")
+
+
 def _remove_parts(site_dir: Path, process_count: int) -> None:
   for k in range(process_count):
     shutil.rmtree(part_directory(site_dir, k, process_count), ignore_errors=True)
 
 
-__all__ = ["check_layout", "existing_parts", "merge", "part_directory", "row_ranges"]
+__all__ = ["check_layout", "check_part_rows", "existing_parts", "merge", "part_directory",
+           "row_ranges"]
