@@ -209,7 +209,7 @@ def cmd_train(args: list[str]) -> int:
   if "--dry_run" in args:
     return _dry_run("jsae train", args)
   from jsae import sharding
-  sharding.initialize_distributed()  # multi-process runs; before JAX touches devices
+  sharding.initialize_distributed(label="jsae train")  # before JAX touches devices
   import jax
   from jsae import resume, train
   config, workdir, extra = parse_config_flags("jsae train", args, extra=("allow_changes",))
@@ -246,7 +246,7 @@ def cmd_sweep(args: list[str]) -> int:
   if "--dry_run" in args:
     return _dry_run("jsae sweep", args)
   from jsae import sharding
-  sharding.initialize_distributed()
+  sharding.initialize_distributed(label="jsae sweep")
   import jax
   from jsae import sweep
   config, workdir = parse_config_flags("jsae sweep", args)
@@ -321,8 +321,9 @@ def cmd_harvest(args: list[str]) -> int:
   """`jsae harvest`: LM activations of config.lm.site on config.text -> shards."""
   if _wants_help(args, "usage: jsae harvest --config=CONFIG --workdir=DIR [--config.FIELD=V]"):
     return 0
-  from jsae import pipeline, sharding
-  sharding.initialize_distributed()
+  from jsae import peers, pipeline, sharding
+  sharding.initialize_distributed(label="jsae harvest")
+  peers.stop_on_signals()  # SIGTERM/Ctrl-C stop every process (a harvest has no checkpoint to sync)
   config, workdir = parse_config_flags("jsae harvest", args)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -488,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
   """Entry point of the `jsae` console script; returns the exit code.
 
   An error the user can fix prints one paragraph (what and the fix) and returns
-  2; `--debug` (or JSAE_DEBUG=1) shows the traceback instead.
+  2; `--debug` (or JSAE_DEBUG=1) shows the traceback instead. In a multi-process
+  run the process then tells the others (`jsae.peers`, which stops them too) and
+  exits at once, without JAX's shutdown barrier.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv or bool(os.environ.get("JSAE_DEBUG"))
@@ -500,18 +503,36 @@ def main(argv: list[str] | None = None) -> int:
   if command not in COMMANDS:
     print(f"jsae: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
-  from jsae import user_errors
+  from jsae import peers, user_errors
   try:
     return COMMANDS[command](rest)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
+    peers.before_reporting(e)
     print(f"jsae {command}: interrupted", file=sys.stderr)
+    _leave_if_multiprocess("was interrupted", 130)
     return 130
   except Exception as e:  # pylint: disable=broad-except
+    peers.before_reporting(e)  # multi-process: another process's failure may be the story
     message = user_errors.describe(e)
     if debug or message is None:
+      if peers.active():
+        import traceback  # pylint: disable=import-outside-toplevel
+        traceback.print_exc()
+        _leave_if_multiprocess(f"failed: {type(e).__name__}: {user_errors.first_line(str(e))}"
+                               " (its log has the traceback)", 1)
       raise
     print(f"jsae {command}: error: {message}\n(--debug shows the traceback)", file=sys.stderr)
+    _leave_if_multiprocess(f"failed: {message}", 2)
     return 2
+
+
+def _leave_if_multiprocess(what: str, code: int) -> None:
+  """In a multi-process run, tells the other processes that this one `what` and exits now
+  (`jsae.peers.leave`): returning would wait in JAX's shutdown barrier for processes that
+  wait for this one."""
+  from jsae import peers  # pylint: disable=import-outside-toplevel
+  if peers.active():
+    peers.leave(f"{peers.describe_process()} {what}", code)
 
 
 if __name__ == "__main__":

@@ -149,13 +149,15 @@ def barrier(name: str) -> None:
 
 
 def initialize_distributed(*, coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+                           process_id: int | None = None, label: str = "jsae") -> bool:
   """Starts `jax.distributed` when this is a multi-process run; returns whether it did.
 
   Explicit arguments win; then the JSAE_COORDINATOR / JSAE_NUM_PROCESSES /
   JSAE_PROCESS_ID environment variables (used by launch/local.sh); then JAX's own
   cluster detection (TPU pods, SLURM) when `JSAE_DISTRIBUTED=auto`. Single-process
-  runs need nothing.
+  runs need nothing. A multi-process run also starts `jsae.peers`' watcher, so that
+  a failure on one process stops all of them within seconds; `label` (e.g.
+  'jsae harvest') begins its messages.
   """
   env = os.environ
   coordinator = coordinator or env.get("JSAE_COORDINATOR")
@@ -172,8 +174,19 @@ def initialize_distributed(*, coordinator: str | None = None, num_processes: int
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=num_processes, process_id=process_id)
+    _watch_peers(label)
     return True
   if env.get("JSAE_DISTRIBUTED") == "auto":
     jax.distributed.initialize()  # TPU pod / SLURM / other detected clusters
+    _watch_peers(label)
     return True
   return False
+
+
+def _watch_peers(label: str) -> None:
+  """Starts `jsae.peers` on the connection `jax.distributed.initialize` just made."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  from jsae import peers  # pylint: disable=import-outside-toplevel
+  state = distributed.global_state  # JAX keeps its client here; there is no public accessor
+  if state.client is not None and state.num_processes:
+    peers.start(state.client, state.process_id, state.num_processes, label=label)

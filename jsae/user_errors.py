@@ -24,7 +24,8 @@ _STORE_MODULES = ("orbax", "tensorstore", "etils")
 _MAX_LINE = 400
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+  """The first non-blank line of `text`, at most _MAX_LINE characters."""
   line = next((l.strip() for l in text.splitlines() if l.strip()), "")
   return line if len(line) <= _MAX_LINE else line[:_MAX_LINE] + " ..."
 
@@ -57,14 +58,14 @@ def describe(exc: BaseException) -> str | None:
   if isinstance(exc, (TrainingDivergedError, CheckpointDamagedError)):
     return str(exc)
   if _is_store_error(exc):
-    return (f"the checkpoint store failed: {_first_line(str(exc))} (is the directory"
+    return (f"the checkpoint store failed: {first_line(str(exc))} (is the directory"
             " complete and readable? --debug shows Orbax's full message)")
   if isinstance(exc, SyntaxError):
     return f"{exc.filename}, line {exc.lineno}: {exc.msg}"
   if isinstance(exc, (ValueError, OSError)):
     text = str(exc)
-    return text if len(text) <= 4 * _MAX_LINE else _first_line(text)
+    return text if len(text) <= 4 * _MAX_LINE else first_line(text)
   return None
 
 
-__all__ = ["OPTIONAL_PACKAGES", "describe"]
+__all__ = ["OPTIONAL_PACKAGES", "describe", "first_line"]
