@@ -114,6 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text.seq_len = 1024  # tokens per packed context (Gemma Scope: 1024)
   c.text.eval_fraction = 0.1  # share of contexts held out for evaluation
   c.text.seed = 0  # seed of the train/eval split of contexts
+  # Caps are exact: the context that crosses one is cut there (the rest becomes padding).
   c.text.max_train_tokens = 0  # cap on harvested training tokens (0: all)
   c.text.max_eval_tokens = 100_000  # cap on held-out tokens (density needs >= 1e5)
 

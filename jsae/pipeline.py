@@ -129,17 +129,38 @@ def _documents(config, workdir: Path) -> tuple[list[str], str]:
                    " 'tfds:NAME[:SPLIT]'.")
 
 
-def _cap(contexts: text_lib.TokenContexts, max_tokens: int) -> text_lib.TokenContexts:
-  if max_tokens <= 0:
+def cap_tokens(contexts: text_lib.TokenContexts, max_tokens: int, pad_id: int
+               ) -> text_lib.TokenContexts:
+  """The contexts holding exactly the first `max_tokens` unmasked tokens (0: all of them).
+
+  Args:
+    contexts: `[n, seq]` packed contexts.
+    max_tokens: the cap (`config.text.max_*_tokens`).
+    pad_id: the tokenizer's padding id.
+  Returns:
+    `[m, seq]` contexts, m <= n: whole contexts up to the cap, and the context that
+    crosses it cut after its `max_tokens`-th token: the positions after become
+    padding (pad_id, mask False), as at the end of a packed split. The kept
+    positions see the same tokens before them (causal attention), so their
+    activations do not change.
+  """
+  if max_tokens <= 0 or contexts.n_tokens <= max_tokens:
     return contexts
-  kept = np.searchsorted(np.cumsum(contexts.mask.sum(1)), max_tokens) + 1
-  return contexts.take(slice(0, int(kept)))
+  before = np.cumsum(contexts.mask.sum(1))  # [n] tokens up to and including each context
+  last = int(np.searchsorted(before, max_tokens))  # the context holding token max_tokens
+  tokens, mask = contexts.tokens[:last + 1].copy(), contexts.mask[:last + 1].copy()
+  inside = max_tokens - (int(before[last - 1]) if last else 0)  # its tokens within the cap
+  column = int(np.flatnonzero(mask[last])[inside - 1])  # the position of the last one
+  tokens[last, column + 1:], mask[last, column + 1:] = pad_id, False
+  return text_lib.TokenContexts(tokens, mask)
 
 
 def _contexts_definition(config, lm: LM) -> dict:
   lm_id = {k: v for k, v in lm.definition().items() if k != "dtype"}  # tokens only
+  # `cap`: how max_*_tokens apply; contexts cached before caps were exact (whole
+  # contexts, rounded up) differ from today's for the same config.
   return dict(text=config.text.to_dict(), lm=lm_id,
-              vocab_size=lm.tokenizer.vocab_size)
+              vocab_size=lm.tokenizer.vocab_size, cap="exact")
 
 
 def text_contexts(config, lm: LM, workdir: Path) -> tuple[dict, str]:
@@ -190,8 +211,9 @@ def _tokenise(config, lm: LM, workdir: Path, cache: Path, definition: dict
   say(f"tokenising {len(docs)} documents from {description}")
   split = text_lib.prepare(docs, lm.tokenizer, seq_len=t.seq_len, eval_fraction=t.eval_fraction,
                            seed=t.seed)
-  split = {"train": _cap(split["train"], t.max_train_tokens),
-           "eval": _cap(split["eval"], t.max_eval_tokens)}
+  pad = lm.tokenizer.pad_id
+  split = {"train": cap_tokens(split["train"], t.max_train_tokens, pad),
+           "eval": cap_tokens(split["eval"], t.max_eval_tokens, pad)}
   tmp = cache.with_name(cache.name + ".tmp")
   with open(tmp, "wb") as f:
     np.savez(f, definition=json.dumps(definition, sort_keys=True), source=description,
@@ -241,7 +263,9 @@ def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Pat
     ctx = contexts[split]
     definition = harvest_definition(config, lm, ctx, f"{text_source}, split {split}")
     _check_harvest_reusable(directory, definition)
-    say(f"harvesting {split}: {ctx.n_tokens:,} tokens of {site} ->"
+    cap = config.text[f"max_{split}_tokens"]
+    capped = f" (text.max_{split}_tokens)" if ctx.n_tokens == cap else ""
+    say(f"harvesting {split}: {ctx.n_tokens:,} tokens{capped} of {site} ->"
         f" {directory}" if not harvest.is_complete(directory) else
         f"reusing finished {split} activations in {directory}")
     result = harvest.harvest(

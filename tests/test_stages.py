@@ -165,3 +165,26 @@ def test_changed_learning_rate_is_refused_unless_allowed(inputs, finished, tmp_p
                report=False, allow_changes=("optim.lr",))
   assert "resuming at step 40" in capsys.readouterr().out
   assert resume.read_history(workdir / "sae")[-1]["changes"]["optim.lr"]["now"] == 1e-4
+
+
+def test_token_caps_are_exact(finished):
+  """The 6,000-token train cap harvests 6,000 rows, not whole contexts rounded up (a
+  2,048-token eval cap at seq_len 1,024 used to harvest 3,069)."""
+  assert shards.load_manifest(finished / "activations/train/resid_post.1").num_rows == 6000
+
+
+def test_cap_tokens_cuts_the_crossing_context_into_padding():
+  from jsae.data.text import TokenContexts
+  tokens = np.arange(1, 13, dtype=np.int32).reshape(3, 4)
+  mask = np.ones((3, 4), bool)
+  mask[:, 0] = False  # BOS: 3 tokens per context
+  ctx = TokenContexts(tokens, mask)
+  for cap, kept in [(0, 9), (9, 9), (20, 9), (3, 3), (5, 5), (7, 7)]:
+    out = pipeline.cap_tokens(ctx, cap, pad_id=0)
+    assert out.n_tokens == kept
+    n = out.n_contexts
+    assert n == -(-kept // 3)
+    kept_positions = out.mask
+    np.testing.assert_array_equal(out.tokens[kept_positions], tokens[:n][kept_positions])
+    assert (out.tokens[:n][mask[:n] & ~kept_positions] == 0).all()  # cut positions are padding
+    np.testing.assert_array_equal(out.tokens[:, 0], tokens[:n, 0])  # BOS kept
