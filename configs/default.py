@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sae.init_b_dec = "zeros"  # 'zeros' (Gemma Scope) or 'mean' of the first batches (short runs)
   c.sae.init_b_dec_batches = 8  # batches averaged for init_b_dec='mean'
   c.sae.compute_dtype = "float32"  # matmul dtype: 'float32' or 'bfloat16' (params stay float32)
+  # Transcoders: the encoder reads lm.site (x), the decoder predicts target_site (y).
+  c.sae.target_site = ""  # '' = an SAE (y = x); e.g. 'mlp_out.6' with lm.site='mlp_in.6'
+  c.sae.d_out = 0  # decoder width (0: d_in; set it when the target site is wider or narrower)
+  c.sae.skip = False  # a transcoder's affine skip x @ W_skip, trained jointly (Gemma Scope 2)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.dead_window_steps = 1000  # a latent silent for this many steps counts as dead (AuxK too)
@@ -88,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.seed = 0  # seed of the data order: batch = f(seed, step)
   c.data.shards_dir = ""  # directory with manifest.json, for source='shards'
   c.data.eval_shards_dir = ""  # held-out shards for eval.every_steps ('' = none for 'shards')
+  # A transcoder's target shards, row-aligned with the input's ('' = the directory beside
+  # shards_dir / eval_shards_dir named after sae.target_site, as jsae harvest writes it).
+  c.data.target_shards_dir = ""
+  c.data.eval_target_shards_dir = ""
   c.data.prefetch = 4  # batches prepared ahead by a background thread
   c.data.verify = "first_open"  # shard checksums: 'first_open', 'all' (at start) or 'none' (huge data)
   c.data.synthetic = ml_collections.ConfigDict()
@@ -96,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.synthetic.zipf_exponent = 0.5  # firing probability ~ rank^-exponent (heavy tail)
   c.data.synthetic.noise = 0.01  # Gaussian noise std per dimension, relative to the signal
   c.data.synthetic.dictionary_seed = 1234  # seed of the planted directions
+  # Transcoders (sae.target_site set, any name): y = the codes decoded by a second
+  # planted dictionary of width sae.d_out, plus x @ A, A a random map of this scale.
+  c.data.synthetic.skip_scale = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_tokens = 4_000_000_000  # training budget in tokens (steps = tokens / batch)

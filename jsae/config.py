@@ -66,6 +66,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source == "shards":
     _require(bool(config.data.shards_dir), "data.shards_dir",
              "set it to a directory written by `jsae harvest` (with manifest.json).")
+  _validate_transcoder(config)
+
+
+def _validate_transcoder(config: ml_collections.ConfigDict) -> None:
+  """A transcoder's fields: its output width, its skip, no pre-encoder bias."""
+  s = config.sae
+  _require(isinstance(s.get("d_out", 0), int) and s.get("d_out", 0) >= 0, "sae.d_out",
+           f"must be an integer >= 0 (0: d_in); got {s.get('d_out')!r}.")
+  if not saes.base.is_transcoder(config):
+    _require(not s.get("skip", False), "sae.skip",
+             "an affine skip belongs to a transcoder: set config.sae.target_site to the site"
+             " it predicts (e.g. mlp_out.6 with config.lm.site=mlp_in.6), or skip=False.")
+    _require(not s.get("d_out", 0) or s.d_out == s.d_in, "sae.d_out",
+             f"{s.d_out} differs from d_in={s.d_in}, which only a transcoder can have: set"
+             " config.sae.target_site, or d_out=0.")
+    return
+  _require(not s.pre_encoder_bias, "sae.pre_encoder_bias",
+           "a transcoder's b_dec lives in its target's space, so it cannot be subtracted"
+           " from its input: set --config.sae.pre_encoder_bias=False.")
+  lm_site = config.get("lm", {}).get("site", "") if config.data.source == "shards" else ""
+  _require(not lm_site or s.target_site != lm_site, "sae.target_site",
+           f"{s.target_site!r} is the input site config.lm.site itself: that is an SAE (clear"
+           " target_site), or set the site the decoder predicts.")
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:

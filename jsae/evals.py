@@ -18,9 +18,11 @@ The LM passes share the prefix below the hook site and never build a
 [batch, seq, vocab] tensor (see "LM splicing" below); tests/reference/
 three_forward_eval.py is the direct three-forward form they are tested against.
 
-An `sae` is any pytree with `encode(x) -> f` and `decode(f) -> x_hat` in the
+An `sae` is any pytree with `encode(x) -> f` and `predict(f, x) -> x_hat` in the
 LM's units (e.g. `jsae.SAE`; `jsae.SAE.from_training` wraps training-time params).
 It is passed to jitted functions as an argument, never baked in as a constant.
+A transcoder's metrics compare its prediction with its target site (y in place
+of x above), and its delta LM loss puts it in place of the MLP.
 """
 
 from __future__ import annotations
@@ -93,19 +95,34 @@ def _finish(stats: dict) -> dict:
       firing_frequency=freq.astype(np.float32))
 
 
-@jax.jit
-def _activation_step(stats, sae, x, weight):
+@functools.partial(jax.jit, static_argnames=("d_in",))
+def _activation_step(stats, sae, rows, weight, d_in=None):
+  x, y = (rows, rows) if d_in is None else (rows[:, :d_in], rows[:, d_in:])
   f = sae.encode(x)
-  return _accumulate(stats, x, f, sae.decode(f), weight)
+  return _accumulate(stats, y, f, sae.predict(f, x), weight)
 
 
 def activation_metrics(sae, batches: Iterable[tuple[Any, Any]], *, d_in: int, d_sae: int,
-                       max_l0_bin: int = 1024) -> dict:
-  """Reconstruction and sparsity metrics over `(x [n, d_in], weight [n])` batches."""
-  stats = _zero_stats(d_in, d_sae, max_l0_bin)
-  for x, weight in batches:
-    stats = _activation_step(stats, sae, jnp.asarray(x), jnp.asarray(weight))
+                       d_out: int | None = None, max_l0_bin: int = 1024) -> dict:
+  """Reconstruction and sparsity metrics over `(x [n, d_in], weight [n])` batches.
+
+  A transcoder (`d_out` given): rows are `[x, y]` pairs `[n, d_in + d_out]`, and the
+  fidelity metrics (FVU, cosine, ...) compare `sae(x)` with y.
+  """
+  stats = _zero_stats(d_in if d_out is None else d_out, d_sae, max_l0_bin)
+  for rows, weight in batches:
+    stats = _activation_step(stats, sae, jnp.asarray(rows), jnp.asarray(weight),
+                             d_in=None if d_out is None else d_in)
   return _finish(stats)
+
+
+def pair_batches(x_dir, y_dir, batch_rows: int = 8192):
+  """`shard_batches` of two row-aligned directories (a transcoder's input and target) as
+  `([x, y] rows [n, d_in + d_out], weights [n])` batches."""
+  from jsae.data import pairs  # pylint: disable=import-outside-toplevel
+  pairs.check_aligned(x_dir, y_dir)
+  for (x, weight), (y, _) in zip(shard_batches(x_dir, batch_rows), shard_batches(y_dir, batch_rows)):
+    yield np.concatenate([x, y], axis=-1), weight
 
 
 def shard_batches(directory, batch_rows: int = 8192):
@@ -141,45 +158,56 @@ def shard_batches(directory, batch_rows: int = 8192):
 DEFAULT_MEMORY_BYTES = 2 << 30
 
 
-def _prefix_fn(lm_config: gemma.GemmaConfig, site: str):
-  """A jitted fn(lm_params, tokens, mask) -> (resid, x, h_clean, h_zero).
+def _prefix_fn(lm_config: gemma.GemmaConfig, site: str, target_site: str | None = None):
+  """A jitted fn(lm_params, tokens, mask) -> (resid, x, y, h_clean, h_zero).
 
   What every SAE of a site shares: the residual stream entering the hooked
-  block (`resid`), the site's activations `x`, and the final hidden states of
-  the clean and the zero-ablated forwards.
+  block (`resid`), the site's activations `x` (and `y`, a transcoder's target
+  site; `x` again for SAEs), and the final hidden states of the clean and the
+  zero-ablated forwards (the target site zeroed: for a transcoder, the MLP's
+  output).
   """
+  target = target_site or site
   layer = gemma.parse_site(site, lm_config)[1]
 
   def fn(lm_params, tokens, mask):
     resid = gemma.residual_before(lm_params, tokens, lm_config, layer)
     suffix = functools.partial(gemma.forward, lm_params, tokens, lm_config, start_layer=layer,
                                resid=resid, logits=False)
-    h_clean, acts = suffix(capture=(site,))
+    h_clean, acts = suffix(capture=tuple(dict.fromkeys((site, target))))
     zero = lambda a: jnp.where(mask[..., None], jnp.zeros_like(a), a)
-    h_zero, _ = suffix(splice={site: zero})
-    return resid, acts[site], h_clean, h_zero
+    h_zero, _ = suffix(splice={target: zero})
+    return resid, acts[site], acts[target], h_clean, h_zero
 
   return jax.jit(fn)
 
 
-def _member_fn(lm_config: gemma.GemmaConfig, site: str):
-  """A jitted fn(lm_params, sae, tokens, mask, resid, x, stats) -> (stats, h_spliced):
-  one SAE's reconstruction metrics and its spliced suffix from the hooked block."""
+def _member_fn(lm_config: gemma.GemmaConfig, site: str, target_site: str | None = None):
+  """A jitted fn(lm_params, sae, tokens, mask, resid, x, y, stats) -> (stats, h_spliced):
+  one SAE's reconstruction metrics and its spliced suffix from the hooked block.
+
+  A transcoder (`target_site`) takes the place of the MLP: the suffix computes the
+  MLP's output from its input through the transcoder, and the MLP is not run.
+  """
   layer = gemma.parse_site(site, lm_config)[1]
 
-  def fn(lm_params, sae, tokens, mask, resid, x, stats):
+  def fn(lm_params, sae, tokens, mask, resid, x, y, stats):
     flat = x.reshape(-1, x.shape[-1])
     f = sae.encode(flat)
-    x_hat = sae.decode(f)
-    stats = _accumulate(stats, flat, f, x_hat, mask.reshape(-1))
+    y_hat = sae.predict(f, flat)
+    stats = _accumulate(stats, y.reshape(-1, y.shape[-1]), f, y_hat, mask.reshape(-1))
     # Splice only where the SAE was trained (mask True): BOS/EOS/pad keep their
     # own activations. The BOS residual is huge (an attention sink) and never
     # in the training data; replacing it would measure that, not the SAE. The
-    # site's value in this suffix is `x` (same prefix), so x_hat is reused.
+    # site's value in this suffix is `x` (same prefix), so y_hat is reused; so is
+    # the clean `y` where a transcoder keeps the MLP's own output.
     keep = mask[..., None]
-    reconstruct = lambda a: jnp.where(keep, x_hat.reshape(a.shape).astype(a.dtype), a)
-    h_spliced, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: reconstruct},
-                                 start_layer=layer, resid=resid, logits=False)
+    spliced = lambda a: jnp.where(keep, y_hat.reshape(y.shape).astype(a.dtype),
+                                  y.astype(a.dtype))
+    hooks = (dict(transcode={target_site: spliced}) if target_site
+             else dict(splice={site: spliced}))
+    h_spliced, _ = gemma.forward(lm_params, tokens, lm_config, start_layer=layer, resid=resid,
+                                 logits=False, **hooks)
     return stats, h_spliced
 
   return jax.jit(fn)
@@ -221,11 +249,12 @@ def _batches(contexts, batch_size: int):
 
 def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, contexts,
              batch_size: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-             min_density_tokens: int = MIN_DENSITY_TOKENS, progress: bool = True) -> dict:
+             min_density_tokens: int = MIN_DENSITY_TOKENS, progress: bool = True,
+             target_site: str | None = None) -> dict:
   """All metrics of the module docstring on held-out `contexts` (TokenContexts).
 
   `batch_size` contexts per LM forward (0: from `memory_bytes`, see
-  `evaluate_many`).
+  `evaluate_many`); `target_site` for a transcoder (see `evaluate_many`).
 
   Raises:
     ValueError: when the SAE's width does not match the site, or the eval set
@@ -239,7 +268,7 @@ def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, context
         " min_density_tokens (config.eval.min_density_tokens).")
   return evaluate_many(lm_params, lm_config, {"sae": sae}, site=site, contexts=contexts,
                        batch_size=batch_size, memory_bytes=memory_bytes,
-                       progress=progress)["sae"]
+                       progress=progress, target_site=target_site)["sae"]
 
 
 def _lm_summary(targets, clean, spliced, zero, kl) -> dict:
@@ -254,8 +283,13 @@ def _lm_summary(targets, clean, spliced, zero, kl) -> dict:
 
 def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: str, contexts,
                   batch_size: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, target_site: str | None = None) -> dict:
   """`evaluate` for many SAEs of one site: {name: metrics}, the LM shared.
+
+  With `target_site` the SAEs are transcoders of `site` (mlp_in.L) to it
+  (mlp_out.L): fidelity metrics compare their prediction with the target, the
+  spliced forward puts it in place of the MLP (`gemma.forward`'s transcode), and
+  the zero ablation zeroes the MLP's output.
 
   Per batch of contexts the LM prefix up to the hooked block, the clean
   forward and the zero ablation run once; each SAE adds only its
@@ -266,6 +300,7 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
   batch from it, `auto_batch_size`), half for the chunks of logits.
   """
   d_in = site_width(lm_config, site)
+  d_out = site_width(lm_config, target_site) if target_site else d_in
   widths = {}
   for name, sae in saes.items():
     probe = jax.eval_shape(sae.encode, jax.ShapeDtypeStruct((1, d_in), jnp.float32))
@@ -276,18 +311,19 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
                                  memory_bytes // 2)
     batch_size = -(-n // -(-n // batch_size))  # as many batches, the least padding
   chunk = next_token.chunk_positions(lm_config.vocab_size, memory_bytes // 2)
-  prefix, member = _prefix_fn(lm_config, site), _member_fn(lm_config, site)
+  prefix = _prefix_fn(lm_config, site, target_site)
+  member = _member_fn(lm_config, site, target_site)
   losses = _loss_fn(lm_config, chunk)
-  stats = {name: _zero_stats(d_in, widths[name], 1024) for name in saes}
+  stats = {name: _zero_stats(d_out, widths[name], 1024) for name in saes}
   sums = np.zeros(2 + 2 * (1 + len(saes)))  # targets, clean, (zero, SAEs...) NLLs, ...KLs
   bar = tqdm(total=contexts.n_tokens, disable=not progress, unit="tok",
              desc=f"eval ({len(saes)} SAE{'s' if len(saes) > 1 else ''})", dynamic_ncols=True,
              mininterval=1.0)
   for tokens, mask in _batches(contexts, batch_size):
-    resid, x, h_clean, h_zero = prefix(lm_params, tokens, mask)
+    resid, x, y, h_clean, h_zero = prefix(lm_params, tokens, mask)
     spliced = []
     for name, sae in saes.items():
-      stats[name], h = member(lm_params, sae, tokens, mask, resid, x, stats[name])
+      stats[name], h = member(lm_params, sae, tokens, mask, resid, x, y, stats[name])
       spliced.append(h)
     sums += np.asarray(losses(lm_params, h_clean, jnp.stack([h_zero, *spliced]), tokens, mask),
                        np.float64)
@@ -301,6 +337,8 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
     spliced, kl = sums[3 + i], sums[2 + k + 1 + i]
     out[name].update(_lm_summary(targets, clean, spliced, zero, kl), site=site, d_in=d_in,
                      d_sae=widths[name])
+    if target_site:
+      out[name].update(target_site=target_site, d_out=d_out)
   return out
 
 

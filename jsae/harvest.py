@@ -74,8 +74,8 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
             sites: list[str] | tuple[str, ...], out_dir: str | os.PathLike,
             batch_size: int = 4, rows_per_shard: int = 65536, dtype: str = "float32",
             provenance: dict | None = None, progress: bool = True,
-            process_index: int | None = None, process_count: int | None = None
-            ) -> HarvestResult:
+            process_index: int | None = None, process_count: int | None = None,
+            extra: dict | None = None) -> HarvestResult:
   """Runs the LM over `contexts` and writes each site's activations to shards.
 
   Args:
@@ -96,6 +96,8 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
       part, and the merge into one dataset happens when every process has
       finished (after a barrier, by process 0) when JAX runs that many
       processes, or through `finish_parts` otherwise.
+    extra: {site: dict} added to that site's provenance `extra` (e.g. its
+      stage definition).
   """
   sites = tuple(sites)
   if not sites:
@@ -126,7 +128,7 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
   if writing:
     result = _write_rows(lm_params, lm_config, contexts, before, (lo, hi), writing, targets,
                          batch_size=batch_size, rows_per_shard=rows_per_shard, dtype=dtype,
-                         provenance=provenance, progress=progress)
+                         provenance=provenance, progress=progress, extra=extra)
     result.directories, result.reused = directories, reused
   if count > 1 and jax.process_count() == count:
     sharding.barrier("jsae_harvest_parts_written")
@@ -145,7 +147,7 @@ def finish_parts(out_dir: str | os.PathLike, sites, process_count: int) -> None:
 def _write_rows(lm_params, lm_config, contexts: TokenContexts, before: np.ndarray,
                 row_range: tuple[int, int], sites: list[str], targets: dict, *,
                 batch_size: int, rows_per_shard: int, dtype: str, provenance: dict | None,
-                progress: bool) -> HarvestResult:
+                progress: bool, extra: dict | None = None) -> HarvestResult:
   """Writes global rows [lo, hi) of each site to its target directory, resuming."""
   lo, hi = row_range
   writers = {}
@@ -155,6 +157,7 @@ def _write_rows(lm_params, lm_config, contexts: TokenContexts, before: np.ndarra
     prov.update(hook_site=kind, layer=layer, context_length=contexts.seq_len,
                 excluded_tokens=["<bos>", "<eos>", "<pad>"])
     prov.setdefault("model", lm_config.name)
+    prov["extra"] = {**prov.get("extra", {}), **(extra or {}).get(s, {})}
     width = lm_config.n_heads * lm_config.head_dim if kind == "attn_z" else lm_config.d_model
     writers[s] = shards_lib.ShardWriter(targets[s], d_in=width, rows_per_shard=rows_per_shard,
                                         dtype=dtype, provenance=prov)

@@ -142,24 +142,34 @@ def step_events(config, done: int, num_steps: int, evaluating: bool
   return is_log, is_ckpt, is_eval
 
 
+def norm_scales(source):
+  """What `SAE.from_training` folds with: C of an SAE's data, or a transcoder's
+  (C of its input, C of its target)."""
+  target = getattr(source, "target_norm_scale", None)
+  return source.norm_scale if target is None else (source.norm_scale, target)
+
+
 def initial_b_dec(config, source) -> np.ndarray:
-  """Mean of the first `init_b_dec_batches` batches, in normalised units: `[d_in]`.
+  """Mean of the first `init_b_dec_batches` batches' targets, in normalised units:
+  `[d_out]` (the rows themselves for an SAE, the y side of a transcoder's pairs).
 
   Residual streams with massive constant dimensions (Gemma) put most of E||x||^2
   in the mean; starting b_dec there saves the many Adam steps (~lr each) it
   would otherwise take to get there. A function of (seed, steps), so exact.
   """
-  total = np.zeros(config.sae.d_in, np.float64)
-  rows = 0
+  target_scale = getattr(source, "target_norm_scale", None)
+  first = 0 if target_scale is None else config.sae.d_in  # where y starts in a row
+  total, rows = None, 0
   for step in range(config.sae.init_b_dec_batches):
-    batch = np.asarray(source.batch(step), np.float64)
-    total += batch.sum(0)
+    batch = np.asarray(source.batch(step), np.float64)[:, first:]
+    total = batch.sum(0) + (0 if total is None else total)
     rows += len(batch)
   if jax.process_count() > 1:  # every process must start from the same mean
     from jax.experimental import multihost_utils
     total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
     rows *= jax.process_count()
-  return (total / rows / source.norm_scale).astype(np.float32)
+  scale = source.norm_scale if target_scale is None else target_scale
+  return (total / rows / scale).astype(np.float32)
 
 
 def held_out_batches(config, batch_sharding) -> list:
@@ -179,11 +189,13 @@ def held_out_batches(config, batch_sharding) -> list:
     source.close()
 
 
-def held_out_metrics(params, family_state, batches: list, norm_scale: float) -> dict:
-  """FVU, L0 and dead fraction (never fired on the set) of the inference form on held-out batches."""
+def held_out_metrics(params, family_state, batches: list, norm_scale) -> dict:
+  """FVU, L0 and dead fraction (never fired on the set) of the inference form on held-out
+  batches (raw rows; a transcoder's [x, y] pairs, `norm_scale` its `norm_scales`)."""
   model = sae_lib.SAE.from_training(params, norm_scale, state=family_state)
   weights = [jnp.ones(b.shape[0], jnp.float32) for b in batches]
-  m = evals.activation_metrics(model, zip(batches, weights), d_in=model.d_in, d_sae=model.d_sae)
+  m = evals.activation_metrics(model, zip(batches, weights), d_in=model.d_in, d_sae=model.d_sae,
+                               d_out=model.d_out if model.transcoder else None)
   return {"eval_fvu": m["fvu"], "eval_l0": m["l0"], "eval_dead_frac": m["dead_frac"]}
 
 
@@ -308,4 +320,4 @@ def run_steps(trainee: Trainee, session: Session, config, *, start: int, num_ste
 
 __all__ = ["Clock", "EXPLODED_FVU", "LoopEnd", "MetricsLog", "Session", "Trainee",
            "health_warning", "held_out_batches", "held_out_metrics", "initial_b_dec",
-           "non_finite", "prepare_workdir", "run_steps", "say", "step_events", "step_record"]
+           "non_finite", "norm_scales", "prepare_workdir", "run_steps", "say", "step_events", "step_record"]

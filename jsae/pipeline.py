@@ -222,12 +222,20 @@ def _tokenise(config, lm: LM, workdir: Path, cache: Path, definition: dict
   return split, description
 
 
-def harvest_definition(config, lm: LM, contexts: text_lib.TokenContexts, text_source: str
-                       ) -> dict:
-  """What defines one split's activation shards: the LM, site, stored dtype, the contexts."""
-  return dict(lm=lm.definition(), site=config.lm.site, dtype=config.harvest.dtype,
+def harvest_definition(config, lm: LM, contexts: text_lib.TokenContexts, text_source: str,
+                       site: str | None = None) -> dict:
+  """What defines one split's activation shards of `site` (default config.lm.site): the
+  LM, the site, stored dtype, the contexts."""
+  return dict(lm=lm.definition(), site=site or config.lm.site, dtype=config.harvest.dtype,
               rows_per_shard=config.harvest.rows_per_shard, text_source=text_source,
               contexts=stages.array_fingerprint(contexts.tokens, contexts.mask))
+
+
+def harvested_sites(config) -> list[str]:
+  """The sites a harvest writes: config.lm.site, and a transcoder's target site beside it
+  (from the same forward passes, so their rows are aligned)."""
+  target = config.sae.get("target_site", "")
+  return [config.lm.site] + ([target] if target and target != config.lm.site else [])
 
 
 def _check_harvest_reusable(directory: Path, definition: dict) -> None:
@@ -254,29 +262,32 @@ def _check_harvest_reusable(directory: Path, definition: dict) -> None:
 
 
 def harvest_stage(config, lm: LM, contexts: dict, text_source: str, workdir: Path) -> dict:
-  """Train and eval activation shards for `config.lm.site`; returns {split: directory}."""
+  """Train and eval activation shards for `config.lm.site` (and a transcoder's target
+  site, row-aligned beside it); returns {split: directory of config.lm.site}."""
   from jsae import harvest
-  site = config.lm.site
+  site, sites = config.lm.site, harvested_sites(config)
   out = {}
   for split in ("train", "eval"):
-    directory = harvest.site_directory(workdir / "activations" / split, site)
+    root = workdir / "activations" / split
     ctx = contexts[split]
-    definition = harvest_definition(config, lm, ctx, f"{text_source}, split {split}")
-    _check_harvest_reusable(directory, definition)
+    definitions = {s: harvest_definition(config, lm, ctx, f"{text_source}, split {split}", s)
+                   for s in sites}
+    for s in sites:
+      _check_harvest_reusable(harvest.site_directory(root, s), definitions[s])
     cap = config.text[f"max_{split}_tokens"]
     capped = f" (text.max_{split}_tokens)" if ctx.n_tokens == cap else ""
-    say(f"harvesting {split}: {ctx.n_tokens:,} tokens{capped} of {site} ->"
-        f" {directory}" if not harvest.is_complete(directory) else
-        f"reusing finished {split} activations in {directory}")
+    done = all(harvest.is_complete(harvest.site_directory(root, s)) for s in sites)
+    say(f"harvesting {split}: {ctx.n_tokens:,} tokens{capped} of {' and '.join(sites)} ->"
+        f" {root}" if not done else f"reusing finished {split} activations in {root}")
     result = harvest.harvest(
-        lm.params, lm.config, ctx, sites=[site], out_dir=workdir / "activations" / split,
+        lm.params, lm.config, ctx, sites=sites, out_dir=root,
         batch_size=config.harvest.batch_size, rows_per_shard=config.harvest.rows_per_shard,
         dtype=config.harvest.dtype,
         provenance=dict(model=lm.name, revision=lm.checkpoint_fingerprint,
                         tokenizer="gemma3 sentencepiece (rebuilt from GGUF)"
                         if "gemma3_270m" in lm.name else "sentencepiece",
-                        text_source=f"{text_source}, split {split}",
-                        extra=dict(stage=definition)))
+                        text_source=f"{text_source}, split {split}"),
+        extra={s: dict(stage=definitions[s]) for s in sites})
     if result.tokens_per_s:
       say(f"  {result.tokens_per_s:,.0f} tokens/s (LM forward {result.forward_s:.0f}s,"
           f" writing {result.write_s:.1f}s)")
@@ -306,11 +317,14 @@ def train_stage(config, train_dir: Path, run_dir: Path, eval_dir: Path | None = 
 
 def eval_definition(config, lm: LM, sae, contexts: dict, eval_dir: Path) -> dict:
   """What defines an evaluation: the SAE's weights, the held-out shards and contexts,
-  the LM, the site and the eval settings."""
+  the LM, the site (a transcoder's target too) and the eval settings."""
   lm_ctx = contexts["eval"].take(slice(0, config.eval.lm_contexts))
+  target = target_site(config)
+  extra = (dict(target_site=target, target_shards=shards_lib.load_manifest(
+      target_eval_dir(config, eval_dir)).fingerprint()) if target else {})
   return dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)),
               eval_shards=shards_lib.load_manifest(eval_dir).fingerprint(),
-              lm=lm.definition(), site=config.lm.site,
+              lm=lm.definition(), site=config.lm.site, **extra,
               lm_contexts=stages.array_fingerprint(lm_ctx.tokens, lm_ctx.mask),
               eval=dict(lm_contexts=config.eval.lm_contexts,
                         min_density_tokens=config.eval.min_density_tokens))
@@ -337,12 +351,34 @@ def eval_stage(config, lm: LM, sae, contexts: dict, eval_dir: Path, out_json: Pa
   return eval_many_stage(config, lm, {"": (sae, out_json)}, contexts, eval_dir)[""]
 
 
+def target_site(config) -> str | None:
+  """A transcoder's target site (config.sae.target_site), or None for an SAE."""
+  return config.sae.get("target_site", "") or None
+
+
+def target_eval_dir(config, eval_dir: Path) -> Path:
+  """The held-out shards of a transcoder's target site, row-aligned with `eval_dir`."""
+  from jsae.data import pairs
+  return (Path(config.data.eval_target_shards_dir) if config.data.get("eval_target_shards_dir")
+          else pairs.target_directory(eval_dir, target_site(config)))
+
+
 def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) -> dict:
   """`eval_stage` for {name: (sae, out_json)} of one site: the LM prefix, clean and
-  zero-ablated forwards computed once per batch of text (`evals.evaluate_many`)."""
+  zero-ablated forwards computed once per batch of text (`evals.evaluate_many`).
+  Transcoders (config.sae.target_site) are evaluated against their target site."""
   manifest = shards_lib.load_manifest(eval_dir)
+  target = target_site(config)
   for sae, _ in saes.values():
     evals.check_sae_matches_site(sae.d_in, lm.config, config.lm.site)
+    if bool(target) != sae.transcoder:
+      raise ValueError(
+          f"config.sae.target_site: the {'transcoder' if sae.transcoder else 'SAE'} cannot"
+          f" be evaluated as {'a transcoder of ' + target if target else 'an SAE'}; set"
+          " config.sae.target_site to the site it predicts (e.g. mlp_out.6, with"
+          " config.lm.site=mlp_in.6), or clear it for an SAE.")
+    if target:
+      evals.check_sae_matches_site(sae.d_out, lm.config, target)
   if manifest.num_rows < config.eval.min_density_tokens:
     raise ValueError(
         f"the eval shards in {eval_dir} hold {manifest.num_rows:,} tokens, fewer than the"
@@ -354,17 +390,22 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
   lm_metrics = evals.evaluate_many(lm.params, lm.config, {n: s for n, (s, _) in saes.items()},
                                    site=config.lm.site, contexts=lm_ctx,
                                    batch_size=config.eval.batch_size,
-                                   memory_bytes=config.eval.memory_mb << 20)
+                                   memory_bytes=config.eval.memory_mb << 20,
+                                   target_site=target)
   out = {}
   for name, (sae, out_json) in saes.items():
-    metrics = evals.activation_metrics(sae, evals.shard_batches(eval_dir), d_in=sae.d_in,
-                                       d_sae=sae.d_sae)
+    batches = (evals.pair_batches(eval_dir, target_eval_dir(config, eval_dir)) if target
+               else evals.shard_batches(eval_dir))
+    metrics = evals.activation_metrics(sae, batches, d_in=sae.d_in, d_sae=sae.d_sae,
+                                       d_out=sae.d_out if target else None)
     for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss",
               "delta_lm_loss_zero", "kl_div", "loss_recovered", "lm_targets"):
       metrics[k] = lm_metrics[name][k]
     metrics["fvu_lm_contexts"] = lm_metrics[name]["fvu"]
     metrics.update(site=config.lm.site, model=lm.name, d_in=sae.d_in, d_sae=sae.d_sae,
                    stage=eval_definition(config, lm, sae, contexts, eval_dir))
+    if target:
+      metrics.update(target_site=target, d_out=sae.d_out)
     evals.write_json(out_json, metrics)
     out[name] = metrics
   return out
@@ -411,6 +452,21 @@ def browse_stage(config, lm: LM, sae, contexts: dict, text_source: str, out_dir:
   return result.path
 
 
+def check_widths(config, lm: LM) -> None:
+  """Raises ValueError when config.sae.d_in (or a transcoder's d_out) is not its site's width."""
+  width = evals.site_width(lm.config, config.lm.site)
+  if config.sae.d_in != width:
+    raise ValueError(f"config.sae.d_in={config.sae.d_in} but {config.lm.site} of"
+                     f" {lm.config.name} has width {width}; set --config.sae.d_in={width}.")
+  target = target_site(config)
+  if target:
+    out = evals.site_width(lm.config, target)
+    if (config.sae.d_out or config.sae.d_in) != out:
+      raise ValueError(f"config.sae.d_out={config.sae.d_out} (0: d_in) but the target site"
+                       f" {target} of {lm.config.name} has width {out}; set"
+                       f" --config.sae.d_out={out}.")
+
+
 def summary_table(metrics: dict, wall_s: float) -> str:
   """The demo's closing table."""
   rows = [("L0 (mean active latents)", f"{metrics['l0']:.1f}"),
@@ -442,10 +498,7 @@ def run(config, workdir: str | Path, *, report: bool = True,
   check_text_source(config)
   lm = load_lm(config)
   say(f"loaded {lm.name}: {lm.config.n_layers} layers, d_model {lm.config.d_model}")
-  if config.sae.d_in != evals.site_width(lm.config, config.lm.site):
-    raise ValueError(f"config.sae.d_in={config.sae.d_in} but {config.lm.site} of {lm.config.name}"
-                     f" has width {evals.site_width(lm.config, config.lm.site)}; set"
-                     f" --config.sae.d_in accordingly.")
+  check_widths(config, lm)
   contexts, text_source = text_contexts(config, lm, workdir)
   dirs = harvest_stage(config, lm, contexts, text_source, workdir)
   run_dir = workdir / "sae"

@@ -42,8 +42,10 @@ def shape_meta(config) -> dict:
 
 
 def checkpoint_meta(config, source) -> dict:
-  """The `meta` item a run's checkpoints carry: shape, data identity, the whole config."""
+  """The `meta` item a run's checkpoints carry: shape, data identity (and a transcoder's
+  target C), the whole config."""
   return dict(shape_meta(config), norm_scale=source.norm_scale,
+              target_norm_scale=getattr(source, "target_norm_scale", None),
               data_fingerprint=getattr(source, "fingerprint", None),
               data_seed=config.data.seed, batch_size=config.data.batch_size,
               config=config.to_dict())
@@ -55,6 +57,22 @@ def check_source(config, source, meta: dict | None, ckpt_dir) -> None:
     raise config_lib.ConfigError(
         f"config.sae.d_in: the data has rows of width {source.d_in} but the config"
         f" says {config.sae.d_in}; set --config.sae.d_in={source.d_in}.")
+  data_out = int(getattr(source, "d_out", 0) or 0)
+  if saes.base.is_transcoder(config):
+    want = int(config.sae.d_out or config.sae.d_in)
+    if data_out != want:
+      raise config_lib.ConfigError(
+          f"config.sae.d_out: the target site {config.sae.target_site} has width {data_out}"
+          f" but the transcoder's decoder is {want} wide"
+          + (" (d_out 0 means d_in)" if not config.sae.d_out else "")
+          + f"; set --config.sae.d_out={data_out}." if data_out else
+          f"config.sae.target_site: {config.sae.target_site!r} makes this a transcoder, but"
+          " the data has no target rows (set config.data.target_shards_dir to the target"
+          " site's shards, or clear config.sae.target_site to train an SAE).")
+  elif data_out:
+    raise config_lib.ConfigError(
+        "config.sae.target_site: the data serves transcoder pairs but the config trains"
+        " an SAE; set config.sae.target_site to the target site.")
   fingerprint = getattr(source, "fingerprint", None)
   if meta is not None and meta.get("data_fingerprint") != fingerprint:
     raise config_lib.ConfigError(

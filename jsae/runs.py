@@ -59,6 +59,12 @@ class Run:
     """C, the constant the training inputs were divided by."""
     return float(self.meta["norm_scale"])
 
+  @property
+  def norm_scales(self):
+    """What `SAE.from_training` folds with: C, or a transcoder's (C of x, C of y)."""
+    target = self.meta.get("target_norm_scale")
+    return self.norm_scale if target is None else (self.norm_scale, float(target))
+
 
 def _checked_dir(workdir) -> Path:
   workdir = Path(workdir).expanduser().absolute()
@@ -166,8 +172,9 @@ def read_sae(workdir: str | os.PathLike, *, step: int | None = None,
   if fold_decoder_norm is None:
     form = saes.get(saes.get(run.config.sae.family).inference_form)
     fold_decoder_norm = not run.config.optim.decoder_unit_norm and form.folds_decoder_norms
-  return SAE.from_training(run.params, run.norm_scale, run.provenance,
-                           state=run.family_state, fold_decoder_norm=fold_decoder_norm)
+  return SAE.from_training(run.params, run.norm_scales, run.provenance,
+                           state=run.family_state, fold_decoder_norm=fold_decoder_norm,
+                           transcoder=saes.base.is_transcoder(run.config))
 
 
 def training_family(workdir: str | os.PathLike) -> str | None:
@@ -194,6 +201,8 @@ def run_provenance(workdir: Path, config, meta: dict, step: int) -> dict:
       norm_scale=float(meta["norm_scale"]), data_source=config.data.source,
       training_family=family.name, hyperparameters=knobs,
       tokens=step * int(config.data.batch_size))
+  if saes.base.is_transcoder(config):
+    prov.update(target_site=config.sae.target_site, skip=bool(config.sae.get("skip", False)))
   knob = family.knob_value(config)
   if knob is not None:  # the sparsity knob under its field name (sparsity_coeff, k)
     prov[family.knob.split(".")[1]] = knob[1]

@@ -157,11 +157,15 @@ class SAE:
     provenance_json: where the activations came from and how the SAE was made,
       as canonical JSON, outside the pytree (module docstring); read it as
       `sae.provenance`.
+    transcoder: (static) its decoder predicts another site than it reads (an MLP's
+      output from its input): `sae(x)` is that prediction, with the affine skip
+      `x @ W_skip` of a skip transcoder; the provenance names both sites.
   """
 
   params: Any
   family: str
   provenance_json: str = "{}"
+  transcoder: bool = False
 
   def replace(self, **changes) -> "SAE":
     """A copy with the named attributes replaced (the provenance kept unless named)."""
@@ -170,39 +174,53 @@ class SAE:
   # -- construction
 
   @classmethod
-  def from_params(cls, params, provenance: dict | None = None) -> "SAE":
-    """An SAE from an inference family's parameters already in raw units (folds b_dec, log theta)."""
+  def from_params(cls, params, provenance: dict | None = None, *,
+                  transcoder: bool | None = None) -> "SAE":
+    """An SAE from an inference family's parameters already in raw units (folds b_dec, log theta).
+
+    `transcoder`: whether the decoder predicts another site (default: when the
+    params have a skip or their output width is not their input's).
+    """
     family = saes.family_of(params)
     if family.name not in saes.inference_names():
       raise TypeError(
           f"{type(params).__name__} are training parameters of family {family.name!r};"
           f" an SAE holds {', '.join(saes.inference_names())} parameters. Use"
           " SAE.from_training(params, norm_scale, state=...) to fold them.")
+    if transcoder is None:
+      transcoder = (getattr(params, "W_skip", None) is not None
+                    or params.W_dec.shape[-1] != params.W_enc.shape[-2])
     return cls(params=canonical(params), family=family.name,
-               provenance_json=provenance_json(provenance))
+               provenance_json=provenance_json(provenance), transcoder=bool(transcoder))
 
   @classmethod
-  def from_training(cls, params, norm_scale: float, provenance: dict | None = None, *,
-                    state: Any = None, fold_decoder_norm: bool = False) -> "SAE":
+  def from_training(cls, params, norm_scale, provenance: dict | None = None, *,
+                    state: Any = None, fold_decoder_norm: bool = False,
+                    transcoder: bool | None = None) -> "SAE":
     """An SAE for raw activations from any family's training-time parameters.
 
     Args:
       params: the trainer's parameters (inputs divided by C).
-      norm_scale: C, the data's normalisation constant.
+      norm_scale: C, the data's normalisation constant; a transcoder's
+        (C of its input, C of its output).
       provenance: JSON-able dict; `norm_scale` and the training family are recorded.
       state: the family state (BatchTopK / Matryoshka need their running threshold).
       fold_decoder_norm: also move decoder row norms into the encoder.
+      transcoder: see `from_params`.
     """
     family = saes.family_of(params)
+    c_in, c_out = saes_base.norm_scales(norm_scale)
     prov = dict(provenance or {})
-    prov.setdefault("norm_scale", float(norm_scale))
+    prov.setdefault("norm_scale", c_in)
+    if isinstance(norm_scale, (tuple, list)):
+      prov.setdefault("target_norm_scale", c_out)
     prov.setdefault("training_family", family.name)
     prov["units"] = "raw"
     name, folded = family.fold(params, state, norm_scale)
     if fold_decoder_norm:
       folded = saes.get(name).fold_decoder_norms(folded)
       prov["decoder_norm_folded"] = True
-    return cls.from_params(folded, prov)
+    return cls.from_params(folded, prov, transcoder=transcoder)
 
   # -- metadata
 
@@ -215,6 +233,11 @@ class SAE:
   def d_sae(self) -> int:
     """Number of latents."""
     return self.params.W_enc.shape[-1]
+
+  @property
+  def d_out(self) -> int:
+    """Output width (d_in for an SAE)."""
+    return self.params.W_dec.shape[-1]
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -247,8 +270,11 @@ class SAE:
     trained = p.get("training_family")
     fam = self.family + (f" (trained as {trained})" if trained not in (None, self.family)
                          else "")
-    return (f"SAE({fam}, d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.dtype.name}"
-            + (f", {what}" if what else "") + ")")
+    kind = "Transcoder" if self.transcoder else "SAE"
+    out = (f", d_out={self.d_out}" + (", skip" if self.params.W_skip is not None else "")
+           if self.transcoder else "")
+    return (f"{kind}({fam}, d_in={self.d_in}, d_sae={self.d_sae}{out},"
+            f" dtype={self.dtype.name}" + (f", {what}" if what else "") + ")")
 
   # -- inference
 
@@ -267,7 +293,8 @@ class SAE:
     return saes.get(self.family).infer(self.params, x)
 
   def decode(self, f: jax.Array) -> jax.Array:
-    """Reconstruction `[..., d_in]` float32 of latents `f: [..., d_sae]`."""
+    """The latents' output `f @ W_dec + b_dec`: `[..., d_out]` float32 of `f: [..., d_sae]`
+    (an SAE's reconstruction; a skip transcoder's output adds `x @ W_skip`: `predict`)."""
     if f.shape[-1] != self.d_sae:
       raise ValueError(f"latents have {f.shape[-1]} entries (shape {tuple(f.shape)}) but"
                        f" the SAE has d_sae={self.d_sae}.")
@@ -276,9 +303,14 @@ class SAE:
                      out_sharding=_last_axis_replicated(f))
     return out + self.params.b_dec.astype(jnp.float32)
 
+  def predict(self, f: jax.Array, x: jax.Array) -> jax.Array:
+    """The output `[..., d_out]` float32 of latents `f` (of input `x`): `decode(f)` plus a
+    skip transcoder's `x @ W_skip`."""
+    return self.decode(f) + saes_base.plain_skip(self.params, x)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Reconstruction `[..., d_in]` float32 of `x: [..., d_in]`."""
-    return self.decode(self.encode(x))
+    """Reconstruction (a transcoder's prediction) `[..., d_out]` float32 of `x: [..., d_in]`."""
+    return self.predict(self.encode(x), x)
 
   def encode_topk(self, x: jax.Array, k: int, *, approx: bool = False,
                   recall_target: float = 0.95) -> TopK:
@@ -327,8 +359,10 @@ class SAE:
   def reconstruct_with_error(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x_hat, error) with error = x - x_hat, both `[..., d_in]` in x's dtype.
 
-    Computed in float32, then cast; x_hat + error == x up to that cast.
+    Computed in float32, then cast; x_hat + error == x up to that cast. An SAE's
+    only: a transcoder's error is against its target, which `x` is not.
     """
+    self._refuse_transcoder("reconstruct_with_error")
     x_hat = self(x)
     error = x.astype(jnp.float32) - x_hat
     return x_hat.astype(x.dtype), error.astype(x.dtype)
@@ -343,14 +377,24 @@ class SAE:
         gradients flow only through the SAE's latents (attribution).
 
     Returns:
-      `fn(x: [..., d_in]) -> [..., d_in]` in x's dtype; jit-able.
+      `fn(x: [..., d_in]) -> [..., d_in]` in x's dtype; jit-able. For a transcoder
+      (keep_error=False only) `fn(x: [..., d_in]) -> [..., d_out]`: its prediction of
+      the target site, to put in place of the MLP (`jsae.lm.gemma.forward`'s `transcode`).
     """
+    if keep_error:
+      self._refuse_transcoder("splice_fn(keep_error=True)")
+
     def splice(x):
       x_hat = self(x)
       if keep_error:
         x_hat = x_hat + jax.lax.stop_gradient(x.astype(jnp.float32) - x_hat)
       return x_hat.astype(x.dtype)
     return splice
+
+  def _refuse_transcoder(self, what: str) -> None:
+    if self.transcoder:
+      raise ValueError(f"{what} is for SAEs: a transcoder predicts another site, so its"
+                       " error is y - sae(x) with the target y (read both sites).")
 
   # -- dtype, sharding, folding
 
@@ -361,7 +405,8 @@ class SAE:
       raise ValueError(f"dtype must be a floating type; got {dtype}.")
     cast = {name: getattr(self.params, name).astype(
         jnp.float32 if name == "threshold" else dtype)
-            for name in saes_base.array_fields(self.params)}
+            for name in saes_base.array_fields(self.params)
+            if getattr(self.params, name) is not None}
     return self.replace(params=self.params.replace(**cast))
 
   def fold_decoder_norms(self) -> "SAE":
@@ -398,16 +443,17 @@ class SAE:
 
 
 def _flatten(sae: SAE):
-  return (sae.params,), sae.family
+  return (sae.params,), (sae.family, sae.transcoder)
 
 
 def _flatten_with_keys(sae: SAE):
-  return ((jax.tree_util.GetAttrKey("params"), sae.params),), sae.family
+  return ((jax.tree_util.GetAttrKey("params"), sae.params),), (sae.family, sae.transcoder)
 
 
-def _unflatten(family: str, children) -> SAE:
+def _unflatten(static: tuple, children) -> SAE:
   # The provenance is not part of the tree (module docstring): rebuilt SAEs have none.
-  return SAE(params=children[0], family=family)
+  family, transcoder = static
+  return SAE(params=children[0], family=family, transcoder=transcoder)
 
 
 jax.tree_util.register_pytree_with_keys(SAE, _flatten_with_keys, _unflatten, _flatten)
@@ -443,7 +489,7 @@ def stack(members: Sequence[SAE]) -> SAE:
                        f" ({first!r}); stack SAEs of one d_in, d_sae and dtype"
                        " (SAE.astype converts).")
   params = jax.tree.map(lambda *xs: jnp.stack(xs), *[m.params for m in members])
-  return SAE(params=params, family=first.family,
+  return SAE(params=params, family=first.family, transcoder=first.transcoder,
              provenance_json=provenance_json({"stacked": [m.provenance for m in members]}))
 
 
@@ -452,4 +498,5 @@ def unstack(batch: SAE) -> list[SAE]:
   n = jax.tree.leaves(batch.params)[0].shape[0]
   provenances = batch.provenance.get("stacked") or [{}] * n
   return [SAE(params=jax.tree.map(lambda a, i=i: a[i], batch.params), family=batch.family,
-              provenance_json=provenance_json(provenances[i])) for i in range(n)]
+              transcoder=batch.transcoder, provenance_json=provenance_json(provenances[i]))
+          for i in range(n)]

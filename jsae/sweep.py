@@ -727,9 +727,10 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       start, states = 0, _init_groups(groups, shardings, source, num_steps)
 
     # -- Compile: per group, a step with and one without metrics.
-    hparams, step_fns = _compile(config, groups, mesh, shardings, batch_sharding,
-                                 source.norm_scale, num_steps)
+    hparams, step_fns = _compile(config, groups, mesh, shardings, batch_sharding, source,
+                                 num_steps)
     sweep_meta = dict(plan=plan_json(groups), norm_scale=source.norm_scale,
+                      target_norm_scale=getattr(source, "target_norm_scale", None),
                       data_fingerprint=getattr(source, "fingerprint", None),
                       config=config.to_dict())
     if jax.process_index() == 0:
@@ -742,7 +743,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     # -- The loop, with the held-out set (fixed batches) if configured.
     trainee = _Groups(groups, states, step_fns, hparams, workdir=workdir, start=start,
                       num_steps=num_steps, held_out=loop.held_out_batches(base, batch_sharding),
-                      norm_scale=source.norm_scale, meta=sweep_meta)
+                      norm_scale=loop.norm_scales(source), meta=sweep_meta)
     n_members = sum(len(g.members) for g in groups)
     end = loop.run_steps(trainee, session, base, start=start, num_steps=num_steps,
                          batch_sharding=batch_sharding, evaluating=bool(trainee.held_out),
@@ -801,7 +802,7 @@ def _init_groups(groups, shardings: dict, source, num_steps: int) -> dict:
   return states
 
 
-def _compile(config, groups, mesh, shardings: dict, batch_sharding, norm_scale: float,
+def _compile(config, groups, mesh, shardings: dict, batch_sharding, source,
              num_steps: int) -> tuple[dict, dict]:
   """({group: members' traced values}, {group: {with_metrics: jitted group_step}})."""
   hparams, step_fns = {}, {}
@@ -809,7 +810,8 @@ def _compile(config, groups, mesh, shardings: dict, batch_sharding, norm_scale: 
   for g in groups:
     hparams[g.name] = jax.device_put(group_hyperparams(g), jax.sharding.NamedSharding(
         mesh, P("sweep")))
-    settings = train.StepSettings.from_config(g.config, norm_scale)
+    settings = train.StepSettings.from_config(g.config, source.norm_scale,
+                                              getattr(source, "target_norm_scale", None))
     step_fns[g.name] = {
         wm: jax.jit(functools.partial(group_step, settings=settings, optim_config=g.config.optim,
                                       total_steps=num_steps, with_metrics=wm,

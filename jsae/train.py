@@ -59,7 +59,9 @@ class StepSettings:
     dead_window_steps: a latent silent this long counts as dead.
     dense_threshold: a latent firing on more tokens than this share is dense.
     decoder_unit_norm: renormalise decoder rows after every update.
-    norm_scale: C, the data's normalisation constant.
+    norm_scale: C, the data's normalisation constant (a transcoder's input's).
+    target_norm_scale: a transcoder's C of its target (None: an SAE).
+    d_in: a transcoder's input width: its batch rows are [x, y] (`split_batch`).
   """
 
   family: str
@@ -68,18 +70,36 @@ class StepSettings:
   dense_threshold: float
   decoder_unit_norm: bool
   norm_scale: float
+  target_norm_scale: float | None = None
+  d_in: int = 0
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, norm_scale: float
-                  ) -> "StepSettings":
-    """Reads the step's settings from `config`; `norm_scale` is the data's C."""
+  def from_config(cls, config: ml_collections.ConfigDict, norm_scale: float,
+                  target_norm_scale: float | None = None) -> "StepSettings":
+    """Reads the step's settings from `config`; `norm_scale` is the data's C (and
+    `target_norm_scale` a transcoder's target's: `source.target_norm_scale`)."""
     family = saes.get(config.sae.family)
+    transcoder = saes.base.is_transcoder(config)
+    if transcoder and target_norm_scale is None:
+      raise ValueError("a transcoder's step needs target_norm_scale, its target's C.")
     return cls(
         family=family.name, loss=family.settings(config),
         dead_window_steps=int(config.loss.dead_window_steps),
         dense_threshold=float(config.train.dense_threshold),
         decoder_unit_norm=bool(config.optim.decoder_unit_norm),
-        norm_scale=float(norm_scale))
+        norm_scale=float(norm_scale),
+        target_norm_scale=float(target_norm_scale) if transcoder else None,
+        d_in=int(config.sae.d_in) if transcoder else 0)
+
+
+def split_batch(batch: jax.Array, settings: StepSettings) -> tuple[jax.Array, jax.Array | None]:
+  """(x, y) in normalised float32 units from raw rows: `[batch, d_in]` (an SAE: y is
+  None, the target is x) or a transcoder's `[batch, d_in + d_out]` pairs."""
+  rows = batch.astype(jnp.float32)
+  if settings.target_norm_scale is None:
+    return rows / settings.norm_scale, None
+  return (rows[:, :settings.d_in] / settings.norm_scale,
+          rows[:, settings.d_in:] / settings.target_norm_scale)
 
 
 def hyperparams(config: ml_collections.ConfigDict) -> dict:
@@ -96,7 +116,7 @@ def init_params(key: jax.Array, config: ml_collections.ConfigDict):
 
 def create_state(key: jax.Array, config: ml_collections.ConfigDict,
                  optimizer: optax.GradientTransformation, b_dec=None) -> TrainState:
-  """The TrainState at step 0; `b_dec: [d_in]` (normalised units) overrides the zero init."""
+  """The TrainState at step 0; `b_dec: [d_out]` (normalised units) overrides the zero init."""
   family = saes.get(config.sae.family)
   params = init_params(key, config)
   if b_dec is not None:
@@ -111,7 +131,8 @@ def create_state(key: jax.Array, config: ml_collections.ConfigDict,
 def train_step(state: TrainState, batch: jax.Array, hparams: dict, *,
                settings: StepSettings, optimizer: optax.GradientTransformation,
                with_metrics: bool = True) -> tuple[TrainState, dict]:
-  """One update on `batch: [batch, d_in]` (raw LM units); returns (state, metrics).
+  """One update on `batch: [batch, d_in]` (raw LM units; a transcoder's
+  `[batch, d_in + d_out]` pairs); returns (state, metrics).
 
   `hparams` holds the family's traced hyperparameters (`hyperparams(config)`),
   passed as an argument so that a sweep can vmap over them. Metrics are float32
@@ -121,12 +142,12 @@ def train_step(state: TrainState, batch: jax.Array, hparams: dict, *,
   steps, so it compiles both variants.
   """
   family = saes.get(settings.family)
-  x = batch.astype(jnp.float32) / settings.norm_scale
+  x, y = split_batch(batch, settings)
   dead = state.steps_since_fired >= settings.dead_window_steps
 
   def loss_fn(params):
     return family.loss(params, state.family_state, x, settings=settings.loss,
-                       hparams=hparams, dead=dead, step=state.step)
+                       hparams=hparams, dead=dead, step=state.step, target=y)
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -140,18 +161,19 @@ def train_step(state: TrainState, batch: jax.Array, hparams: dict, *,
                          steps_since_fired=steps_since_fired, family_state=out.state)
   if not with_metrics:
     return new_state, dict(loss=loss)
-  metrics = _step_metrics(loss, out, x, out.f != 0, steps_since_fired, grads, settings)
+  metrics = _step_metrics(loss, out, x if y is None else y, out.f != 0, steps_since_fired,
+                          grads, settings)
   metrics.update(family.metrics(out, settings.loss))
   return new_state, metrics
 
 
-def _step_metrics(loss, out, x, fires, steps_since_fired, grads, settings):
-  """Loss and its parts, sparsity, fidelity and latent health (any family)."""
+def _step_metrics(loss, out, target, fires, steps_since_fired, grads, settings):
+  """Loss and its parts, sparsity, fidelity (of `target`) and latent health (any family)."""
   firing_rate = jnp.mean(fires.astype(jnp.float32), axis=0)
   return dict(
       loss=loss, **out.parts,
       l0=jnp.mean(jnp.sum(fires.astype(jnp.float32), axis=-1)),
-      fvu=losses.fvu(x, out.x_hat),
+      fvu=losses.fvu(target, out.x_hat),
       dead_frac=jnp.mean((steps_since_fired >= settings.dead_window_steps
                           ).astype(jnp.float32)),
       dense_frac=jnp.mean((firing_rate > settings.dense_threshold).astype(jnp.float32)),
@@ -307,7 +329,7 @@ class _OneSAE(loop.Trainee):
     self._check_finite(metrics, done)
     if evaluate:
       metrics.update(loop.held_out_metrics(self.state.params, self.state.family_state,
-                                           self.held_out, self.session.source.norm_scale))
+                                           self.held_out, loop.norm_scales(self.session.source)))
     self.metrics = loop.step_record(
         metrics, done=done, batch_size=self.config.data.batch_size,
         lr=optim_lr(self.config, self._num_steps, done - 1), clock=clock)
@@ -377,7 +399,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     # -- Data.
     resume.check_source(config, session.source, meta, manager.directory)
-    settings = StepSettings.from_config(config, session.source.norm_scale)
+    settings = StepSettings.from_config(
+        config, session.source.norm_scale, getattr(session.source, "target_norm_scale", None))
 
     # -- Mesh, model and optimizer; restore or init, already sharded.
     family = saes.get(config.sae.family)

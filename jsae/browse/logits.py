@@ -5,7 +5,8 @@ exists whole).
 For a latent with decoder row w (raw units at the hook site), the effect on the
 logits is `u = (A w * (1 + final_norm)) @ embed.T`, with A the site's linear map into
 the residual stream: the identity for resid_post / mlp_out, and the output projection
-`o` followed by the post-attention norm's scale for attn_z. The RMS normalisations'
+`o` followed by the post-attention norm's scale for attn_z (a transcoder's rows live
+at its target, mlp_out; mlp_in has no linear path). The RMS normalisations'
 1/rms factors are dropped: they are positive per token, so the ranking of tokens (top
 and bottom) is the same, and values are in the usual "W_dec @ W_U" units.
 """
@@ -45,6 +46,10 @@ def residual_directions(w_dec: jax.Array, params, lm_config: gemma.GemmaConfig, 
                         ) -> jax.Array:
   """`[n, d_model]` residual-stream directions of decoder rows `w_dec [n, site width]`."""
   kind, layer = gemma.parse_site(site, lm_config)
+  if kind == "mlp_in":
+    raise ValueError(f"decoder rows at {site} (the MLP's input) have no linear path to the"
+                     " logits: the MLP is in between. Browse an SAE of another site, or a"
+                     f" transcoder of {site} (its rows are in mlp_out.{layer}).")
   w = w_dec.astype(jnp.float32)
   if kind == "attn_z":
     lp = params["layers"][layer]

@@ -46,12 +46,27 @@ def browsed_contexts(config, contexts):
   return contexts.take(slice(0, kept))
 
 
+def output_site(config, sae) -> str:
+  """Where the SAE's decoder rows live: its own site, or a transcoder's target site
+  (config.sae.target_site), whose rows reach the logits through the MLP output's path.
+
+  Raises BrowseError for a transcoder without a target site in the config."""
+  if not sae.transcoder:
+    return config.lm.site
+  target = config.sae.get("target_site", "") or sae.provenance.get("target_site", "")
+  if not target:
+    raise BrowseError("the SAE is a transcoder: set config.sae.target_site to the site it"
+                      " predicts (e.g. mlp_out.6), for its logit effects.")
+  return target
+
+
 def browse_definition(config, sae, lm, contexts, text_source: str, fmt: str,
                       latents: list[int] | None = None) -> dict:
   """What defines a browser: the SAE's weights, the site, the LM, the streamed text,
   the settings, the format and, for a browser of chosen latents, their ids (recorded in
   DIR/browse.json; a browser of every latent records no `latents`, as before)."""
   definition = dict(sae=stages.array_fingerprint(*jax.tree.leaves(sae)), site=config.lm.site,
+                    **({"target_site": output_site(config, sae)} if sae.transcoder else {}),
                     lm=lm.definition(), text_source=text_source, format=fmt,
                     settings=dataclasses.asdict(settings_from_config(config)),
                     contexts=stages.array_fingerprint(contexts.tokens, contexts.mask))
@@ -177,6 +192,8 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
     raise BrowseError(f"--format={fmt}: expected one of {', '.join(FORMATS)}.")
   site_name = config.lm.site
   evals.check_sae_matches_site(sae.d_in, lm.config, site_name)
+  decoder_site = output_site(config, sae)  # a transcoder's contexts are on its input
+  evals.check_sae_matches_site(sae.d_out, lm.config, decoder_site)
   latents = check_latents(latents, sae.d_sae)
   settings = settings_from_config(config)
   contexts = browsed_contexts(config, contexts)
@@ -203,15 +220,17 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
       f" in {stream_s:.0f}s ({contexts.n_tokens / stream_s:,.0f} tokens/s)")
   t0 = time.perf_counter()
   w_dec = sae.params.W_dec if latents is None else sae.params.W_dec[np.asarray(latents)]
-  eff = logits.logit_effects(w_dec, lm.params, lm.config, site_name,
+  eff = logits.logit_effects(w_dec, lm.params, lm.config, decoder_site,
                              k=config.browse.logit_tokens)
   logit_s = time.perf_counter() - t0
   records = stream.latent_records(stats, contexts, lm.tokenizer, settings, edges, latents)
   strings = _logit_strings(eff, lm.tokenizer)  # one per record, in the records' order
   if fmt == "site":
     what = f"{sae.d_sae} latents" if latents is None else covers
+    where = (f"of a transcoder {site_name} -> {decoder_site}" if sae.transcoder
+             else f"at {site_name}")
     path = site.write_site(out, records, strings, edges=edges, tokens=int(stats.tokens_seen),
-                           title=f"{what} at {site_name} of {lm.name}",
+                           title=f"{what} {where} of {lm.name}",
                            meta=f"{contexts.n_tokens:,} held-out tokens of {text_source}",
                            per_file=config.browse.latents_per_file,
                            covers=None if latents is None else covers)

@@ -20,6 +20,9 @@ class ActivationSource(Protocol):
     d_in: width of one activation row.
     batch_size: rows in one *global* batch (all hosts together).
     norm_scale: the constant C; training divides rows by C so E||x/C||^2 = 1.
+    d_out: a transcoder's target width: each row is then [x, y], d_in + d_out wide
+      (0, or absent: an SAE's data, rows are x).
+    target_norm_scale: C of the target y (None, or absent, for an SAE's data).
   """
 
   d_in: int
@@ -30,8 +33,8 @@ class ActivationSource(Protocol):
     """Rows this process contributes to the global batch of ``step``.
 
     Returns:
-      ``[batch_size // jax.process_count(), d_in]`` float32 (or bfloat16) rows in
-      the LM's own units (not yet divided by ``norm_scale``).
+      ``[batch_size // jax.process_count(), d_in (+ d_out)]`` float32 (or bfloat16)
+      rows in the LM's own units (not yet divided by ``norm_scale``).
     """
     ...
 

@@ -7,6 +7,14 @@ probability p_i proportional to rank^-zipf_exponent (a heavy-tailed firing
 frequency, as measured for real SAE latents), scaled so the expected number of
 active features per row is `l0`; magnitudes m_i ~ Uniform(0.5, 1.5). Batches
 are generated on device by a jitted function of (seed, step).
+
+For a transcoder (`d_out` > 0) each row also has a target in R^d_out,
+
+    y = sum_i c_i e_i + x @ A,
+
+the same codes decoded by a second planted dictionary `e_i` (unit vectors in
+R^d_out) plus a planted linear map A (entries N(0, skip_scale^2 / d_in); none
+when skip_scale is 0), and `batch` serves the pair as one row [x, y].
 """
 
 from __future__ import annotations
@@ -53,18 +61,27 @@ def _generate(key, features, probs, noise_std, *, batch_size):
   return x, coeffs
 
 
+@jax.jit
+def _target(x, coeffs, output_features, linear_map):
+  return coeffs @ output_features + x @ linear_map
+
+
 class SyntheticSource:
   """An `ActivationSource` of planted sparse features (see the module docstring).
 
   Attributes:
     features: `[n_features, d_in]` the true directions.
     probs: `[n_features]` the true firing probabilities.
+    d_out: a transcoder target's width (0: an SAE's data, rows are x alone).
+    output_features: `[n_features, d_out]` the true output directions (transcoders).
+    linear_map: `[d_in, d_out]` the true linear part of y (transcoders; zeros if none).
+    norm_scale, target_norm_scale: C of x and of y (None for an SAE's data).
   """
 
   def __init__(self, *, d_in: int, batch_size: int, seed: int, n_features: int,
                l0: float, zipf_exponent: float = 0.5, noise: float = 0.0,
                dictionary_seed: int = 1234, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, d_out: int = 0, skip_scale: float = 0.0):
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} is not divisible by the"
                        f" {process_count} processes.")
@@ -77,17 +94,34 @@ class SyntheticSource:
     self._process_index, self._process_count = process_index, process_count
     self._features = jnp.asarray(self.features)
     self._probs = jnp.asarray(self.probs)
-    self.norm_scale = self._estimate_norm_scale()
+    self.d_out = int(d_out)
+    self.target_norm_scale = None
+    if self.d_out:
+      self.output_features = planted_dictionary(n_features, self.d_out, dictionary_seed + 1)
+      rng = np.random.default_rng(dictionary_seed + 2)
+      self.linear_map = (skip_scale / np.sqrt(d_in) * rng.standard_normal(
+          (d_in, self.d_out))).astype(np.float32)
+      self._out = (jnp.asarray(self.output_features), jnp.asarray(self.linear_map))
+    self.norm_scale, target = self._estimate_norm_scales()
+    if self.d_out:
+      self.target_norm_scale = target
 
-  def _estimate_norm_scale(self, batches: int = 4) -> float:
-    """C = sqrt(mean ||x||^2) over `batches` batches drawn from a reserved stream."""
+  def _estimate_norm_scales(self, batches: int = 4) -> tuple[float, float]:
+    """(C of x, C of y) = sqrt(mean ||.||^2) over `batches` batches drawn from a reserved
+    stream (y: the transcoder's target, x again for an SAE's data)."""
     key = jax.random.key(2**31 - 1)
-    total = 0.0
+    total_x = total_y = 0.0
     for i in range(batches):
-      x, _ = _generate(jax.random.fold_in(key, i), self._features, self._probs,
-                       self.noise_std, batch_size=self.batch_size)
-      total += float(jnp.mean(jnp.sum(jnp.square(x), axis=-1)))
-    return float(np.sqrt(total / batches))
+      x, coeffs = _generate(jax.random.fold_in(key, i), self._features, self._probs,
+                            self.noise_std, batch_size=self.batch_size)
+      y = self.target(x, coeffs) if self.d_out else x
+      total_x += float(jnp.mean(jnp.sum(jnp.square(x), axis=-1)))
+      total_y += float(jnp.mean(jnp.sum(jnp.square(y), axis=-1)))
+    return float(np.sqrt(total_x / batches)), float(np.sqrt(total_y / batches))
+
+  def target(self, x: jax.Array, coeffs: jax.Array) -> jax.Array:
+    """A transcoder's y `[rows, d_out]` of inputs `x` and their true codes `coeffs`."""
+    return _target(x, coeffs, *self._out)
 
   def batch_with_truth(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The global batch of `step` and its true coefficients (for evaluation)."""
@@ -96,8 +130,11 @@ class SyntheticSource:
                      batch_size=self.batch_size)
 
   def batch(self, step: int) -> jax.Array:
-    """This process's rows of the global batch of `step`: `[batch_size / processes, d_in]`."""
-    x, _ = self.batch_with_truth(step)
+    """This process's rows of the global batch of `step`: `[batch_size / processes, d_in]`
+    (a transcoder's pairs: `[batch_size / processes, d_in + d_out]`, x then y)."""
+    x, coeffs = self.batch_with_truth(step)
+    if self.d_out:
+      x = jnp.concatenate([x, self.target(x, coeffs)], axis=-1)
     rows = self.batch_size // self._process_count
     return x[self._process_index * rows:(self._process_index + 1) * rows]
 

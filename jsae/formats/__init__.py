@@ -169,7 +169,8 @@ def save(sae: SAE, path: str | os.PathLike, format: str = "jsae", *,
 def check_finite(sae: SAE) -> None:
   """Raises FormatError when a parameter holds NaN or infinity (nothing is written)."""
   bad = [name for name in saes.base.array_fields(sae.params)
-         if not bool(jnp.all(jnp.isfinite(getattr(sae.params, name))))]
+         if getattr(sae.params, name) is not None
+         and not bool(jnp.all(jnp.isfinite(getattr(sae.params, name))))]
   if bad:
     where = sae.provenance.get("run_dir")
     step = sae.provenance.get("step")

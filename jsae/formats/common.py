@@ -34,7 +34,10 @@ HF_HOOKS = {"resid_post": "model.layers.{layer}.output",
             "attn_z": "model.layers.{layer}.self_attn.o_proj.input"}
 
 # Expected shape of each parameter name, in d_in / d_sae (anything else: [d_sae]).
-SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_dec": ("d_in",)}
+SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_out"), "b_dec": ("d_out",),
+          "W_skip": ("d_in", "d_out")}
+# Parameters a file may leave out (a skip transcoder's W_skip: absent for SAEs).
+OPTIONAL = ("W_skip",)
 
 
 class FormatError(ValueError):
@@ -186,14 +189,16 @@ def known(d: dict) -> dict:
   return {k: v for k, v in d.items() if v not in (None, "", [], {})}
 
 
-def shape_text(key: str) -> str:
-  """'[d_in, d_sae]' for W_enc, '[d_sae]' for a per-latent vector, ..."""
-  return "[" + ", ".join(SHAPES.get(key, ("d_sae",))) + "]"
+def shape_text(key: str, transcoder: bool = False) -> str:
+  """'[d_in, d_sae]' for W_enc, '[d_sae]' for a per-latent vector, ... (an SAE's d_out
+  is its d_in)."""
+  dims = SHAPES.get(key, ("d_sae",))
+  return "[" + ", ".join(d if transcoder or d != "d_out" else "d_in" for d in dims) + "]"
 
 
 def params_from_arrays(family: str, arrays: dict[str, np.ndarray], file: Path, *,
                        claims: dict[str, tuple[str, int | None]] | None = None,
-                       claims_file: Path | None = None, **static):
+                       claims_file: Path | None = None, transcoder: bool = False, **static):
   """Validated parameters of `family` from arrays named as its parameter fields.
 
   Args:
@@ -203,16 +208,19 @@ def params_from_arrays(family: str, arrays: dict[str, np.ndarray], file: Path, *
     claims: {config key: (quantity, value)} with quantity 'd_in' or 'd_sae', from
       a config, checked against the shapes.
     claims_file: the config file making the claims.
+    transcoder: the decoder may have another width than the encoder (d_out, read
+      from W_dec), and W_skip may be present; an SAE's d_out is its d_in.
     **static: the params type's static fields (pre_encoder_bias, k, ...).
   """
   params_type = saes.get(family).params_type
   keys = [f for f in params_type.__dataclass_fields__
-          if params_type.__dataclass_fields__[f].metadata.get("pytree_node", True)]
+          if params_type.__dataclass_fields__[f].metadata.get("pytree_node", True)
+          and (f not in OPTIONAL or (transcoder and f in arrays))]
   missing = [k for k in keys if k not in arrays]
   if missing:
     raise FormatError(f"{file}: missing key(s) {missing}; expected {keys}"
-                      f" ({', '.join(f'{k} {shape_text(k)}' for k in keys)}), found"
-                      f" {sorted(arrays)}.")
+                      f" ({', '.join(f'{k} {shape_text(k, transcoder)}' for k in keys)}),"
+                      f" found {sorted(arrays)}.")
   for k in keys:
     if not is_float(arrays[k]):
       raise FormatError(f"{file}: key {k!r} has dtype {arrays[k].dtype}; expected a"
@@ -222,14 +230,17 @@ def params_from_arrays(family: str, arrays: dict[str, np.ndarray], file: Path, *
     raise FormatError(f"{file}: key 'W_enc' has shape {tuple(W_enc.shape)}; expected a"
                       " 2-D [d_in, d_sae] matrix.")
   d_in, d_sae = W_enc.shape
-  size = {"d_in": d_in, "d_sae": d_sae}
+  W_dec = arrays["W_dec"]
+  d_out = W_dec.shape[-1] if transcoder and W_dec.ndim == 2 else d_in
+  size = {"d_in": d_in, "d_sae": d_sae, "d_out": d_out}
   for k in keys:
     shape = tuple(size[q] for q in SHAPES.get(k, ("d_sae",)))
     if tuple(arrays[k].shape) != shape:
       raise FormatError(
           f"{file}: key {k!r} has shape {tuple(arrays[k].shape)}; expected {k}"
-          f" {shape_text(k)} = {shape} to match W_enc of shape (d_in, d_sae) ="
-          f" {(d_in, d_sae)}.")
+          f" {shape_text(k, transcoder)} = {shape} to match W_enc of shape (d_in, d_sae) ="
+          f" {(d_in, d_sae)}" + (f" (and W_dec's width d_out = {d_out})." if transcoder
+                                 else "."))
   for key, (quantity, claim) in (claims or {}).items():
     if claim is not None and claim != size[quantity]:
       raise FormatError(
@@ -263,6 +274,8 @@ def weights(sae: SAE, *, dtype=None, names: dict[str, str] | None = None
   """Host arrays of the SAE's parameters (a threshold float32), under `names` if given."""
   arrays = {}
   for k in saes_base.array_fields(sae.params):
+    if getattr(sae.params, k) is None:  # an SAE's (or plain transcoder's) absent W_skip
+      continue
     a = host(getattr(sae.params, k))
     if k == "threshold":
       a = a.astype(np.float32)

@@ -15,6 +15,7 @@ global layers. Norm weights are zero-centred: the model multiplies by (1 + w).
 Hook sites (`parse_site`):
 
   resid_post.L  residual stream after block L              [batch, seq, d_model]
+  mlp_in.L      the MLP's input: the pre-MLP norm's output  [batch, seq, d_model]
   mlp_out.L     MLP output after the post-MLP norm, before  [batch, seq, d_model]
                 it is added to the residual stream
   attn_z.L      per-head attention outputs, concatenated,   [batch, seq, n_heads * head_dim]
@@ -35,6 +36,9 @@ let them close over *traced* arguments, never over big concrete arrays:
   def spliced_logits(params, sae_params, tokens):
     fn = lambda x: decode(sae_params, encode(sae_params, x))
     return forward(params, tokens, cfg, splice={"resid_post.9": fn})[0]
+
+A transcoder replaces a whole MLP: `transcode={"mlp_out.9": fn}` computes the
+block's MLP output as fn(mlp_in.9's activation), and the MLP is not run.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ __all__ = [
 
 LOCAL = "local"
 GLOBAL = "global"
-SITE_KINDS = ("resid_post", "mlp_out", "attn_z")
+SITE_KINDS = ("resid_post", "mlp_in", "mlp_out", "attn_z")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _FAMILIES = ("gemma2", "gemma3")
 # Finite (not -inf) so a query with no visible key (a padded query) gets a
@@ -252,7 +256,7 @@ def parse_site(name: str, config: GemmaConfig | None = None) -> tuple[str, int]:
   if m is None or (n is not None and int(m.group(2)) >= n):
     bound = f"0 <= L < {n}" if n is not None else "L a layer index"
     raise ValueError(
-        f"unknown hook site {name!r}; valid: resid_post.L, mlp_out.L, attn_z.L"
+        f"unknown hook site {name!r}; valid: resid_post.L, mlp_in.L, mlp_out.L, attn_z.L"
         f" with {bound}.")
   return m.group(1), int(m.group(2))
 
@@ -471,9 +475,11 @@ def _attention_masks(tokens: jax.Array, mask: jax.Array | None, c: GemmaConfig):
 class _Hooks:
   """Records captured sites and applies splices (trace-time Python only)."""
 
-  def __init__(self, capture: tuple[str, ...], splice: Mapping[str, Callable] | None):
+  def __init__(self, capture: tuple[str, ...], splice: Mapping[str, Callable] | None,
+               transcode: Mapping[str, Callable] | None = None):
     self.capture = capture
     self.splice = dict(splice or {})
+    self.transcode = dict(transcode or {})
     self.captured: dict[str, jax.Array] = {}
 
   def __call__(self, name: str, value: jax.Array) -> jax.Array:
@@ -500,12 +506,23 @@ def _block(lp: Params, x: jax.Array, positions, allowed_global, allowed_local,
   attn = jnp.einsum("bsnh,nhd->bsd", z.reshape(b, s, c.n_heads, c.head_dim),
                     lp["o"].astype(c.compute_dtype))
   x = x + _rms_norm(attn, lp["post_attn_norm"], c.rms_eps)
-  y = _rms_norm(x, lp["mlp_norm"], c.rms_eps)
-  mlp = hook(f"mlp_out.{layer}", _rms_norm(_mlp(lp, y, c), lp["post_mlp_norm"], c.rms_eps))
+  y = hook(f"mlp_in.{layer}", _rms_norm(x, lp["mlp_norm"], c.rms_eps))
+  out_site = f"mlp_out.{layer}"
+  replacement = hook.transcode.get(out_site)
+  if replacement is None:
+    mlp = _rms_norm(_mlp(lp, y, c), lp["post_mlp_norm"], c.rms_eps)
+  else:  # a transcoder in place of the MLP: the MLP is not run
+    mlp = jnp.asarray(replacement(y))
+    if mlp.shape != y.shape:
+      raise ValueError(f"transcode function for {out_site!r} returned shape {mlp.shape}; it"
+                       f" must return the MLP output's shape {y.shape}.")
+    mlp = mlp.astype(y.dtype)
+  mlp = hook(out_site, mlp)
   return hook(f"resid_post.{layer}", x + mlp)
 
 
-def _check_static(c: GemmaConfig, capture, splice, stop_at_layer, start_layer: int = 0) -> int:
+def _check_static(c: GemmaConfig, capture, splice, stop_at_layer, start_layer: int = 0,
+                  transcode=None) -> int:
   """Validates sites, start_layer and stop_at_layer; returns the number of blocks to run."""
   if stop_at_layer is not None and not 1 <= stop_at_layer <= c.n_layers:
     raise ValueError(
@@ -517,7 +534,12 @@ def _check_static(c: GemmaConfig, capture, splice, stop_at_layer, start_layer: i
                      f" {n_run} (the first block to run).")
   _check_sites(capture, c, n_run, stop_at_layer, "capture")
   _check_sites(splice or {}, c, n_run, stop_at_layer, "splice")
-  for name in (*capture, *(splice or {})):
+  _check_sites(transcode or {}, c, n_run, stop_at_layer, "transcode")
+  for name in transcode or {}:
+    if parse_site(name, c)[0] != "mlp_out" or name in (splice or {}):
+      raise ValueError(f"transcode key {name!r}: a transcoder replaces an MLP, so the keys"
+                       " are mlp_out.L sites (its input is mlp_in.L), each not also spliced.")
+  for name in (*capture, *(splice or {}), *(transcode or {})):
     if parse_site(name, c)[1] < start_layer:
       raise ValueError(f"site {name!r} is before start_layer={start_layer}, so it is never"
                        f" computed; start at layer {parse_site(name, c)[1]} or earlier.")
@@ -554,6 +576,7 @@ def forward(
     start_layer: int = 0,
     resid: jax.Array | None = None,
     logits: bool = True,
+    transcode: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
 ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
   """Runs the LM, capturing and/or replacing activations at hook sites.
 
@@ -578,6 +601,8 @@ def forward(
     logits: False returns the final-normed hidden states [batch, seq, d_model]
       (compute dtype) instead of the logits, for `unembed` to turn into logits
       a chunk of positions at a time (the [batch, seq, vocab] tensor is large).
+    transcode: {"mlp_out.L": fn} with fn(mlp_in.L activation) -> block L's MLP
+      output (a transcoder); the MLP is not run. Captured mlp_out.L is fn's value.
 
   Returns:
     (logits [batch, seq, vocab] float32 (or hidden states, see `logits`), or
@@ -585,9 +610,9 @@ def forward(
   """
   capture = (capture,) if isinstance(capture, str) else tuple(capture)
   c = config
-  n_run = _check_static(c, capture, splice, stop_at_layer, start_layer)
+  n_run = _check_static(c, capture, splice, stop_at_layer, start_layer, transcode)
   _check_inputs(tokens, mask, c)
-  hook = _Hooks(capture, splice)
+  hook = _Hooks(capture, splice, transcode)
   dt = c.compute_dtype
   positions, allowed_global, allowed_local = _attention_masks(tokens, mask, c)
   if start_layer == 0:

@@ -53,13 +53,14 @@ P = jax.sharding.PartitionSpec
 # Config fields every family shares (configs/default.py documents them).
 COMMON_FIELDS = {
     "sae": ("family", "d_in", "d_sae", "pre_encoder_bias", "init_b_dec",
-            "init_b_dec_batches", "compute_dtype"),
+            "init_b_dec_batches", "compute_dtype", "target_site", "d_out", "skip"),
     "loss": ("dead_window_steps",),
 }
 
-# The latent-sharding layout of the parameters every family has.
+# The latent-sharding layout of the parameters every family has; a transcoder's affine
+# skip W_skip [d_in, d_out] (latent-free) is replicated.
 LINEAR_SPECS = {"W_enc": P(None, "model"), "b_enc": P("model"),
-                "W_dec": P("model", None), "b_dec": P()}
+                "W_dec": P("model", None), "b_dec": P(), "W_skip": P()}
 
 
 class FamilyConfigError(ValueError):
@@ -204,8 +205,9 @@ class Family:
     return out
 
   def init_kwargs(self, config) -> dict:
-    """`init`'s keyword options (beyond d_in, d_sae) from a config."""
-    raise NotImplementedError
+    """`init`'s keyword options (beyond d_in, d_sae) from a config: the shared ones
+    (`shape_kwargs`) and the family's own."""
+    return shape_kwargs(config)
 
   def group_config(self, configs: list):
     """The config one compiled step of a sweep group runs with, from its members'
@@ -274,7 +276,7 @@ class Family:
 
   def param_specs(self, params: Params) -> Params:
     """A params-shaped pytree of PartitionSpecs (latents on the 'model' axis)."""
-    names = array_fields(params)
+    names = [n for n in array_fields(params) if getattr(params, n) is not None]
     missing = [n for n in names if n not in self.param_spec_table]
     if missing:
       raise ValueError(f"family {self.name!r} has no sharding spec for parameter(s)"
@@ -287,8 +289,11 @@ class Family:
 
   # -- inference
 
-  def fold(self, params: Params, state: Any, norm_scale: float) -> tuple[str, Params]:
-    """(inference family name, its params in raw LM units) of trained params."""
+  def fold(self, params: Params, state: Any, norm_scale) -> tuple[str, Params]:
+    """(inference family name, its params in raw LM units) of trained params.
+
+    `norm_scale`: C of the inputs, or (C_in, C_out) for a transcoder (`norm_scales`).
+    """
     raise NotImplementedError
 
   def canonical(self, params: Params) -> Params:
@@ -312,11 +317,30 @@ class Family:
     raise AttributeError(f"a {self.name!r} SAE has no k.")
 
   def decode(self, params: Params, f: jax.Array, *, compute_dtype="float32") -> jax.Array:
-    """Reconstruction `[..., d_in]` (float32) of latents `f: [..., d_sae]`."""
+    """The latents' part of the output, `f @ W_dec + b_dec`: `[..., d_out]` (float32) of
+    `f: [..., d_sae]` (the reconstruction of an SAE; a skip transcoder adds `skip`)."""
     return ops.matmul(f, params.W_dec, compute_dtype) + params.b_dec
+
+  def predict(self, params: Params, f: jax.Array, x: jax.Array, *, compute_dtype="float32"
+              ) -> jax.Array:
+    """The output `[..., d_out]` of latents `f` for input `x`: `decode` plus the skip."""
+    return self.decode(params, f, compute_dtype=compute_dtype) + skip(params, x, compute_dtype)
 
   def __repr__(self) -> str:
     return f"<SAE family {self.name!r}>"
+
+
+def shape_kwargs(config) -> dict:
+  """The `init` options every family takes: pre_encoder_bias, and a transcoder's
+  d_out (the decoder's width; the input's when 0) and skip."""
+  s = config.sae  # .get: a run saved before transcoders has no d_out / skip
+  return dict(pre_encoder_bias=bool(s.pre_encoder_bias),
+              d_out=int(s.get("d_out", 0) or s.d_in), skip=bool(s.get("skip", False)))
+
+
+def is_transcoder(config) -> bool:
+  """Whether `config` trains a transcoder (its decoder predicts `sae.target_site`)."""
+  return bool(config.sae.get("target_site", ""))
 
 
 def array_fields(params) -> list[str]:
@@ -408,16 +432,47 @@ def field_defaults(name: str) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------- shared math
 
 
-def init_linear(key: jax.Array, d_in: int, d_sae: int, *, row_norm: float = 1.0):
+def init_linear(key: jax.Array, d_in: int, d_sae: int, *, row_norm: float = 1.0,
+                d_out: int | None = None):
   """Gemma Scope / Gao init: He-uniform decoder rows scaled to `row_norm`, W_enc = W_dec^T.
 
-  Returns (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) float32.
+  A transcoder (`d_out` != d_in) cannot tie them: its encoder columns are drawn the
+  same way from another key and scaled to the same norm.
+  Returns (W_enc [d_in, d_sae], W_dec [d_sae, d_out]) float32.
   """
-  if d_in <= 0 or d_sae <= 0:
-    raise ValueError(f"d_in and d_sae must be positive; got d_in={d_in}, d_sae={d_sae}.")
-  W_dec = jax.nn.initializers.he_uniform()(key, (d_sae, d_in), jnp.float32)
-  W_dec = row_norm * W_dec / ops.decoder_norms(W_dec)[:, None]
-  return W_dec.T, W_dec
+  d_out = d_in if d_out is None else d_out
+  if d_in <= 0 or d_sae <= 0 or d_out <= 0:
+    raise ValueError(f"d_in, d_sae and d_out must be positive; got d_in={d_in},"
+                     f" d_sae={d_sae}, d_out={d_out}.")
+
+  def rows(k, width):
+    w = jax.nn.initializers.he_uniform()(k, (d_sae, width), jnp.float32)
+    return row_norm * w / ops.decoder_norms(w)[:, None]
+  W_dec = rows(key, d_out)
+  if d_out == d_in:
+    return W_dec.T, W_dec
+  return rows(jax.random.fold_in(key, 1), d_in).T, W_dec
+
+
+def init_skip(d_in: int, d_out: int, skip: bool):
+  """A skip transcoder's W_skip `[d_in, d_out]` at zero (the latents explain the
+  output at first, the skip learns the linear part), or None without a skip."""
+  return jnp.zeros((d_in, d_out), jnp.float32) if skip else None
+
+
+def skip(params, x: jax.Array, compute_dtype="float32"):
+  """x @ W_skip `[..., d_out]` float32, or 0.0 for params without a skip."""
+  if getattr(params, "W_skip", None) is None:
+    return jnp.zeros((), jnp.float32)
+  return ops.matmul(x, params.W_skip, compute_dtype)
+
+
+def plain_skip(params, x: jax.Array):
+  """`skip` for inference: plain jnp, weights' dtype, float32 accumulation."""
+  if getattr(params, "W_skip", None) is None:
+    return jnp.zeros((), jnp.float32)
+  w = params.W_skip
+  return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def linear_pre_activations(params, x: jax.Array, *, compute_dtype="float32") -> jax.Array:
@@ -455,9 +510,23 @@ def fold_pre_encoder_bias(params):
   return params.replace(b_enc=b_enc, pre_encoder_bias=False)
 
 
-def scale_biases(params, c: float):
-  """b_enc and b_dec times c (the norm-scale fold of a linear encoder/decoder)."""
-  return params.replace(b_enc=params.b_enc * c, b_dec=params.b_dec * c)
+def scale_biases(params, c: float, c_out: float | None = None):
+  """The norm-scale fold of a linear encoder/decoder trained on x / c (and y / c_out).
+
+  b_enc times c; b_dec times c_out; W_dec and W_skip times c_out / c (a transcoder's
+  output has its own constant; for an SAE c_out = c and they are unchanged).
+  """
+  c_out = c if c_out is None else c_out
+  out = params.replace(b_enc=params.b_enc * c, b_dec=params.b_dec * c_out)
+  if c_out != c:
+    out = out.replace(W_dec=_scaled(params.W_dec, c_out / c))
+  if getattr(params, "W_skip", None) is not None:
+    out = out.replace(W_skip=_scaled(params.W_skip, c_out / c))
+  return out
+
+
+def _scaled(a: jax.Array, s: float) -> jax.Array:
+  return (a.astype(jnp.float32) * s).astype(a.dtype)
 
 
 def check_norm_scale(norm_scale) -> float:
@@ -466,6 +535,15 @@ def check_norm_scale(norm_scale) -> float:
   if not (jnp.isfinite(c) and c > 0):
     raise ValueError(f"norm_scale must be a finite number > 0; got {norm_scale!r}.")
   return c
+
+
+def norm_scales(norm_scale) -> tuple[float, float]:
+  """(C of the input, C of the output) from `C` (an SAE) or `(C_in, C_out)` (a transcoder)."""
+  if isinstance(norm_scale, (tuple, list)):
+    c_in, c_out = norm_scale
+    return check_norm_scale(c_in), check_norm_scale(c_out)
+  c = check_norm_scale(norm_scale)
+  return c, c
 
 
 def row_norm_factors(W_dec: jax.Array) -> jax.Array:

@@ -23,6 +23,7 @@ be negative; JumpReLU's ReLU keeps the equivalence exact).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,9 @@ class GatedParams:
     b_gate: `[d_sae]` gate bias.
     r_mag: `[d_sae]` log scale of the magnitude encoder.
     b_mag: `[d_sae]` magnitude bias.
-    W_dec: `[d_sae, d_in]` decoder.
-    b_dec: `[d_in]` decoder bias.
+    W_dec: `[d_sae, d_out]` decoder.
+    b_dec: `[d_out]` decoder bias.
+    W_skip: `[d_in, d_out]` a skip transcoder's affine skip, or None.
     pre_encoder_bias: whether `b_dec` is subtracted before encoding (static).
   """
 
@@ -57,6 +59,7 @@ class GatedParams:
   b_mag: jax.Array
   W_dec: jax.Array
   b_dec: jax.Array
+  W_skip: Any = None
   pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
 
 
@@ -82,7 +85,8 @@ class GatedFamily(base.Family):
   params_type = GatedParams
   inference_form = "jumprelu"
   param_spec_table = {"W_enc": P(None, "model"), "b_gate": P("model"), "r_mag": P("model"),
-                      "b_mag": P("model"), "W_dec": P("model", None), "b_dec": P()}
+                      "b_mag": P("model"), "W_dec": P("model", None), "b_dec": P(),
+                      "W_skip": P()}
   config_defaults = {"optim.decoder_unit_norm": False}
   knob, knob_symbol = "loss.sparsity_coeff", "λ"
   step_matmuls = 8  # one encoder matmul for both paths, two decodes (+ their gradients)
@@ -110,17 +114,15 @@ class GatedFamily(base.Family):
                          sparsity_warmup_steps=int(config.loss.sparsity_warmup_steps),
                          compute_dtype=config.sae.compute_dtype)
 
-  def init_kwargs(self, config) -> dict:
-    """`init` options from the config."""
-    return dict(pre_encoder_bias=config.sae.pre_encoder_bias)
-
-  def init(self, key: jax.Array, *, d_in: int, d_sae: int, pre_encoder_bias: bool = True
-           ) -> GatedParams:
+  def init(self, key: jax.Array, *, d_in: int, d_sae: int, pre_encoder_bias: bool = True,
+           d_out: int | None = None, skip: bool = False) -> GatedParams:
     """Unit-norm He-uniform decoder rows, W_enc = W_dec^T, r_mag and biases 0 (dictionary_learning)."""
-    W_enc, W_dec = base.init_linear(key, d_in, d_sae)
+    W_enc, W_dec = base.init_linear(key, d_in, d_sae, d_out=d_out)
+    d_out = W_dec.shape[1]
     zeros = jnp.zeros((d_sae,), jnp.float32)
     return GatedParams(W_enc=W_enc, b_gate=zeros, r_mag=zeros, b_mag=zeros, W_dec=W_dec,
-                       b_dec=jnp.zeros((d_in,), jnp.float32),
+                       b_dec=jnp.zeros((d_out,), jnp.float32),
+                       W_skip=base.init_skip(d_in, d_out, skip),
                        pre_encoder_bias=pre_encoder_bias)
 
   def pre_activations(self, params: GatedParams, x: jax.Array, *, compute_dtype="float32"
@@ -140,14 +142,17 @@ class GatedFamily(base.Family):
     return jnp.where(jax.lax.stop_gradient(pi_gate) > 0, jax.nn.relu(pi_mag), 0.0)
 
   def loss(self, params: GatedParams, state, x: jax.Array, *, settings: GatedSettings,
-           hparams: dict, dead: jax.Array, step: jax.Array):
-    """Reconstruction + lambda * gate penalty + auxiliary reconstruction from the gate."""
+           hparams: dict, dead: jax.Array, step: jax.Array, target: jax.Array | None = None):
+    """Reconstruction + lambda * gate penalty + auxiliary reconstruction from the gate,
+    of y = x (an SAE) or `target` (a transcoder, whose skip joins both outputs)."""
     del dead
+    y = x if target is None else target
     cdt = settings.compute_dtype
     coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
     pi_gate, pi_mag = self.pre_activations(params, x, compute_dtype=cdt)
     f = jnp.where(jax.lax.stop_gradient(pi_gate) > 0, jax.nn.relu(pi_mag), 0.0)
-    x_hat = self.decode(params, f, compute_dtype=cdt)
+    x_skip = base.skip(params, x, cdt)
+    x_hat = self.decode(params, f, compute_dtype=cdt) + x_skip
     gate = jax.nn.relu(pi_gate)
     if settings.penalty == "ri_l1":
       sparsity = losses.weighted_l1(gate, ops.decoder_norms(params.W_dec))
@@ -155,8 +160,9 @@ class GatedFamily(base.Family):
     else:
       sparsity = jnp.mean(jnp.sum(gate, axis=-1))
       W_aux, b_aux = jax.lax.stop_gradient((params.W_dec, params.b_dec))
-    x_gate = ops.matmul(gate, W_aux, cdt) + b_aux
-    rec, aux = losses.reconstruction(x, x_hat), losses.reconstruction(x, x_gate)
+      x_skip = jax.lax.stop_gradient(x_skip)
+    x_gate = ops.matmul(gate, W_aux, cdt) + b_aux + x_skip
+    rec, aux = losses.reconstruction(y, x_hat), losses.reconstruction(y, x_gate)
     parts = dict(reconstruction=rec, sparsity=sparsity, aux=aux, sparsity_coeff=coeff)
     return rec + coeff * sparsity + aux, base.Output(f=f, x_hat=x_hat, state=state,
                                                      parts=parts, extras={})
@@ -168,9 +174,9 @@ class GatedFamily(base.Family):
         W_enc=(params.W_enc.astype(jnp.float32) * scale[None, :]).astype(params.W_enc.dtype),
         b_enc=params.b_mag, W_dec=params.W_dec, b_dec=params.b_dec,
         threshold=(params.b_mag - scale * params.b_gate).astype(jnp.float32),
-        pre_encoder_bias=params.pre_encoder_bias)
+        W_skip=params.W_skip, pre_encoder_bias=params.pre_encoder_bias)
 
-  def fold(self, params: GatedParams, state, norm_scale: float):
+  def fold(self, params: GatedParams, state, norm_scale):
     """The JumpReLU form in raw units."""
     del state
     return "jumprelu", fold_norm_scale(base.fold_pre_encoder_bias(self.as_jumprelu(params)),

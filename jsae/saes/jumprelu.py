@@ -13,7 +13,7 @@ there f = pi * 1[pi > max(theta, 0)] (= ReLU(pi) 1[pi > theta], SAELens's
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,10 @@ class JumpReLUParams:
   Attributes:
     W_enc: `[d_in, d_sae]` encoder.
     b_enc: `[d_sae]` encoder bias.
-    W_dec: `[d_sae, d_in]` decoder; rows are latent directions.
-    b_dec: `[d_in]` decoder bias.
+    W_dec: `[d_sae, d_out]` decoder; rows are latent directions.
+    b_dec: `[d_out]` decoder bias.
     threshold: `[d_sae]` raw theta, or log theta when `log_threshold`.
+    W_skip: `[d_in, d_out]` a skip transcoder's affine skip, or None.
     log_threshold: whether `threshold` stores log theta (static).
     pre_encoder_bias: whether `b_dec` is subtracted before encoding (static).
   """
@@ -47,6 +48,7 @@ class JumpReLUParams:
   W_dec: jax.Array
   b_dec: jax.Array
   threshold: jax.Array
+  W_skip: Any = None
   log_threshold: bool = struct.field(pytree_node=False, default=False)
   pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
 
@@ -97,7 +99,7 @@ class _Latents(NamedTuple):
 
   pre: jax.Array  # [batch, d_sae] pre-activations (metrics, the pre-activation loss)
   f: jax.Array  # [batch, d_sae] latents
-  x_hat: jax.Array  # [batch, d_in]
+  x_hat: jax.Array  # [batch, d_out]
   values: jax.Array
   gates: jax.Array
   dec_norms: jax.Array
@@ -215,23 +217,27 @@ class JumpReLUFamily(base.Family):
   def init_kwargs(self, config) -> dict:
     """`init` options from the config."""
     s = config.sae
-    return dict(init_threshold=s.init_threshold, log_threshold=s.threshold_param == "log",
-                pre_encoder_bias=s.pre_encoder_bias)
+    return dict(super().init_kwargs(config), init_threshold=s.init_threshold,
+                log_threshold=s.threshold_param == "log")
 
   # -- training
 
   def init(self, key: jax.Array, *, d_in: int, d_sae: int,
            init_threshold: float = 0.001, log_threshold: bool = False,
-           pre_encoder_bias: bool = True) -> JumpReLUParams:
-    """Gemma Scope init: He-uniform decoder rows scaled to unit norm, W_enc = W_dec^T, zero biases."""
+           pre_encoder_bias: bool = True, d_out: int | None = None,
+           skip: bool = False) -> JumpReLUParams:
+    """Gemma Scope init: He-uniform decoder rows scaled to unit norm, W_enc = W_dec^T, zero
+    biases (a transcoder's W_enc drawn alike, its skip at zero)."""
     if not init_threshold > 0:
       raise ValueError(f"init_threshold must be > 0; got {init_threshold}.")
-    W_enc, W_dec = base.init_linear(key, d_in, d_sae)
+    W_enc, W_dec = base.init_linear(key, d_in, d_sae, d_out=d_out)
+    d_out = W_dec.shape[1]
     theta0 = jnp.full((d_sae,), init_threshold, jnp.float32)
     return JumpReLUParams(
         W_enc=W_enc, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
-        b_dec=jnp.zeros((d_in,), jnp.float32),
+        b_dec=jnp.zeros((d_out,), jnp.float32),
         threshold=jnp.log(theta0) if log_threshold else theta0,
+        W_skip=base.init_skip(d_in, d_out, skip),
         log_threshold=log_threshold, pre_encoder_bias=pre_encoder_bias)
 
   def pre_activations(self, params: JumpReLUParams, x: jax.Array, *,
@@ -247,7 +253,7 @@ class JumpReLUFamily(base.Family):
 
   def loss(self, params: JumpReLUParams, state, x: jax.Array, *,
            settings: JumpReLUSettings, hparams: dict, dead: jax.Array,
-           step: jax.Array) -> tuple[jax.Array, base.Output]:
+           step: jax.Array, target: jax.Array | None = None) -> tuple[jax.Array, base.Output]:
     """Reconstruction + lambda * sparsity (+ pre-activation loss).
 
     Args:
@@ -258,11 +264,13 @@ class JumpReLUFamily(base.Family):
       hparams: traced `sparsity_coeff`, `bandwidth`, `target_l0` (scalars).
       dead: `[d_sae]` bool, latents that have not fired for a while.
       step: `[]` the update's step (for the lambda warm-up).
+      target: `[batch, d_out]` what a transcoder predicts (None: x, an SAE).
     """
     eps = hparams["bandwidth"]
     coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
     theta = params.theta()
-    terms = lambda latents: self._loss_terms(params, x, latents, theta, coeff, hparams,
+    y = x if target is None else target
+    terms = lambda latents: self._loss_terms(params, y, latents, theta, coeff, hparams,
                                              dead, settings)
     dense = lambda: terms(self._dense_latents(params, x, theta, eps, settings))
     if settings.sparse_capacity:
@@ -274,11 +282,11 @@ class JumpReLUFamily(base.Family):
     return total, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
                               extras=dict(pre=pre, theta=theta, bandwidth=eps), fired=fired)
 
-  def _loss_terms(self, params, x, latents: "_Latents", theta, coeff, hparams, dead,
+  def _loss_terms(self, params, y, latents: "_Latents", theta, coeff, hparams, dead,
                   settings):
-    """(total loss, its parts, (pre, f, x_hat, fired)) of one forward (dense or sparse):
-    the same shapes either way, so that a `lax.cond` can choose."""
-    rec = losses.reconstruction(x, latents.x_hat)
+    """(total loss, its parts, (pre, f, x_hat, fired)) of one forward (dense or sparse)
+    predicting `y`: the same shapes either way, so that a `lax.cond` can choose."""
+    rec = losses.reconstruction(y, latents.x_hat)
     if settings.sparsity == "step":
       sparsity = losses.step_l0(latents.gates)
     elif settings.sparsity == "tanh":
@@ -302,7 +310,7 @@ class JumpReLUFamily(base.Family):
     cdt, ste = settings.compute_dtype, settings.ste_to_input
     pre = self.pre_activations(params, x, compute_dtype=cdt)
     f = jumprelu(pre, theta, eps, ste_to_input=ste)
-    return _Latents(pre=pre, f=f, x_hat=self.decode(params, f, compute_dtype=cdt),
+    return _Latents(pre=pre, f=f, x_hat=self.predict(params, f, x, compute_dtype=cdt),
                     values=f, gates=heaviside(pre, theta, eps, ste_to_input=ste),
                     dec_norms=ops.decoder_norms(params.W_dec), fired=jnp.any(f != 0, axis=0))
 
@@ -318,7 +326,7 @@ class JumpReLUFamily(base.Family):
     inside the window; dpi = df where active, as `ste_to_input` is off).
     """
     cap, cdt, d_sae = settings.sparse_capacity, settings.compute_dtype, params.d_sae
-    b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros_like(params.b_dec)
+    b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros((x.shape[-1],), x.dtype)
     value = jax.lax.stop_gradient(ops.matmul(x - b_in, params.W_enc, cdt))
     low = jax.lax.stop_gradient(candidate_floor(theta, eps) - params.b_enc)
     idx, valid, overflow = sparse.candidates(value > low, cap)
@@ -328,7 +336,8 @@ class JumpReLUFamily(base.Family):
       pre_c = sparse.pre_activations_at(x, b_in, params.W_enc, params.b_enc, value, idx, chunk)
       theta_c = theta[idx]
       f_c = jnp.where(valid, jumprelu(pre_c, theta_c, eps), 0.0)
-      x_hat = sparse.sparse_decode(f_c, idx, params.W_dec, chunk) + params.b_dec
+      x_hat = (sparse.sparse_decode(f_c, idx, params.W_dec, chunk) + params.b_dec
+               + base.skip(params, x, cdt))
       fired = sparse.fired_latents(f_c, idx, d_sae)
       return _Latents(
           pre=value + params.b_enc, f=sparse.scatter_rows(f_c, idx, d_sae), x_hat=x_hat,
@@ -364,9 +373,9 @@ class JumpReLUFamily(base.Family):
 
   # -- inference
 
-  def fold(self, params: JumpReLUParams, state, norm_scale: float
-           ) -> tuple[str, JumpReLUParams]:
-    """Raw-unit parameters: b_enc' = C (b_enc - b_dec W_enc), theta' = C theta, b_dec' = C b_dec."""
+  def fold(self, params: JumpReLUParams, state, norm_scale) -> tuple[str, JumpReLUParams]:
+    """Raw-unit parameters: b_enc' = C (b_enc - b_dec W_enc), theta' = C theta, b_dec' = C b_dec
+    (a transcoder's output side: `base.scale_biases`)."""
     del state
     return "jumprelu", fold_norm_scale(canonical(params), norm_scale)
 
@@ -391,16 +400,17 @@ class JumpReLUFamily(base.Family):
     return params.theta().astype(jnp.float32)
 
 
-def fold_norm_scale(params: JumpReLUParams, norm_scale: float) -> JumpReLUParams:
+def fold_norm_scale(params: JumpReLUParams, norm_scale) -> JumpReLUParams:
   """Parameters for raw inputs x of an SAE trained on x / norm_scale.
 
   Scales b_enc, b_dec and theta by C = norm_scale (W unchanged); latents become
   C times larger and the reconstruction is in raw units. Works with or without
   a pre-encoder bias: (x - C b_dec) @ W + C b_enc = C ((x/C - b_dec) @ W + b_enc).
+  A transcoder's `(C_in, C_out)` also scales the output side (`base.scale_biases`).
   """
-  c = base.check_norm_scale(norm_scale)
+  c_in, c_out = base.norm_scales(norm_scale)
   params = raw_threshold(params)
-  return base.scale_biases(params, c).replace(threshold=params.threshold * c)
+  return base.scale_biases(params, c_in, c_out).replace(threshold=params.threshold * c_in)
 
 
 family = base.register(JumpReLUFamily())

@@ -109,7 +109,8 @@ class MatryoshkaFamily(BatchTopKFamily):
     return dict(super().init_kwargs(config), group_sizes=group_sizes_of(config))
 
   def init(self, key: jax.Array, *, d_in: int, d_sae: int, k: int = 32,
-           pre_encoder_bias: bool = True, group_sizes: tuple = ()):
+           pre_encoder_bias: bool = True, group_sizes: tuple = (), d_out: int | None = None,
+           skip: bool = False):
     """As BatchTopK; `group_sizes` (default split when empty) must sum to d_sae."""
     sizes = tuple(int(s) for s in group_sizes) or default_group_sizes(d_sae)
     if sum(sizes) != d_sae or min(sizes) <= 0:
@@ -117,23 +118,28 @@ class MatryoshkaFamily(BatchTopKFamily):
     if not (isinstance(k, int) and 0 < k <= d_sae):
       raise ValueError(f"k must be an integer in [1, d_sae={d_sae}]; got {k!r}.")
     return LinearFamily.init(self, key, d_in=d_in, d_sae=d_sae,
-                             pre_encoder_bias=pre_encoder_bias, k=k, group_sizes=sizes)
+                             pre_encoder_bias=pre_encoder_bias, d_out=d_out, skip=skip, k=k,
+                             group_sizes=sizes)
 
   def loss(self, params: MatryoshkaParams, state, x: jax.Array, *,
-           settings: MatryoshkaSettings, hparams: dict, dead: jax.Array, step: jax.Array):
-    """Sum (or mean) over the nested prefixes of ||x - x_hat_g||^2, plus AuxK."""
+           settings: MatryoshkaSettings, hparams: dict, dead: jax.Array, step: jax.Array,
+           target: jax.Array | None = None):
+    """Sum (or mean) over the nested prefixes of ||y - y_hat_g||^2, plus AuxK (y = x for
+    an SAE, `target` for a transcoder, whose skip is part of every prefix's output)."""
     del step
+    y = x if target is None else target
     cdt = settings.compute_dtype
     pre = self.pre_activations(params, x, compute_dtype=cdt)
     mask, kept = self.select(params, pre, hparams["k"], settings)
     f = jnp.where(mask, jax.nn.relu(pre), 0.0)
-    level_losses, x_hat = prefix_losses(x, f, params.W_dec, params.b_dec,
+    level_losses, x_hat = prefix_losses(y, f, params.W_dec,
+                                        params.b_dec + base.skip(params, x, cdt),
                                         params.group_sizes, cdt)
     rec = level_losses[-1]
     total = sum(level_losses)
     if settings.group_loss == "mean":
       total = total / len(level_losses)
-    aux = shared.aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
+    aux = shared.aux_loss(pre, y, x_hat, params.W_dec, dead, settings)
     parts = dict(reconstruction=rec, matryoshka=total, aux=aux,
                  **{f"reconstruction_level_{i}": v for i, v in enumerate(level_losses[:-1])})
     state = self.next_state(state, kept, settings)
@@ -144,8 +150,10 @@ class MatryoshkaFamily(BatchTopKFamily):
 def prefix_losses(x, f, W_dec, b_dec, group_sizes, compute_dtype):
   """([||x - x_hat_g||^2 batch mean for each level g], x_hat of the full width).
 
-  x_hat_g = b_dec + sum of the group slices' decodes up to g: one decoder
-  matmul's worth of FLOPs for all levels.
+  x: the target `[batch, d_out]`; b_dec: what every level's output starts from
+  (`[d_out]`, or `[batch, d_out]` with a transcoder's skip). x_hat_g = b_dec + sum
+  of the group slices' decodes up to g: one decoder matmul's worth of FLOPs for all
+  levels.
   """
   out, x_hat, start = [], b_dec, 0
   for size in group_sizes:

@@ -14,6 +14,7 @@ as architecture `standard`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 from flax import struct
@@ -30,8 +31,9 @@ class ReLUParams:
   Attributes:
     W_enc: `[d_in, d_sae]` encoder.
     b_enc: `[d_sae]` encoder bias.
-    W_dec: `[d_sae, d_in]` decoder; rows are latent directions (any norm).
-    b_dec: `[d_in]` decoder bias.
+    W_dec: `[d_sae, d_out]` decoder; rows are latent directions (any norm).
+    b_dec: `[d_out]` decoder bias.
+    W_skip: `[d_in, d_out]` a skip transcoder's affine skip, or None.
     pre_encoder_bias: whether `b_dec` is subtracted before encoding (static).
   """
 
@@ -39,6 +41,7 @@ class ReLUParams:
   b_enc: jax.Array
   W_dec: jax.Array
   b_dec: jax.Array
+  W_skip: Any = None
   pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
 
 
@@ -80,13 +83,15 @@ class ReLUFamily(LinearFamily):
     return jax.nn.relu(self.pre_activations(params, x, compute_dtype=compute_dtype))
 
   def loss(self, params: ReLUParams, state, x: jax.Array, *, settings: ReLUSettings,
-           hparams: dict, dead: jax.Array, step: jax.Array):
-    """||x - x_hat||^2 + lambda sum_i f_i ||d_i|| on `x: [batch, d_in]`."""
+           hparams: dict, dead: jax.Array, step: jax.Array, target: jax.Array | None = None):
+    """||y - y_hat||^2 + lambda sum_i f_i ||d_i|| on `x: [batch, d_in]` (y = x for an SAE,
+    `target` for a transcoder)."""
     del dead
+    y = x if target is None else target
     coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
     f = self.encode(params, x, compute_dtype=settings.compute_dtype)
-    x_hat = self.decode(params, f, compute_dtype=settings.compute_dtype)
-    rec = losses.reconstruction(x, x_hat)
+    x_hat = self.predict(params, f, x, compute_dtype=settings.compute_dtype)
+    rec = losses.reconstruction(y, x_hat)
     sparsity = losses.weighted_l1(f, ops.decoder_norms(params.W_dec))
     parts = dict(reconstruction=rec, sparsity=sparsity, sparsity_coeff=coeff)
     return rec + coeff * sparsity, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,

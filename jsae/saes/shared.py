@@ -75,26 +75,24 @@ class LinearFamily(base.Family):
   param_spec_table = dict(base.LINEAR_SPECS)
   init_row_norm = 1.0  # decoder row norm at init
 
-  def init_kwargs(self, config) -> dict:
-    """`init` options from the config."""
-    return dict(pre_encoder_bias=config.sae.pre_encoder_bias)
-
   def init(self, key: jax.Array, *, d_in: int, d_sae: int, pre_encoder_bias: bool = True,
-           **static):
-    """Decoder rows He-uniform at norm `init_row_norm`, W_enc = W_dec^T, zero biases."""
-    W_enc, W_dec = base.init_linear(key, d_in, d_sae, row_norm=self.init_row_norm)
+           d_out: int | None = None, skip: bool = False, **static):
+    """Decoder rows He-uniform at norm `init_row_norm`, W_enc = W_dec^T (a transcoder's
+    drawn alike), zero biases and skip."""
+    W_enc, W_dec = base.init_linear(key, d_in, d_sae, row_norm=self.init_row_norm, d_out=d_out)
+    d_out = W_dec.shape[1]
     return self.params_type(W_enc=W_enc, b_enc=jnp.zeros((d_sae,), jnp.float32), W_dec=W_dec,
-                            b_dec=jnp.zeros((d_in,), jnp.float32),
+                            b_dec=jnp.zeros((d_out,), jnp.float32),
+                            W_skip=base.init_skip(d_in, d_out, skip),
                             pre_encoder_bias=pre_encoder_bias, **static)
 
   def pre_activations(self, params, x: jax.Array, *, compute_dtype="float32") -> jax.Array:
     """pi(x): `x: [..., d_in]` -> `[..., d_sae]` float32."""
     return base.linear_pre_activations(params, x, compute_dtype=compute_dtype)
 
-  def fold_linear(self, params, norm_scale: float):
-    """Pre-encoder bias into b_enc, then b_enc and b_dec times C."""
-    c = base.check_norm_scale(norm_scale)
-    return base.scale_biases(base.fold_pre_encoder_bias(params), c)
+  def fold_linear(self, params, norm_scale):
+    """Pre-encoder bias into b_enc, then the norm scales (`base.scale_biases`)."""
+    return base.scale_biases(base.fold_pre_encoder_bias(params), *base.norm_scales(norm_scale))
 
   def fold_decoder_norms(self, params):
     """Unit-norm decoder rows, norms moved into the encoder (same on/off pattern)."""

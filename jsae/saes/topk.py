@@ -25,6 +25,7 @@ taken as it is (dictionary_learning's start, without SAELens's slow rise from
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,9 @@ class TopKParams:
   Attributes:
     W_enc: `[d_in, d_sae]` encoder.
     b_enc: `[d_sae]` encoder bias.
-    W_dec: `[d_sae, d_in]` decoder (rows kept at unit norm by default).
-    b_dec: `[d_in]` decoder bias.
+    W_dec: `[d_sae, d_out]` decoder (rows kept at unit norm by default).
+    b_dec: `[d_out]` decoder bias.
+    W_skip: `[d_in, d_out]` a skip transcoder's affine skip, or None.
     k: latents kept per row (static; the traced k of a step may be smaller).
     pre_encoder_bias: whether `b_dec` is subtracted before encoding (static).
   """
@@ -55,6 +57,7 @@ class TopKParams:
   b_enc: jax.Array
   W_dec: jax.Array
   b_dec: jax.Array
+  W_skip: Any = None
   k: int = struct.field(pytree_node=False, default=32)
   pre_encoder_bias: bool = struct.field(pytree_node=False, default=True)
 
@@ -286,11 +289,12 @@ class TopKFamily(LinearFamily):
     return params.replace(k=int(config.sae.k))
 
   def init(self, key: jax.Array, *, d_in: int, d_sae: int, k: int = 32,
-           pre_encoder_bias: bool = True):
+           pre_encoder_bias: bool = True, d_out: int | None = None, skip: bool = False):
     """Unit-norm He-uniform decoder rows, W_enc = W_dec^T (Gao), zero biases."""
     if not (isinstance(k, (int,)) and 0 < k <= d_sae):
       raise ValueError(f"k must be an integer in [1, d_sae={d_sae}]; got {k!r}.")
-    return super().init(key, d_in=d_in, d_sae=d_sae, pre_encoder_bias=pre_encoder_bias, k=k)
+    return super().init(key, d_in=d_in, d_sae=d_sae, pre_encoder_bias=pre_encoder_bias,
+                        d_out=d_out, skip=skip, k=k)
 
   def select(self, params, pre: jax.Array, k: jax.Array, settings: TopKSettings | None):
     """(mask `[..., d_sae]`, selection info) of the kept latents."""
@@ -304,16 +308,18 @@ class TopKFamily(LinearFamily):
     return jnp.where(mask, jax.nn.relu(pre), 0.0)
 
   def loss(self, params, state, x: jax.Array, *, settings: TopKSettings, hparams: dict,
-           dead: jax.Array, step: jax.Array):
-    """||x - x_hat||^2 + aux_coeff * AuxK on `x: [batch, d_in]`."""
+           dead: jax.Array, step: jax.Array, target: jax.Array | None = None):
+    """||y - y_hat||^2 + aux_coeff * AuxK on `x: [batch, d_in]` (y = x for an SAE,
+    `target` for a transcoder)."""
     del step
+    y = x if target is None else target
     if settings.sparse_capacity:
       pre, f, x_hat, kept, fired = self._sparse_forward(params, x, hparams["k"], dead,
                                                         settings)
     else:
       pre, f, x_hat, kept, fired = self._dense_forward(params, x, hparams["k"], settings)
-    rec = losses.reconstruction(x, x_hat)
-    aux = shared.aux_loss(pre, x, x_hat, params.W_dec, dead, settings)
+    rec = losses.reconstruction(y, x_hat)
+    aux = shared.aux_loss(pre, y, x_hat, params.W_dec, dead, settings)
     parts = dict(reconstruction=rec, aux=aux)
     state = self.next_state(state, kept, settings)
     return rec + settings.aux_coeff * aux, base.Output(f=f, x_hat=x_hat, state=state,
@@ -325,7 +331,7 @@ class TopKFamily(LinearFamily):
     pre = self.pre_activations(params, x, compute_dtype=cdt)
     mask, kept = self.select(params, pre, k, settings)
     f = jnp.where(mask, jax.nn.relu(pre), 0.0)
-    return pre, f, self.decode(params, f, compute_dtype=cdt), kept, jnp.any(f != 0, axis=0)
+    return pre, f, self.predict(params, f, x, compute_dtype=cdt), kept, jnp.any(f != 0, axis=0)
 
   def sparse_select(self, params, pre: jax.Array, k: jax.Array, capacity: int):
     """(idx `[batch, capacity]`, valid `[batch, capacity]`, selection info, overflow `[]`)
@@ -347,7 +353,7 @@ class TopKFamily(LinearFamily):
     is 0 without dead latents, and with them this path is not taken).
     """
     cdt, d_sae = settings.compute_dtype, params.W_enc.shape[1]
-    b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros_like(params.b_dec)
+    b_in = params.b_dec if params.pre_encoder_bias else jnp.zeros((x.shape[-1],), x.dtype)
     value = jax.lax.stop_gradient(ops.matmul(x, params.W_enc, cdt, input_bias=b_in))
     idx, valid, kept, overflow = self.sparse_select(
         params, value + jax.lax.stop_gradient(params.b_enc), k, settings.sparse_capacity)
@@ -358,7 +364,8 @@ class TopKFamily(LinearFamily):
     def sparse_path():
       pre_c = sparse.pre_activations_at(x, b_in, params.W_enc, params.b_enc, value, idx, chunk)
       vals = jnp.where(valid, jax.nn.relu(pre_c), 0.0)
-      x_hat = sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
+      x_hat = (sparse.sparse_decode(vals, idx, params.W_dec, chunk) + params.b_dec
+               + base.skip(params, x, cdt))
       fired = sparse.fired_latents(vals, idx, d_sae)
       return (value + params.b_enc, sparse.scatter_rows(vals, idx, d_sae), x_hat, kept,
               fired)
@@ -371,7 +378,7 @@ class TopKFamily(LinearFamily):
     del kept, settings
     return state
 
-  def fold(self, params: TopKParams, state, norm_scale: float):
+  def fold(self, params: TopKParams, state, norm_scale):
     del state
     return "topk", self.fold_linear(params, norm_scale)
 
@@ -464,14 +471,14 @@ class BatchTopKFamily(TopKFamily):
   def metrics(self, output: base.Output, settings) -> dict:
     return dict(threshold=output.state.threshold)
 
-  def fold(self, params: BatchTopKParams, state: ThresholdState, norm_scale: float):
+  def fold(self, params: BatchTopKParams, state: ThresholdState, norm_scale):
     """JumpReLU with theta_i = the running threshold, in raw units."""
     if state is None:
       raise ValueError("folding a BatchTopK SAE needs its family state (the running"
                        " threshold); read it from the run with jsae.runs.read_run.")
     theta = jnp.full((params.W_enc.shape[-1],), state.threshold, jnp.float32)
     jr = JumpReLUParams(W_enc=params.W_enc, b_enc=params.b_enc, W_dec=params.W_dec,
-                        b_dec=params.b_dec, threshold=theta,
+                        b_dec=params.b_dec, threshold=theta, W_skip=params.W_skip,
                         pre_encoder_bias=params.pre_encoder_bias)
     return "jumprelu", fold_norm_scale(base.fold_pre_encoder_bias(jr), norm_scale)
 
