@@ -18,8 +18,9 @@ The LM passes share the prefix below the hook site and never build a
 [batch, seq, vocab] tensor (see "LM splicing" below); tests/reference/
 three_forward_eval.py is the direct three-forward form they are tested against.
 
-An `sae` is any pytree with `encode(x) -> f` and `predict(f, x) -> x_hat` in the
-LM's units (e.g. `jsae.SAE`; `jsae.SAE.from_training` wraps training-time params).
+An `sae` is any pytree with `encode(x) -> f` and `decode(f) -> x_hat` in the
+LM's units (e.g. `jsae.SAE`; `jsae.SAE.from_training` wraps training-time params),
+and `predict(f, x)` where its output depends on x too (a skip transcoder).
 It is passed to jitted functions as an argument, never baked in as a constant.
 A transcoder's metrics compare its prediction with its target site (y in place
 of x above), and its delta LM loss puts it in place of the MLP.
@@ -95,11 +96,18 @@ def _finish(stats: dict) -> dict:
       firing_frequency=freq.astype(np.float32))
 
 
+def _output(sae, f: jax.Array, x: jax.Array) -> jax.Array:
+  """The SAE's output for latents `f` of `x`: `predict` (with a skip transcoder's skip)
+  where it has one, else `decode`."""
+  predict = getattr(sae, "predict", None)
+  return sae.decode(f) if predict is None else predict(f, x)
+
+
 @functools.partial(jax.jit, static_argnames=("d_in",))
 def _activation_step(stats, sae, rows, weight, d_in=None):
   x, y = (rows, rows) if d_in is None else (rows[:, :d_in], rows[:, d_in:])
   f = sae.encode(x)
-  return _accumulate(stats, y, f, sae.predict(f, x), weight)
+  return _accumulate(stats, y, f, _output(sae, f, x), weight)
 
 
 def activation_metrics(sae, batches: Iterable[tuple[Any, Any]], *, d_in: int, d_sae: int,
@@ -194,7 +202,7 @@ def _member_fn(lm_config: gemma.GemmaConfig, site: str, target_site: str | None 
   def fn(lm_params, sae, tokens, mask, resid, x, y, stats):
     flat = x.reshape(-1, x.shape[-1])
     f = sae.encode(flat)
-    y_hat = sae.predict(f, flat)
+    y_hat = _output(sae, f, flat)
     stats = _accumulate(stats, y.reshape(-1, y.shape[-1]), f, y_hat, mask.reshape(-1))
     # Splice only where the SAE was trained (mask True): BOS/EOS/pad keep their
     # own activations. The BOS residual is huge (an attention sink) and never

@@ -13,8 +13,13 @@ For a transcoder (`d_out` > 0) each row also has a target in R^d_out,
     y = sum_i c_i e_i + x @ A,
 
 the same codes decoded by a second planted dictionary `e_i` (unit vectors in
-R^d_out) plus a planted linear map A (entries N(0, skip_scale^2 / d_in); none
-when skip_scale is 0), and `batch` serves the pair as one row [x, y].
+R^d_out) plus a planted linear map A, and `batch` serves the pair as one row
+[x, y]. With a linear map (skip_scale > 0) the last d_in / 4 coordinates of x
+are a dense part z ~ N(0, 1/d_in per coordinate, times the signal's scale), the
+dictionary lives in the others, and A reads z alone (its other rows are 0, its
+z rows N(0, skip_scale^2 / (d_in / 4))). A map of the sparse directions could be
+traded between a skip and the latents (decoder rows e_i + d_i A fit as well),
+so only a map of a dense part is identifiable, as a real MLP's linear part is.
 """
 
 from __future__ import annotations
@@ -86,7 +91,11 @@ class SyntheticSource:
       raise ValueError(f"batch_size {batch_size} is not divisible by the"
                        f" {process_count} processes.")
     self.d_in, self.batch_size, self.seed = d_in, batch_size, seed
-    self.features = planted_dictionary(n_features, d_in, dictionary_seed)
+    d_out = int(d_out)
+    self.dense_dims = d_in // 4 if d_out and skip_scale > 0 else 0
+    sparse_dims = d_in - self.dense_dims
+    self.features = np.pad(planted_dictionary(n_features, sparse_dims, dictionary_seed),
+                           ((0, 0), (0, self.dense_dims)))
     self.probs = firing_probabilities(n_features, l0, zipf_exponent)
     # Noise std per dimension, relative to the signal's RMS per dimension.
     signal_sq = float(np.sum(self.probs)) * (13.0 / 12.0)  # E[m^2] for U(0.5, 1.5)
@@ -94,13 +103,17 @@ class SyntheticSource:
     self._process_index, self._process_count = process_index, process_count
     self._features = jnp.asarray(self.features)
     self._probs = jnp.asarray(self.probs)
-    self.d_out = int(d_out)
+    self.d_out = d_out
     self.target_norm_scale = None
+    # The dense part's std per coordinate: the sparse signal's RMS per coordinate.
+    self.dense_std = float(np.sqrt(signal_sq / d_in)) if self.dense_dims else 0.0
     if self.d_out:
       self.output_features = planted_dictionary(n_features, self.d_out, dictionary_seed + 1)
       rng = np.random.default_rng(dictionary_seed + 2)
-      self.linear_map = (skip_scale / np.sqrt(d_in) * rng.standard_normal(
-          (d_in, self.d_out))).astype(np.float32)
+      self.linear_map = np.zeros((d_in, self.d_out), np.float32)
+      if self.dense_dims:
+        self.linear_map[sparse_dims:] = skip_scale / np.sqrt(self.dense_dims) * (
+            rng.standard_normal((self.dense_dims, self.d_out)))
       self._out = (jnp.asarray(self.output_features), jnp.asarray(self.linear_map))
     self.norm_scale, target = self._estimate_norm_scales()
     if self.d_out:
@@ -112,8 +125,7 @@ class SyntheticSource:
     key = jax.random.key(2**31 - 1)
     total_x = total_y = 0.0
     for i in range(batches):
-      x, coeffs = _generate(jax.random.fold_in(key, i), self._features, self._probs,
-                            self.noise_std, batch_size=self.batch_size)
+      x, coeffs = self._draw(jax.random.fold_in(key, i))
       y = self.target(x, coeffs) if self.d_out else x
       total_x += float(jnp.mean(jnp.sum(jnp.square(x), axis=-1)))
       total_y += float(jnp.mean(jnp.sum(jnp.square(y), axis=-1)))
@@ -126,8 +138,17 @@ class SyntheticSource:
   def batch_with_truth(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The global batch of `step` and its true coefficients (for evaluation)."""
     key = jax.random.fold_in(jax.random.key(self.seed), step)
-    return _generate(key, self._features, self._probs, self.noise_std,
-                     batch_size=self.batch_size)
+    return self._draw(key)
+
+  def _draw(self, key) -> tuple[jax.Array, jax.Array]:
+    """(x [batch_size, d_in], codes [batch_size, n_features]) of one batch's key."""
+    x, coeffs = _generate(key, self._features, self._probs, self.noise_std,
+                          batch_size=self.batch_size)
+    if self.dense_dims:
+      z = self.dense_std * jax.random.normal(jax.random.fold_in(key, 7),
+                                             (self.batch_size, self.dense_dims))
+      x = x.at[:, -self.dense_dims:].add(z)
+    return x, coeffs
 
   def batch(self, step: int) -> jax.Array:
     """This process's rows of the global batch of `step`: `[batch_size / processes, d_in]`
