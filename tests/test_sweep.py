@@ -94,6 +94,35 @@ def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path,
     assert line["fvu"] == pytest.approx(single.metrics["fvu"], rel=max(1e-4, tol))
 
 
+def test_at_sweep_tinys_length_members_match_their_single_runs_in_distribution(tmp_path):
+  """The README's statement at 1000 steps (configs/sweep_tiny.py's length): parameters may
+  drift apart (rounding grown through training, selection flips), but each member's
+  held-out FVU is within 0.02 and its L0 within 0.1 of its single run's."""
+  c = sweep_tiny.get_config("families=jumprelu")
+  c.mesh.data = c.mesh.model = 1
+  c.sweep.report = False
+  c.ckpt.every_steps = 1000
+  assert c.train.num_tokens // c.data.batch_size == 1000
+  result = sweep.sweep(c, tmp_path / "sweep", progress=False)
+  (g,) = result.groups
+  source = data.make_source(g.config)
+  held_out = np.concatenate([np.asarray(source.batch(20_000 + i)) for i in range(8)])
+
+  def fvu_l0(params, state):
+    sae = jsae.SAE.from_training(params, source.norm_scale, state=state)
+    f = np.asarray(sae.encode(held_out))
+    err = np.sum((held_out - np.asarray(sae.decode(f))) ** 2)
+    return err / np.sum((held_out - held_out.mean(0)) ** 2), (f != 0).sum(-1).mean()
+
+  for m in g.members:
+    single = train.train(m.config, tmp_path / m.name, progress=False)
+    swept = sweep.member_state(result.states[g.name], m, g.family)
+    (fvu_a, l0_a), (fvu_b, l0_b) = (fvu_l0(swept.params, swept.family_state),
+                                    fvu_l0(single.state.params, single.state.family_state))
+    print(f"{m.name}: FVU {fvu_a:.4f} vs {fvu_b:.4f}, L0 {l0_a:.3f} vs {l0_b:.3f}")
+    assert abs(fvu_a - fvu_b) <= 0.02 and abs(l0_a - l0_b) <= 0.1
+
+
 def test_killed_sweep_resumes_bit_for_bit(tmp_path):
   c = _config()
   straight = sweep.sweep(c, tmp_path / "straight", progress=False)
