@@ -185,6 +185,16 @@ def training_family(workdir: str | os.PathLike) -> str | None:
     return None
 
 
+def training_transcoder(workdir: str | os.PathLike) -> tuple[bool, bool]:
+  """(whether a run directory trains a transcoder, whether with an affine skip), from its
+  config.json ((False, False) if unreadable: `read_sae` then says why)."""
+  try:
+    sae = json.loads((Path(workdir).expanduser() / "config.json").read_text())["sae"]
+    return bool(sae.get("target_site")), bool(sae.get("target_site") and sae.get("skip"))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return False, False
+
+
 def _init(family: saes.Family, key, config):
   params = family.init(key, d_in=config.sae.d_in, d_sae=config.sae.d_sae,
                        **family.init_kwargs(config))

@@ -496,14 +496,14 @@ def test_config_claiming_other_d_in(tmp_path):
 
 def test_unsupported_variants_are_refused(tmp_path):
   w = _good_arrays()
-  with pytest.raises(FormatError, match="key 'architecture' is 'transcoder'"):
-    jsae.load(_write_saelens(tmp_path / "tc", w, architecture="transcoder"))
+  with pytest.raises(FormatError, match="key 'architecture' is 'matching_pursuit'"):
+    jsae.load(_write_saelens(tmp_path / "mp", w, architecture="matching_pursuit"))
   with pytest.raises(FormatError, match="normalize_activations"):
     jsae.load(_write_saelens(tmp_path / "ln", w, normalize_activations="layer_norm"))
   gs2 = jsae.save(_sae(), tmp_path / "gs2", format="gemma_scope_2")
   cfg = json.loads((gs2 / "config.json").read_text())
-  (gs2 / "config.json").write_text(json.dumps({**cfg, "type": "transcoder"}))
-  with pytest.raises(FormatError, match="key 'type' is 'transcoder'"):
+  (gs2 / "config.json").write_text(json.dumps({**cfg, "type": "clt"}))
+  with pytest.raises(FormatError, match="key 'type' is 'clt'.*cross-layer"):
     jsae.load(gs2)
   (gs2 / "config.json").write_text(json.dumps({**cfg, "width": 7}))
   with pytest.raises(FormatError, match="key 'width' is 7"):

@@ -8,15 +8,18 @@ Every format stores the SAE in raw LM units (the normalisation constant C and
 the pre-encoder bias folded in, see `jsae.sae`); loading folds whatever a
 format leaves unfolded.
 
-  format          holds                 module
-  jsae            jumprelu, relu, topk  jsae.formats.native
-  gemma_scope     jumprelu              jsae.formats.gemma_scope
-  gemma_scope_2   jumprelu              jsae.formats.gemma_scope_2
-  saelens         jumprelu, relu, topk  jsae.formats.saelens
+  format          SAEs                  transcoders (+ affine skip)   module
+  jsae            jumprelu, relu, topk  jumprelu, relu, topk          jsae.formats.native
+  gemma_scope     jumprelu              none                          jsae.formats.gemma_scope
+  gemma_scope_2   jumprelu              jumprelu                      jsae.formats.gemma_scope_2
+  saelens         jumprelu, relu, topk  jumprelu, relu                jsae.formats.saelens
 
 BatchTopK, Matryoshka and Gated SAEs are JumpReLU SAEs at inference, so every
-format holds them. Bad input raises `FormatError` naming the file, the key and
-the expectation; a family a format cannot hold is refused before anything is
+format holds them (and their transcoders where the format holds JumpReLU ones).
+A transcoder (`sae.transcoder`) reads one site and predicts another; each format
+that holds one holds it with or without the affine skip W_skip. Bad input raises
+`FormatError` naming the file, the key and the expectation; a family a format
+cannot hold, or a transcoder in an SAE-only format, is refused before anything is
 written.
 """
 
@@ -52,8 +55,39 @@ def canonical_format(format: str) -> str:
 
 
 def families(format: str) -> tuple[str, ...]:
-  """The inference families `format` can hold."""
+  """The inference families `format` can hold as SAEs."""
   return _MODULES[canonical_format(format)].FAMILIES
+
+
+def transcoder_families(format: str) -> tuple[str, ...]:
+  """The inference families `format` can hold as transcoders (empty: SAEs only)."""
+  return _MODULES[canonical_format(format)].TRANSCODER_FAMILIES
+
+
+def _transcoder_holders(family: str, skip: bool) -> list[str]:
+  return [n for n, m in _MODULES.items()
+          if family in m.TRANSCODER_FAMILIES and (m.HOLDS_SKIP or not skip)]
+
+
+def check_can_hold_transcoder(family: str, skip: bool, format: str, *,
+                              trained: str | None = None, where: str = "") -> None:
+  """FormatError, naming the formats that can, when `format` cannot hold a `family`
+  transcoder (with an affine skip when `skip`)."""
+  module = _MODULES[format]
+  kind = "skip transcoder" if skip else "transcoder"
+  what = f"a {family!r} {kind}" + (f" (trained as {trained!r})"
+                                   if trained not in (None, family) else "")
+  use = " or ".join(repr(n) for n in _transcoder_holders(family, skip))
+  if not module.TRANSCODER_FAMILIES:
+    raise FormatError(f"{where}{what} cannot be saved as {format}: that format holds SAEs"
+                      f" only (one site read and reconstructed). Use format={use}.")
+  if family not in module.TRANSCODER_FAMILIES:
+    raise FormatError(f"{where}{what} cannot be saved as {format}: that format holds"
+                      f" {' and '.join(module.TRANSCODER_FAMILIES)} transcoders only."
+                      f" Use format={use}.")
+  if skip and not module.HOLDS_SKIP:
+    raise FormatError(f"{where}{what} cannot be saved as {format}: that format has no"
+                      f" place for the affine skip W_skip. Use format={use}.")
 
 
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
@@ -121,11 +155,15 @@ def load(path: str | os.PathLike, format: str | None = None, *, dtype=None) -> S
 
 
 def check_can_save(sae: SAE, format: str) -> str:
-  """The canonical format name, or FormatError when `format` cannot hold `sae`'s family."""
+  """The canonical format name, or FormatError when `format` cannot hold `sae`: its family,
+  or, for a transcoder, the family as a transcoder and its affine skip."""
   format = canonical_format(format)
+  trained = sae.provenance.get("training_family", sae.family)
+  if sae.transcoder or common.has_skip(sae):
+    check_can_hold_transcoder(sae.family, common.has_skip(sae), format, trained=trained)
+    return format
   held = _MODULES[format].FAMILIES
   if sae.family not in held:
-    trained = sae.provenance.get("training_family", sae.family)
     raise FormatError(
         f"a {sae.family!r} SAE (trained as {trained!r}) cannot be saved as {format}:"
         f" that format holds {', '.join(held)} SAEs only. Use"
@@ -201,7 +239,11 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "js
   """
   format = canonical_format(format)
   family = runs.training_family(run_dir)
-  if family is not None:
+  transcoder, skip = runs.training_transcoder(run_dir)
+  if family is not None and transcoder:
+    check_can_hold_transcoder(saes.get(family).inference_form, skip, format, trained=family,
+                              where=f"{run_dir}: ")
+  elif family is not None:
     form = saes.get(family).inference_form
     if form not in _MODULES[format].FAMILIES:
       raise FormatError(
@@ -213,5 +255,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "js
   return save(sae, out, format, overwrite=overwrite, **layout)
 
 
-__all__ = ["FORMATS", "FormatError", "SAE", "canonical_format", "check_can_save", "check_finite",
-           "common", "detect_format", "export", "families", "load", "save"]
+__all__ = ["FORMATS", "FormatError", "SAE", "canonical_format", "check_can_hold_transcoder",
+           "check_can_save", "check_finite", "common", "detect_format", "export", "families",
+           "load", "save", "transcoder_families"]

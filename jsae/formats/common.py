@@ -26,10 +26,14 @@ from jsae.saes import base as saes_base
 TL_HOOKS = {"resid_post": "blocks.{layer}.hook_resid_post",
             "resid_pre": "blocks.{layer}.hook_resid_pre",
             "resid_mid": "blocks.{layer}.hook_resid_mid",
+            "mlp_in": "blocks.{layer}.hook_mlp_in",
             "mlp_out": "blocks.{layer}.hook_mlp_out",
             "attn_out": "blocks.{layer}.hook_attn_out",
             "attn_z": "blocks.{layer}.attn.hook_z"}
+# mlp_in / mlp_out are a Gemma Scope 2 transcoder's input and output (SAELens's
+# Gemma 3 loader maps them to blocks.L.hook_mlp_in / hook_mlp_out).
 HF_HOOKS = {"resid_post": "model.layers.{layer}.output",
+            "mlp_in": "model.layers.{layer}.pre_feedforward_layernorm.output",
             "mlp_out": "model.layers.{layer}.post_feedforward_layernorm.output",
             "attn_z": "model.layers.{layer}.self_attn.o_proj.input"}
 
@@ -124,6 +128,14 @@ def site_and_layer(prov: dict) -> tuple[str | None, int | None]:
     if tail.isdigit() and layer is None:
       layer = int(tail)
   return site, (int(layer) if isinstance(layer, (int, np.integer)) else None)
+
+
+def site_text(prov: dict) -> str | None:
+  """The provenance's input site as 'mlp_in.6' (or 'mlp_in' without a layer), or None."""
+  site, layer = site_and_layer(prov)
+  if not site:
+    return None
+  return site if layer is None else f"{site}.{layer}"
 
 
 def hook_name(prov: dict, table: dict[str, str]) -> str | None:
@@ -263,10 +275,56 @@ def params_from_arrays(family: str, arrays: dict[str, np.ndarray], file: Path, *
   return params_type(**{k: weight(k) for k in keys}, **static)
 
 
-def to_sae(params, provenance: dict, dtype) -> SAE:
-  """An SAE from loaded inference params, cast to `dtype` when given."""
-  sae = SAE.from_params(params, provenance)
+def to_sae(params, provenance: dict, dtype, *, transcoder: bool = False) -> SAE:
+  """An SAE from loaded inference params, cast to `dtype` when given.
+
+  `transcoder` comes from the file's config, not the shapes: an MLP transcoder of
+  Gemma has d_out == d_in and may have no skip.
+  """
+  sae = SAE.from_params(params, provenance, transcoder=transcoder)
   return sae.astype(dtype) if dtype is not None else sae
+
+
+def has_skip(sae: SAE) -> bool:
+  """Whether `sae` has an affine skip W_skip `[d_in, d_out]` (a skip transcoder)."""
+  return getattr(sae.params, "W_skip", None) is not None
+
+
+def target_hook(prov: dict, table: dict[str, str]) -> str | None:
+  """The hook name of a transcoder's output site (provenance `target_site`, e.g.
+  'mlp_out.6'; a bare 'mlp_out' takes the provenance's `layer`), or None."""
+  target = prov.get("target_site")
+  if not isinstance(target, str) or not target:
+    return None
+  layer = None if "." in target else prov.get("layer")
+  return hook_name({"hook_site": target, "layer": layer}, table)
+
+
+def parse_target(name: Any, table: dict[str, str]) -> dict:
+  """{'target_site': 'mlp_out.6'} from an output hook name in `table`'s notation, or {}."""
+  parsed = parse_hook(name, table)
+  return {"target_site": f"{parsed['hook_site']}.{parsed['layer']}"} if parsed else {}
+
+
+def check_skip_agrees(claimed: bool, present: bool, *, w_file: Path, key: str,
+                      cfg_file: Path, flag: str) -> None:
+  """FormatError when a config's skip flag and the weights' skip matrix disagree.
+
+  Args:
+    claimed: the config says the transcoder has an affine skip.
+    present: the weights file holds the skip matrix under `key`.
+    flag: how the config says it (e.g. "key 'affine_connection' is false").
+  """
+  if claimed and not present:
+    raise FormatError(
+        f"{w_file}: missing key {key!r}: {cfg_file} says the transcoder has an affine skip"
+        f" connection ({flag}). Add the skip matrix to the weights, or set the config"
+        " to say there is none.")
+  if present and not claimed:
+    raise FormatError(
+        f"{w_file}: key {key!r} holds an affine skip connection, but {cfg_file} says there"
+        f" is none ({flag}); expected them to agree. Set the config to say there is a"
+        f" skip, or remove {key!r} from the weights.")
 
 
 def weights(sae: SAE, *, dtype=None, names: dict[str, str] | None = None
@@ -283,6 +341,15 @@ def weights(sae: SAE, *, dtype=None, names: dict[str, str] | None = None
       a = a.astype(dtype)
     arrays[names.get(k, k) if names else k] = a
   return arrays
+
+
+def require_sae(sae: SAE, format: str) -> None:
+  """Raises FormatError when `sae` is a transcoder (formats that hold SAEs only)."""
+  if sae.transcoder or has_skip(sae):
+    raise FormatError(
+        f"a transcoder cannot be saved as {format}: that format holds SAEs only (one site"
+        " read and reconstructed, no affine skip). Save it with format='jsae',"
+        " 'gemma_scope_2' (JumpReLU) or 'saelens' (JumpReLU or ReLU) instead.")
 
 
 def require_jumprelu(sae: SAE, format: str) -> None:

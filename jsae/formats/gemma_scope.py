@@ -1,4 +1,4 @@
-"""Gemma Scope (Gemma 2) `params.npz`: JumpReLU SAEs only.
+"""Gemma Scope (Gemma 2) `params.npz`: JumpReLU SAEs only (no transcoders).
 
 Keys W_enc, W_dec, b_enc, b_dec, threshold (some releases: lowercase
 `w_enc`/`w_dec`, and a `scaling_factor`), float32, no b_dec subtraction before the
@@ -15,11 +15,17 @@ from typing import Any
 import numpy as np
 
 from jsae.formats import common
+from jsae.formats.common import FormatError
 from jsae.sae import SAE
 
 NAME = "gemma_scope"
 LAYOUT = "params.npz"
 FAMILIES = ("jumprelu",)
+TRANSCODER_FAMILIES: tuple[str, ...] = ()
+HOLDS_SKIP = False
+# Keys of a skip connection in other releases (Gemma Scope 2, SAELens, jsae): refused,
+# since this layout has no output site or skip to say what they mean.
+_SKIP_KEYS = ("W_skip", "w_skip", "affine_skip_connection")
 WEIGHTS = "params.npz"
 
 
@@ -50,6 +56,14 @@ def load(file: Path, dtype) -> SAE:
   if file.is_dir():
     file = file / WEIGHTS
   arrays = common.read_npz(file)
+  skip = [k for k in _SKIP_KEYS if k in arrays]
+  if skip:
+    raise FormatError(
+        f"{file}: unexpected key {skip[0]!r} (an affine skip connection); a Gemma Scope"
+        " params.npz holds an SAE: W_enc, W_dec, b_enc, b_dec, threshold. A skip"
+        " transcoder belongs in a Gemma Scope 2 folder (params.safetensors with"
+        " affine_skip_connection + config.json with \"affine_connection\": true), a jsae or"
+        " a SAELens folder.")
   arrays = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in arrays.items()}
   arrays = common.fold_scaling_factor(arrays, file)
   params = common.params_from_arrays("jumprelu", arrays, file, pre_encoder_bias=False)
@@ -71,6 +85,7 @@ def save(sae: SAE, path: Path, overwrite: bool, *, layer: int | None = None,
   elif width is not None or average_l0 is not None:
     raise ValueError("width and average_l0 build the Gemma Scope folder layout; pass"
                      " layer too.")
+  common.require_sae(sae, "gemma_scope")
   common.require_jumprelu(sae, "gemma_scope")
   file = path if path.suffix == ".npz" else path / WEIGHTS
   common.check_writable([file], overwrite)
