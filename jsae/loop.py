@@ -192,7 +192,9 @@ def held_out_batches(config, batch_sharding) -> list:
 def held_out_metrics(params, family_state, batches: list, norm_scale) -> dict:
   """FVU, L0 and dead fraction (never fired on the set) of the inference form on held-out
   batches (raw rows; a transcoder's [x, y] pairs, `norm_scale` its `norm_scales`)."""
-  model = sae_lib.SAE.from_training(params, norm_scale, state=family_state)
+  transcoder = isinstance(norm_scale, (tuple, list))  # (C of x, C of y): `norm_scales`
+  model = sae_lib.SAE.from_training(params, norm_scale, state=family_state,
+                                    transcoder=transcoder)
   weights = [jnp.ones(b.shape[0], jnp.float32) for b in batches]
   m = evals.activation_metrics(model, zip(batches, weights), d_in=model.d_in, d_sae=model.d_sae,
                                d_out=model.d_out if model.transcoder else None)
