@@ -161,7 +161,7 @@ def _sweep_field_hint(culprit: str | None) -> str:
   """How to sweep from the command line, for an override of a group's swept values."""
   if not culprit or ".swept." not in culprit:
     return ""
-  group = culprit.split(".swept.")[0]
+  group = culprit.split(".swept.")[0].removeprefix("config.")
   return (f"config.{group}.swept lists every field the group can sweep (its family's traced"
           f" knobs, seed and lr; () where not swept); set one as --config.{group}.swept.lr="
           "'(1e-3, 3e-4)'. A shape or static setting cannot be swept inside a group: give each"

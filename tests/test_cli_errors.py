@@ -97,6 +97,11 @@ CASES = [
     ("report_without_runs", lambda t, m: ["report"], ["needs at least one run", "usage"]),
     ("shards_without_arguments", lambda t, m: ["shards"], ["usage: jsae shards"]),
     ("unknown_command", lambda t, m: ["trian"], ["unknown command", "trian"]),
+    ("static_field_swept_from_the_command_line",
+     lambda t, m: ["sweep", "--config=sweep_tiny:families=topk", "--dry_run",
+                   "--config.sweep.groups.topk.swept.d_sae=(64,128)"],
+     ["swept.d_sae", "--config.sweep.groups.topk.swept.lr='(1e-3, 3e-4)'",
+      "a group of its own"]),
 ]
 
 
@@ -110,6 +115,20 @@ def test_user_error_is_one_paragraph_and_exit_2(setup, words, tmp_path, monkeypa
   for word in words:
     assert word in text, (word, text)
   assert "Traceback" not in text
+
+
+def test_the_command_line_sweeps_any_sweepable_field():
+  """A group's swept values can be set from the command line for fields the sweep config
+  did not sweep (lr here): every sweepable field is in `swept`."""
+  from jsae import sweep
+  config, _ = cli.parse_config_flags(
+      "jsae sweep", ["--config=sweep_tiny:families=topk",
+                     "--config.sweep.groups.topk.swept.lr=(1e-3, 3e-4)"],
+      workdir_required=False)
+  (group,) = sweep.plan(config)
+  assert len(group.members) == 6
+  assert {m.config.optim.lr for m in group.members} == {1e-3, 3e-4}
+  assert "topk-k=4-lr=0.001" in [m.name for m in group.members]
 
 
 def test_debug_shows_the_traceback(tmp_path):
