@@ -102,10 +102,29 @@ def _bytes(tree) -> int:
   return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def row_width(config) -> int:
+  """Floats in one row of the run's data: d_in, or a transcoder's d_in + d_out pair."""
+  return config.sae.d_in + (out_width(config) if saes.base.is_transcoder(config) else 0)
+
+
+def out_width(config) -> int:
+  """The decoder's width d_out (d_in for an SAE)."""
+  return int(config.sae.get("d_out", 0) or config.sae.d_in)
+
+
 def step_flops(config, family: saes.Family) -> float:
-  """Model FLOPs of one train step of one SAE: step_matmuls x 2 B d_in d_sae."""
-  return float(family.step_matmuls * 2 * config.data.batch_size * config.sae.d_in
-               * config.sae.d_sae)
+  """Model FLOPs of one train step of one SAE: step_matmuls x 2 B d_in d_sae.
+
+  Of a family's `step_matmuls`, 2 touch the encoder (forward, weight gradient) and the
+  rest the decoder, which a transcoder runs at its own width d_out; its skip adds a
+  forward and two gradient matmuls of B d_in d_out.
+  """
+  b, d_in, d_sae, d_out = (config.data.batch_size, config.sae.d_in, config.sae.d_sae,
+                           out_width(config))
+  flops = 2 * b * d_sae * (2 * d_in + (family.step_matmuls - 2) * d_out)
+  if config.sae.get("skip", False):
+    flops += 3 * 2 * b * d_in * d_out
+  return float(flops)
 
 
 def group_costs(config: ml_collections.ConfigDict) -> list[GroupCost]:
@@ -175,13 +194,17 @@ def lm_flops_per_token(lm_config: gemma.GemmaConfig, site: str, seq_len: int) ->
 
 
 def harvest_cost(config: ml_collections.ConfigDict, d_in: int) -> dict:
-  """The LM FLOPs and disk of harvesting the run's activations (train + held-out tokens)."""
+  """The LM FLOPs and disk of harvesting the run's activations (train + held-out tokens;
+  a transcoder's two sites from one forward: `d_in` is then both widths together)."""
   lm_config = gemma.get_config(config.lm.model)
   train_tokens = int(config.text.max_train_tokens or config.train.num_tokens)
   tokens = train_tokens + int(config.text.max_eval_tokens)
-  per_token = lm_flops_per_token(lm_config, config.lm.site, config.text.seq_len)
+  sites = [config.lm.site] + ([config.sae.target_site] if saes.base.is_transcoder(config)
+                              else [])
+  deepest = max(sites, key=lambda s: gemma.parse_site(s, lm_config)[1])
+  per_token = lm_flops_per_token(lm_config, deepest, config.text.seq_len)
   itemsize = np.dtype(config.harvest.dtype).itemsize
-  return dict(model=config.lm.model, site=config.lm.site, tokens=tokens,
+  return dict(model=config.lm.model, site=" + ".join(sites), tokens=tokens,
               flops_per_token=per_token, flops=per_token * tokens,
               disk_bytes=tokens * d_in * itemsize, dtype=config.harvest.dtype)
 
@@ -192,7 +215,7 @@ def estimate(config: ml_collections.ConfigDict, hardware=HARDWARE) -> dict:
   base = costs[0].config
   steps = config_lib.total_steps(base)
   flops = sum(c.flops_per_step for c in costs)
-  d_in = base.sae.d_in
+  d_in = row_width(base)
   rows = []
   for hw in hardware:
     axes = mesh_axes(config.mesh, hw.devices)
@@ -233,9 +256,9 @@ def _compiled_figures(config, costs: list[GroupCost]) -> dict:
   flops = mem = 0.0
   for c in costs:
     state_sharding = sharding.named(mesh, c.specs)
-    settings = train.StepSettings.from_config(c.config, 1.0)
+    settings = train.StepSettings.from_config(c.config, 1.0, 1.0)
     steps = config_lib.total_steps(c.config)
-    batch = jax.ShapeDtypeStruct((c.config.data.batch_size, c.config.sae.d_in), np.float32)
+    batch = jax.ShapeDtypeStruct((c.config.data.batch_size, row_width(c.config)), np.float32)
     if c.name:
       g = next(g for g in sweep.plan(config) if g.name == c.name)
       hparams = jax.eval_shape(lambda g=g: sweep.group_hyperparams(g))

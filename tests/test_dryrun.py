@@ -86,3 +86,19 @@ def test_cli_dry_run_prints_the_figures_without_data_or_workdir():
                         "--config=configs/gemma2_9b.py:site=mlp,layer=20"],
                        cwd=REPO, text=True, capture_output=True, timeout=300)
   assert bad.returncode == 2 and "site=mlp: one of" in bad.stderr
+
+
+def test_transcoder_dry_run_counts_both_widths_the_skip_and_both_sites():
+  from configs import transcoder
+  c = transcoder.get_config("skip=1")
+  c.data.shards_dir = "unused"
+  c.sae.d_out = 640
+  c.mesh.data = 8  # the 8 local (fake) devices, so the step compiles here too
+  e = dryrun.estimate(c)
+  b, d_in, d_out, n = c.data.batch_size, 640, 640, c.sae.d_sae
+  # 2 encoder matmuls at d_in, 3 decoder ones at d_out, the skip's forward and 2 gradients.
+  assert e["flops_per_step"] == 2 * b * n * (2 * d_in + 3 * d_out) + 3 * 2 * b * d_in * d_out
+  assert e["compiled"]["flops_per_step"] == pytest.approx(e["flops_per_step"], rel=0.05)
+  h = e["harvest"]
+  assert h["site"] == "mlp_in.6 + mlp_out.6"
+  assert h["disk_bytes"] == h["tokens"] * (d_in + d_out) * 4
