@@ -95,6 +95,11 @@ def render(records: list[dict]) -> str:
          "`docs/performance/<machine>.json` and re-renders this file; `--only eval,sweep` reruns",
          "some); `python -m bench --render` re-renders from the stored files. Ratios: higher is",
          "better; a target is the issue's bar for that ratio.", "",
+         "Speed defaults follow these measurements: the automatic sparse train step",
+         "(`sae.sparse_capacity=-1`, `jsae.ops.sparse.MEASURED_BACKENDS`) is on only for the",
+         "backends whose `train_step` sparse rows were measured here (XLA:CPU so far); on GPU",
+         "and TPU `-1` means the dense step until `python -m bench` on such a machine has",
+         "measured them.", "",
          "## Machines", "",
          "| machine | measured | commit | jax | how |", "|---|---|---|---|---|"]
   for r in records:

@@ -670,18 +670,23 @@ def member_statuses(sweep_dir) -> dict[str, dict]:
   return out
 
 
-def _summary(groups, states, last_metrics, warnings, steps) -> dict:
-  members = []
+def _statuses(groups, states, warnings: dict) -> dict[str, dict]:
+  """{member name: `member_status`} from the groups' frozen flags and the health warnings."""
+  out = {}
   for g in groups:
     frozen = np.asarray(states[g.name].frozen)
     frozen_step = np.asarray(states[g.name].frozen_step)
     for m in g.members:
-      status = member_status(int(frozen_step[m.index]) if frozen[m.index] else None,
-                             warnings.get(m.name))
-      members.append(dict(
-          name=m.name, group=g.name, family=g.family.name, values=m.values,
-          status=status["status"] if status["status"] == "ok" else status["detail"],
-          metrics=last_metrics.get(m.name, {}), dir=f"members/{m.name}"))
+      out[m.name] = member_status(int(frozen_step[m.index]) if frozen[m.index] else None,
+                                  warnings.get(m.name))
+  return out
+
+
+def _summary(groups, statuses: dict, last_metrics, steps) -> dict:
+  members = [dict(name=m.name, group=g.name, family=g.family.name, values=m.values,
+                  status=statuses[m.name].get("detail", statuses[m.name]["status"]),
+                  metrics=last_metrics.get(m.name, {}), dir=f"members/{m.name}")
+             for g in groups for m in g.members]
   return dict(steps=steps, members=members)
 
 
@@ -752,18 +757,13 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     # -- Members as single runs (with their status), the summary and the report.
     _write_members(workdir, groups, states, lambda m: resume.checkpoint_meta(m.config, source))
   last_lines = {name: log.last() for name, log in trainee.logs.items() if log.lines}
-  summary = _summary(groups, states, last_lines, trainee.warnings, end.done)
-  frozen = {m["name"]: m["status"] for m in summary["members"]
-            if m["status"].startswith("frozen")}
+  statuses = _statuses(groups, states, trainee.warnings)
+  frozen = {name: s["detail"] for name, s in statuses.items() if s["status"] == "frozen"}
   if jax.process_index() == 0:
-    jsonio.write_json(workdir / "summary.json", summary)
+    jsonio.write_json(workdir / "summary.json", _summary(groups, statuses, last_lines, end.done))
     for g in groups:
-      frozen_flags = np.asarray(states[g.name].frozen)
-      frozen_steps = np.asarray(states[g.name].frozen_step)
       for m in g.members:
-        jsonio.write_json(member_dir(workdir, m) / STATUS_NAME, member_status(
-            int(frozen_steps[m.index]) if frozen_flags[m.index] else None,
-            trainee.warnings.get(m.name)))
+        jsonio.write_json(member_dir(workdir, m) / STATUS_NAME, statuses[m.name])
     if config.sweep.report and not end.preempted:
       from jsae import report  # matplotlib only when a report is wanted
       report.write_report([member_dir(workdir, m) for g in groups for m in g.members],

@@ -500,11 +500,10 @@ class _SparseCapacity:
   META_KEY = "step_capacity"  # in checkpoint meta and the metrics log
 
   def __init__(self, config, settings: StepSettings, meta: dict | None):
-    # Measured to pay on XLA:CPU only (docs/performance.md); on accelerators, where
-    # the dense matmuls run near peak and the gathers do not, `-1` keeps the family's
-    # rule until a GPU/TPU measurement says otherwise.
+    # Only where the sparse step was measured to pay (`ops.sparse.MEASURED_BACKENDS`);
+    # elsewhere `-1` is the dense step, as the family's rule says there.
     self.adaptive = (saes.get(config.sae.family).adapts_capacity(config)
-                     and jax.default_backend() == "cpu")
+                     and jax.default_backend() in sparse.MEASURED_BACKENDS)
     self.now = saes.get(settings.family).step_capacity(settings.loss)
     if self.adaptive and meta is not None and self.META_KEY in meta:
       self.now = int(meta[self.META_KEY])

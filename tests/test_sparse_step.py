@@ -242,6 +242,27 @@ def test_topk_sparse_capacity_rule_and_validation():
   assert "sparse_capacity" not in m.sae  # nested prefix decodes: no sparse step
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_automatic_capacity_is_dense_where_the_sparse_step_was_not_measured(backend,
+                                                                             monkeypatch):
+  """`sae.sparse_capacity=-1` means the dense step off XLA:CPU (docs/performance.md has no
+  accelerator measurement of the sparse rows); an explicit capacity is kept."""
+  assert sparse.capacity_rule(16384, 32, headroom=1, backend="cpu") == 32
+  assert sparse.capacity_rule(16384, 32, headroom=1, backend=backend) == 0
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  topk, batchtopk = _topk_config("topk", -1, 32), _topk_config("batchtopk", -1, 32)
+  topk.sae.d_sae = batchtopk.sae.d_sae = 16384
+  assert saes.get("topk").settings(topk).sparse_capacity == 0
+  assert saes.get("batchtopk").settings(batchtopk).sparse_capacity == 0
+  jumprelu = _config(-1)
+  jumprelu.sae.d_sae = 16384
+  jumprelu.loss.sparsity, jumprelu.loss.target_l0 = "quadratic", 10.0
+  assert sparse.capacity_rule(16384, 10.0, backend="cpu") == 64  # sparse there
+  assert saes.get("jumprelu").settings(jumprelu).sparse_capacity == 0
+  batchtopk.sae.sparse_capacity = 256
+  assert saes.get("batchtopk").settings(batchtopk).sparse_capacity == 256
+
+
 @pytest.mark.parametrize("block", [1, 4, 8])
 def test_candidates_find_every_true_entry_in_two_passes(block):
   """The two-pass search (non-empty blocks, then entries) against numpy, rows of 0 to

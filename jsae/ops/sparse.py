@@ -49,14 +49,25 @@ def batch_chunk(batch: int, target: int = 256) -> int:
   return max(c for c in range(1, min(batch, target) + 1) if batch % c == 0)
 
 
-def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4) -> int:
+# Backends where the sparse step was measured to pay (docs/performance.md, `python -m
+# bench`). On the others an automatic capacity (`sae.sparse_capacity=-1`) means the
+# dense step: an accelerator runs the dense matmuls near its peak and the gathers may
+# not pay there; it joins this list once the accelerator suite has measured it.
+MEASURED_BACKENDS = ("cpu",)
+
+
+def capacity_rule(d_sae: int, expected_l0: float | None, headroom: float = 4,
+                  backend: str | None = None) -> int:
   """The sparse step's capacity for an expected L0, or 0 (dense) when it would not pay.
 
   `headroom` x the expected L0 (4: rows vary, and JumpReLU's straight-through
   window adds candidates; 1 for TopK, whose rows hold exactly k), rounded up to
-  a power of two, at least 32; dense when the L0 is not known in advance or the
-  capacity exceeds `MAX_CAPACITY_FRACTION` of d_sae.
+  a power of two, at least 32; dense when the L0 is not known in advance, the
+  capacity exceeds `MAX_CAPACITY_FRACTION` of d_sae, or `backend` (default JAX's)
+  is not in `MEASURED_BACKENDS`.
   """
+  if (backend or jax.default_backend()) not in MEASURED_BACKENDS:
+    return 0
   if expected_l0 is None or expected_l0 <= 0:
     return 0
   cap = max(32, 1 << (int(math.ceil(headroom * expected_l0)) - 1).bit_length())
