@@ -94,8 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.eval_shards_dir = ""  # held-out shards for eval.every_steps ('' = none for 'shards')
   # A transcoder's target shards, row-aligned with the input's ('' = the directory beside
   # shards_dir / eval_shards_dir named after sae.target_site, as jsae harvest writes it).
-  c.data.target_shards_dir = ""
-  c.data.eval_target_shards_dir = ""
+  c.data.target_shards_dir = ""  # the training target's shards (transcoders)
+  c.data.eval_target_shards_dir = ""  # the held-out target's shards (transcoders)
   c.data.prefetch = 4  # batches prepared ahead by a background thread
   c.data.verify = "first_open"  # shard checksums: 'first_open', 'all' (at start) or 'none' (huge data)
   c.data.synthetic = ml_collections.ConfigDict()
@@ -105,8 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.synthetic.noise = 0.01  # Gaussian noise std per dimension, relative to the signal
   c.data.synthetic.dictionary_seed = 1234  # seed of the planted directions
   # Transcoders (sae.target_site set, any name): y = the codes decoded by a second
-  # planted dictionary of width sae.d_out, plus x @ A, A a random map of this scale.
-  c.data.synthetic.skip_scale = 0.0
+  # planted dictionary of width sae.d_out, plus x @ A (A reads a dense part of x).
+  c.data.synthetic.skip_scale = 0.0  # the planted linear map's scale (0: none)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_tokens = 4_000_000_000  # training budget in tokens (steps = tokens / batch)
