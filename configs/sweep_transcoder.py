@@ -19,7 +19,7 @@ of its own.
 from configs import default, demo, transcoder
 from jsae import sweep
 
-LAMBDAS = (3e-3, 1e-3, 3e-4)  # from sparse to dense (inputs and outputs at E||.||^2 = 1)
+LAMBDAS = (3e-4, 6e-5, 1.2e-5)  # from sparse to dense (inputs and outputs at E||.||^2 = 1)
 
 
 def get_config(arg: str | None = None):

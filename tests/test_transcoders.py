@@ -369,3 +369,26 @@ def test_bad_transcoder_configs_are_refused(change, message):
     c.sae[k] = v
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)
+
+
+def test_the_browser_shows_a_transcoders_input_contexts_and_output_logit_effects(tiny_lm):
+  from jsae.browse import logits, run as browse_lib
+  params, lm_config = tiny_lm
+  config = _transcoder_config("jumprelu")
+  config.lm.site, config.sae.target_site = "mlp_in.1", "mlp_out.1"
+  d = lm_config.d_model
+  fam = saes.get("jumprelu")
+  tc = jsae.SAE.from_training(fam.init(jax.random.key(0), d_in=d, d_sae=8, d_out=d,
+                                       pre_encoder_bias=False), (2.0, 3.0), transcoder=True)
+  assert browse_lib.output_site(config, tc) == "mlp_out.1"  # where its decoder rows live
+  sae = jsae.SAE.from_training(fam.init(jax.random.key(0), d_in=d, d_sae=8), 2.0)
+  assert browse_lib.output_site(config, sae) == "mlp_in.1"
+  config.sae.target_site = ""
+  with pytest.raises(browse_lib.BrowseError, match="set config.sae.target_site"):
+    browse_lib.output_site(config, tc)
+  # Rows at the MLP's output reach the logits directly; at its input they do not.
+  w = tc.params.W_dec
+  direction = logits.residual_directions(w, params, lm_config, "mlp_out.1")
+  np.testing.assert_array_equal(direction, w)
+  with pytest.raises(ValueError, match="no linear path to the logits"):
+    logits.residual_directions(w, params, lm_config, "mlp_in.1")
