@@ -121,6 +121,15 @@ def sparsity_point(run: dict, key: str) -> tuple[tuple[float, float], str] | Non
   return found
 
 
+def series(run: dict) -> str:
+  """What a run's Pareto front groups it with: its family, and whether it is a
+  transcoder (with or without a skip) of a target site."""
+  sae = run["config"]["sae"]
+  if not sae.get("target_site"):
+    return sae["family"]
+  return f"{sae['family']} {'skip ' if sae.get('skip') else ''}transcoder"
+
+
 def excluded(run: dict) -> str | None:
   """Why a run is left out of the Pareto fronts (a frozen or unhealthy sweep member), or None."""
   status = run.get("status") or {}
@@ -156,7 +165,7 @@ def plot_pareto(runs: list[dict], key: str, label: str, path: Path) -> list[str]
   limit = OFF_SCALE * float(np.median(ys)) if ys and np.median(ys) > 0 else float("inf")
   top = max([y for y in ys if y <= limit], default=None)
   for number, run, point in shown:
-    family = run["config"]["sae"]["family"]
+    family = series(run)
     color = colors[(list(families) + [family]).index(family) % len(colors)]
     if point[1] > limit:  # off-scale: at the top edge, left out of the front
       notes.append(f"#{number} {run['name']} off-scale ({label} {point[1]:.3g})")
@@ -222,7 +231,7 @@ def _row(number: int, run: dict) -> str:
   if found:  # not evaluated: the training log's figures (see the Pareto plot's title)
     (l0, fvu), _ = found
   status = (run.get("status") or {}).get("status", "ok")
-  cells = [number, run["name"], c["sae"]["family"], c["sae"]["d_sae"], _knob(c),
+  cells = [number, run["name"], series(run), c["sae"]["d_sae"], _knob(c),
            last.get("step"), status, l0, fvu, e.get("delta_lm_loss"),
            e.get("delta_lm_loss_zero"), e.get("lm_targets"), e.get("dead_frac"),
            e.get("dense_frac")]

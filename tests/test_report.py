@@ -93,6 +93,27 @@ def test_frozen_unhealthy_non_finite_and_off_scale_runs_stay_off_the_fronts(tmp_
   assert page.count("<tr>") == 1 + 6 and "<td>frozen</td>" in page
 
 
+def test_transcoders_get_fronts_of_their_own(tmp_path):
+  runs = []
+  for i, (target, skip) in enumerate([("", False), ("mlp_out.6", False), ("mlp_out.6", True)]):
+    run = _fake_run(tmp_path, f"r{i}", 20 + 10 * i, 0.5, i)
+    config = json.loads((run / "config.json").read_text())
+    config["sae"].update(target_site=target, skip=skip)
+    (run / "config.json").write_text(json.dumps(config))
+    runs.append(report.load_run(run))
+  assert [report.series(r) for r in runs] == ["jumprelu", "jumprelu transcoder",
+                                               "jumprelu skip transcoder"]
+  labels = []
+  real_legend = report.plt.Axes.legend
+  try:
+    report.plt.Axes.legend = lambda self, *a, **k: labels.extend(
+        t for t in self.get_legend_handles_labels()[1]) or real_legend(self, *a, **k)
+    report.plot_pareto(runs, "fvu", "FVU", tmp_path / "p.png")
+  finally:
+    report.plt.Axes.legend = real_legend
+  assert labels == ["jumprelu (1)", "jumprelu transcoder (1)", "jumprelu skip transcoder (1)"]
+
+
 def test_empty_delta_loss_panel_single_step_runs_and_mixed_token_counts(tmp_path):
   run = _fake_run(tmp_path, "a", 20, 0.9, 0)
   (run / "eval.json").unlink()
