@@ -659,14 +659,18 @@ def member_status(frozen_step: int | None, warning: str | None) -> dict:
 
 
 def member_statuses(sweep_dir) -> dict[str, dict]:
-  """{member name: its status record} of a finished sweep directory, in name order
+  """{member name: its status record} of the members the sweep in `sweep_dir` planned
+  (its sweep.json; other folders under members/ are not its own), in name order
   ({'status': 'ok'} for a member without one, as sweeps before statuses wrote)."""
+  plan_file = Path(sweep_dir) / "sweep.json"
+  names = sorted(m["name"] for g in json.loads(plan_file.read_text())["groups"]
+                 for m in g["members"])
   out = {}
-  for member in sorted(p for p in (Path(sweep_dir) / "members").iterdir() if p.is_dir()):
+  for name in names:
     try:
-      out[member.name] = json.loads((member / STATUS_NAME).read_text())
+      out[name] = json.loads((Path(sweep_dir) / "members" / name / STATUS_NAME).read_text())
     except (OSError, ValueError):
-      out[member.name] = {"status": "ok"}
+      out[name] = {"status": "ok"}
   return out
 
 

@@ -204,9 +204,12 @@ def test_exploding_members_are_frozen_at_a_healthy_state_that_exports(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jsae.load(out)))
   ok = result.workdir / "members" / g.members[0].name
   assert json.loads((ok / "status.json").read_text()) == {"status": "ok"}
-  # `jsae eval --sae=SWEEP` reads these to leave the frozen members out.
+  # `jsae eval --sae=SWEEP` reads these to leave the frozen members out; a folder under
+  # members/ that the sweep did not plan (another run's) is not one of them.
+  (result.workdir / "members" / "stale-member").mkdir()
   statuses = sweep.member_statuses(result.workdir)
   assert [statuses[m.name]["status"] for m in g.members] == ["ok", "frozen", "frozen"]
+  assert sorted(statuses) == sorted(m.name for m in g.members)
 
 
 def test_export_refuses_non_finite_parameters(tmp_path):
