@@ -86,10 +86,12 @@ def _finish(stats: dict) -> dict:
     raise ValueError("no tokens to evaluate (every position was masked).")
   total_var = s["sum_sq_x"] - np.sum(s["sum_x"] ** 2) / n
   freq = s["fires"] / n
+  with np.errstate(invalid="ignore", divide="ignore"):  # an all-zero output has no bias: NaN
+    bias = float(s["sum_xhat_sq"] / s["sum_x_xhat"])
   return dict(
       tokens=int(n), l0=float(s["sum_l0"] / n), fvu=float(s["sum_err"] / total_var),
       mse=float(s["sum_err"] / n), cosine=float(s["sum_cos"] / n),
-      relative_reconstruction_bias=float(s["sum_xhat_sq"] / s["sum_x_xhat"]),
+      relative_reconstruction_bias=bias,
       dead_frac=float(np.mean(freq == 0)),
       dense_frac=float(np.mean(freq > DENSE_THRESHOLD)),
       l0_histogram=s["l0_hist"].astype(int).tolist(),

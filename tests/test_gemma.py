@@ -303,7 +303,7 @@ def test_errors():
   tokens = _tokens()
   assert gemma.parse_site("attn_z.3") == ("attn_z", 3)
   with pytest.raises(ValueError, match=r"unknown hook site 'foo.3'; valid: resid_post.L, "
-                     r"mlp_out.L, attn_z.L with 0 <= L < 4"):
+                     r"mlp_in.L, mlp_out.L, attn_z.L with 0 <= L < 4"):
     gemma.forward(params, tokens, cfg, capture=("foo.3",))
   with pytest.raises(ValueError, match="unknown hook site 'resid_post.4'"):
     gemma.forward(params, tokens, cfg, capture=("resid_post.4",))
