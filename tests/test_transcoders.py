@@ -138,7 +138,7 @@ def test_skip_transcoder_recovers_the_planted_linear_map(tmp_path):
   through the export fold), and at the same k predicts y far better than a transcoder
   without one. (A's rows on the sparse directions are 0 but not identifiable: latents and
   skip can trade that part, so only the dense rows are compared.)"""
-  with_skip = _transcoder_config("topk", skip=True, steps=2000, batch=512)
+  with_skip = _transcoder_config("topk", skip=True, steps=1500, batch=512)
   train.train(with_skip, tmp_path / "skip", progress=False)
   source = data.make_source(with_skip)
   sae = jsae.runs.read_sae(tmp_path / "skip")
@@ -148,7 +148,7 @@ def test_skip_transcoder_recovers_the_planted_linear_map(tmp_path):
   err = np.linalg.norm(np.asarray(sae.params.W_skip)[dense] - A) / np.linalg.norm(A)
   print(f"skip: relative error {err:.4f} on the dense rows")
   assert err <= 0.05
-  plain = _transcoder_config("topk", skip=False, steps=2000, batch=512)
+  plain = _transcoder_config("topk", skip=False, steps=1500, batch=512)
   plain.data.synthetic.skip_scale = 1.0  # the same data, no skip to learn A with
   train.train(plain, tmp_path / "plain", progress=False)
   rows = np.concatenate([np.asarray(source.batch(50_000 + i)) for i in range(4)])
