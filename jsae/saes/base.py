@@ -13,7 +13,8 @@ know nothing of any family's specifics:
   init(key, d_in=, d_sae=, ...)        fresh float32 parameters
   init_state(d_sae, settings)          the family's slot in TrainState (a
                                        running threshold, ...); `NoState()` if none
-  loss(params, state, x, settings=, hparams=, dead=, step=) -> (loss, Output)
+  loss(params, state, x, settings=, hparams=, dead=, step=, target=) -> (loss, Output)
+  decode / predict                     f -> f W_dec + b_dec; plus a skip's x W_skip
   metrics(output, settings)            family scalars, on logging steps only
   constrain(params, settings)          back onto the constraint set after an update
   step_capacity / with_step_capacity   the sparse train step's capacity in settings
@@ -25,6 +26,9 @@ know nothing of any family's specifics:
   fold(params, state, norm_scale)      training form -> (inference family, params)
                                        in raw LM units; `canonical` the saved layout
   encode / decode                      the training-form forward (functional API)
+
+A transcoder is any family with another target (`d_out`, `target`, and with
+`skip` an affine `W_skip [d_in, d_out]` in its params, None for SAEs).
 
 Inference families (those an exported SAE can be: `inference_names()`) also
 provide `infer(params, x)`, the forward in plain jnp ops (any autodiff mode),
@@ -227,8 +231,10 @@ class Family:
     raise NotImplementedError
 
   def loss(self, params: Params, state: Any, x: jax.Array, *, settings, hparams: dict,
-           dead: jax.Array, step: jax.Array) -> tuple[jax.Array, "Output"]:
-    """(scalar loss, Output) on `x: [batch, d_in]` normalised inputs.
+           dead: jax.Array, step: jax.Array, target: jax.Array | None = None
+           ) -> tuple[jax.Array, "Output"]:
+    """(scalar loss, Output) on `x: [batch, d_in]` normalised inputs, predicting
+    `target: [batch, d_out]` (a transcoder; None: x itself, an SAE) with `predict`.
 
     `hparams` holds the traced fields, `dead: [d_sae]` the latents silent for
     `dead_window_steps`, `step` the update's step (warm-ups).
