@@ -48,12 +48,14 @@ class CheckpointDamagedError(OSError):
 
 def _restore(manager: ocp.CheckpointManager, step: int, args) -> Any:
   """`manager.restore`, with a failure to read the step's files as CheckpointDamagedError."""
+  # Before the read, not after its failure: TensorStore's reader threads may post an
+  # echo while the error is still on its way up to the except clause below.
+  silence_orbax_echoes()
   try:
     return manager.restore(step, args=args)
   except (KeyboardInterrupt, MemoryError):
     raise
   except Exception as e:  # Orbax and TensorStore raise many types for unreadable files
-    silence_orbax_echoes()
     raise CheckpointDamagedError(manager.directory, step, e) from e
 
 
@@ -65,8 +67,8 @@ _ORBAX_ECHOES = ("Encountered error while reading array index", "Event loop is c
 
 
 def silence_orbax_echoes() -> None:
-  """Drops those echo tracebacks, process-wide and once (installed on the first damaged
-  read); every other unraisable exception or thread error is reported as before."""
+  """Drops those echo tracebacks, process-wide and once (installed before the first
+  restore); every other unraisable exception or thread error is reported as before."""
   import sys  # pylint: disable=import-outside-toplevel
   import threading  # pylint: disable=import-outside-toplevel
   if getattr(sys.unraisablehook, "jsae_drops_orbax_echoes", False):
