@@ -139,6 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 0  # contexts per LM forward of delta LM loss (0: from eval.memory_mb)
   c.eval.memory_mb = 2048  # working-set budget of the delta LM loss pass (forwards + logit chunks)
   c.eval.min_density_tokens = 100_000  # fewer held-out tokens than this is an error
+  c.eval.saebench = False  # also write SAEBench's core file (adds its every-position ablation)
+  c.eval.saebench_release = "jsae"  # the release part of SAEBench's file names
   c.eval.every_steps = 0  # steps between held-out FVU/L0/dead checks during training (0: off)
   c.eval.batches = 4  # held-out batches for those checks (a fixed set)
 

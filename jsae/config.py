@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from jsae import saes
@@ -53,6 +55,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(value, int) and value > 0, field,
              f"must be a positive integer; got {value!r}.")
   _require(config.optim.lr > 0, "optim.lr", f"must be > 0; got {config.optim.lr!r}.")
+  _require(isinstance(config.eval.lm_contexts, int) and config.eval.lm_contexts >= 1,
+           "eval.lm_contexts", "must be a positive integer (held-out contexts for delta LM"
+           f" loss); got {config.eval.lm_contexts!r}.")
+  release = config.eval.get("saebench_release", "jsae")
+  _require(isinstance(release, str) and bool(re.fullmatch(r"[\w.\-]+", release)),
+           "eval.saebench_release", "names SAEBench's files: letters, digits, '_', '.' and"
+           f" '-' only; got {release!r}.")
   _require(isinstance(config.eval.memory_mb, int) and config.eval.memory_mb > 0,
            "eval.memory_mb", f"must be a positive integer (MiB); got {config.eval.memory_mb!r}.")
   for field in ("optim.clip_grad_norm", "optim.warmup_steps", "eval.batch_size"):

@@ -42,6 +42,7 @@ from jsae.lm import gemma, next_token
 
 DENSE_THRESHOLD = 0.1
 MIN_DENSITY_TOKENS = 100_000
+SHARD_BATCH_ROWS = 8192  # held-out rows per batch of the activation metrics
 
 
 # ---------------------------------------------------------------- accumulators
@@ -50,8 +51,9 @@ MIN_DENSITY_TOKENS = 100_000
 def _zero_stats(d_in: int, d_sae: int, max_l0_bin: int) -> dict:
   z = lambda *s: jnp.zeros(s, jnp.float32)
   return dict(n=z(), sum_x=z(d_in), sum_sq_x=z(), sum_err=z(), sum_cos=z(),
-              sum_xhat_sq=z(), sum_x_xhat=z(), sum_l0=z(), fires=z(d_sae),
-              l0_hist=z(max_l0_bin + 1))
+              sum_xhat_sq=z(), sum_x_xhat=z(), sum_l0=z(), sum_l1=z(), sum_norm_x=z(),
+              sum_norm_xhat=z(), sum_l2_ratio=z(), sum_ev_batch=z(), fires=z(d_sae),
+              l0_hist=z(max_l0_bin + 1), contexts=z(), contexts_fired=z(d_sae))
 
 
 def _accumulate(stats: dict, x: jax.Array, f: jax.Array, x_hat: jax.Array,
@@ -62,18 +64,31 @@ def _accumulate(stats: dict, x: jax.Array, f: jax.Array, x_hat: jax.Array,
   active = (f != 0).astype(jnp.float32)
   l0 = active.sum(-1)
   dot = jnp.sum(x * x_hat, -1)
-  cos = dot / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(x_hat, axis=-1), 1e-12)
+  norm_x, norm_xhat = jnp.linalg.norm(x, axis=-1), jnp.linalg.norm(x_hat, axis=-1)
+  cos = dot / jnp.maximum(norm_x * norm_xhat, 1e-12)
+  err = jnp.sum(jnp.square(x - x_hat), -1)
+  # Per-token explained variance against this batch's mean (SAEBench's "legacy" form).
+  batch_mean = (w[:, None] * x).sum(0) / jnp.maximum(w.sum(), 1.0)
+  ev_batch = 1 - err / jnp.sum(jnp.square(x - batch_mean), -1)
   bins = stats["l0_hist"].shape[0]
   hist = jnp.zeros(bins).at[jnp.minimum(l0, bins - 1).astype(jnp.int32)].add(w)
+  counted = lambda v: jnp.where(w > 0, w * v, 0.0).sum()  # padding rows may divide by 0
   return dict(
+      stats,
       n=stats["n"] + w.sum(),
       sum_x=stats["sum_x"] + (w[:, None] * x).sum(0),
       sum_sq_x=stats["sum_sq_x"] + (w * jnp.sum(x * x, -1)).sum(),
-      sum_err=stats["sum_err"] + (w * jnp.sum(jnp.square(x - x_hat), -1)).sum(),
+      sum_err=stats["sum_err"] + (w * err).sum(),
       sum_cos=stats["sum_cos"] + (w * cos).sum(),
       sum_xhat_sq=stats["sum_xhat_sq"] + (w * jnp.sum(x_hat * x_hat, -1)).sum(),
       sum_x_xhat=stats["sum_x_xhat"] + (w * dot).sum(),
       sum_l0=stats["sum_l0"] + (w * l0).sum(),
+      sum_l1=stats["sum_l1"] + (w * f.astype(jnp.float32).sum(-1)).sum(),
+      sum_norm_x=stats["sum_norm_x"] + (w * norm_x).sum(),
+      sum_norm_xhat=stats["sum_norm_xhat"] + (w * norm_xhat).sum(),
+      sum_l2_ratio=stats["sum_l2_ratio"] + (w * norm_xhat
+                                            / jnp.where(norm_x < 1e-4, 1.0, norm_x)).sum(),
+      sum_ev_batch=stats["sum_ev_batch"] + counted(ev_batch),
       fires=stats["fires"] + (w[:, None] * active).sum(0),
       l0_hist=stats["l0_hist"] + hist)
 
@@ -88,14 +103,21 @@ def _finish(stats: dict) -> dict:
   freq = s["fires"] / n
   with np.errstate(invalid="ignore", divide="ignore"):  # an all-zero output has no bias: NaN
     bias = float(s["sum_xhat_sq"] / s["sum_x_xhat"])
-  return dict(
+  out = dict(
       tokens=int(n), l0=float(s["sum_l0"] / n), fvu=float(s["sum_err"] / total_var),
       mse=float(s["sum_err"] / n), cosine=float(s["sum_cos"] / n),
       relative_reconstruction_bias=bias,
       dead_frac=float(np.mean(freq == 0)),
       dense_frac=float(np.mean(freq > DENSE_THRESHOLD)),
+      l1=float(s["sum_l1"] / n), l2_norm_in=float(s["sum_norm_x"] / n),
+      l2_norm_out=float(s["sum_norm_xhat"] / n), l2_ratio=float(s["sum_l2_ratio"] / n),
+      mean_squared_norm=float(s["sum_sq_x"] / n),
+      explained_variance_batch=float(s["sum_ev_batch"] / n),
       l0_histogram=s["l0_hist"].astype(int).tolist(),
       firing_frequency=freq.astype(np.float32))
+  if s["contexts"] > 0:  # the LM pass: in how many contexts each latent fired
+    out.update(contexts=int(s["contexts"]), contexts_fired=s["contexts_fired"].astype(np.int64))
+  return out
 
 
 def _output(sae, f: jax.Array, x: jax.Array) -> jax.Array:
@@ -126,7 +148,7 @@ def activation_metrics(sae, batches: Iterable[tuple[Any, Any]], *, d_in: int, d_
   return _finish(stats)
 
 
-def pair_batches(x_dir, y_dir, batch_rows: int = 8192):
+def pair_batches(x_dir, y_dir, batch_rows: int = SHARD_BATCH_ROWS):
   """`shard_batches` of two row-aligned directories (a transcoder's input and target) as
   `([x, y] rows [n, d_in + d_out], weights [n])` batches."""
   from jsae.data import pairs  # pylint: disable=import-outside-toplevel
@@ -135,7 +157,7 @@ def pair_batches(x_dir, y_dir, batch_rows: int = 8192):
     yield np.concatenate([x, y], axis=-1), weight
 
 
-def shard_batches(directory, batch_rows: int = 8192):
+def shard_batches(directory, batch_rows: int = SHARD_BATCH_ROWS):
   """`(rows [n, d_in] float32, ones [n])` batches over every row of a shard directory, in order."""
   from jsae.data import shards as shards_lib
   manifest = shards_lib.load_manifest(directory)
@@ -168,14 +190,16 @@ def shard_batches(directory, batch_rows: int = 8192):
 DEFAULT_MEMORY_BYTES = 2 << 30
 
 
-def _prefix_fn(lm_config: gemma.GemmaConfig, site: str, target_site: str | None = None):
-  """A jitted fn(lm_params, tokens, mask) -> (resid, x, y, h_clean, h_zero).
+def _prefix_fn(lm_config: gemma.GemmaConfig, site: str, target_site: str | None = None,
+               zero_every_position: bool = False):
+  """A jitted fn(lm_params, tokens, mask) -> (resid, x, y, h_clean, h_zeros [A, ...]).
 
   What every SAE of a site shares: the residual stream entering the hooked
   block (`resid`), the site's activations `x` (and `y`, a transcoder's target
   site; `x` again for SAEs), and the final hidden states of the clean and the
   zero-ablated forwards (the target site zeroed: for a transcoder, the MLP's
-  output).
+  output) where the SAEs are spliced in; with `zero_every_position` also the
+  zero ablation of every position, BOS/EOS/pad included (SAEBench's ablation).
   """
   target = target_site or site
   layer = gemma.parse_site(site, lm_config)[1]
@@ -186,8 +210,10 @@ def _prefix_fn(lm_config: gemma.GemmaConfig, site: str, target_site: str | None 
                                resid=resid, logits=False)
     h_clean, acts = suffix(capture=tuple(dict.fromkeys((site, target))))
     zero = lambda a: jnp.where(mask[..., None], jnp.zeros_like(a), a)
-    h_zero, _ = suffix(splice={target: zero})
-    return resid, acts[site], acts[target], h_clean, h_zero
+    h_zeros = [suffix(splice={target: zero})[0]]
+    if zero_every_position:
+      h_zeros.append(suffix(splice={target: jnp.zeros_like})[0])
+    return resid, acts[site], acts[target], h_clean, jnp.stack(h_zeros)
 
   return jax.jit(fn)
 
@@ -206,6 +232,9 @@ def _member_fn(lm_config: gemma.GemmaConfig, site: str, target_site: str | None 
     f = sae.encode(flat)
     y_hat = _output(sae, f, flat)
     stats = _accumulate(stats, y.reshape(-1, y.shape[-1]), f, y_hat, mask.reshape(-1))
+    fired = ((f != 0).reshape(*mask.shape, -1) & mask[..., None]).any(1)  # [batch, d_sae]
+    stats = dict(stats, contexts=stats["contexts"] + mask.any(1).sum(),
+                 contexts_fired=stats["contexts_fired"] + fired.sum(0))
     # Splice only where the SAE was trained (mask True): BOS/EOS/pad keep their
     # own activations. The BOS residual is huge (an attention sink) and never
     # in the training data; replacing it would measure that, not the SAE. The
@@ -281,20 +310,31 @@ def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, context
                        progress=progress, target_site=target_site)["sae"]
 
 
-def _lm_summary(targets, clean, spliced, zero, kl) -> dict:
-  """Delta LM loss and its companions from summed NLLs over `targets` tokens."""
+def _lm_summary(targets, clean, spliced, zero, kl, kl_zero) -> dict:
+  """Delta LM loss and its companions from summed NLLs and KLs over `targets` tokens.
+
+  `loss_recovered` (SAEBench's `ce_loss_score`) is (CE_zero - CE_spliced) /
+  (CE_zero - CE_clean) and `kl_div_score` is (KL_zero - KL_spliced) / KL_zero,
+  both against the zero ablation of the positions the SAE is spliced into.
+  """
   out = dict(
       ce_clean=clean / targets, ce_spliced=spliced / targets, ce_zero_ablation=zero / targets,
       delta_lm_loss=(spliced - clean) / targets, delta_lm_loss_zero=(zero - clean) / targets,
-      kl_div=kl / targets, lm_targets=int(targets))
+      kl_div=kl / targets, kl_div_zero_ablation=kl_zero / targets, lm_targets=int(targets))
   out["loss_recovered"] = 1 - out["delta_lm_loss"] / max(out["delta_lm_loss_zero"], 1e-12)
+  out["kl_div_score"] = 1 - kl / max(kl_zero, 1e-12)
   return out
 
 
 def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: str, contexts,
                   batch_size: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                  progress: bool = True, target_site: str | None = None) -> dict:
+                  progress: bool = True, target_site: str | None = None,
+                  zero_every_position: bool = False) -> dict:
   """`evaluate` for many SAEs of one site: {name: metrics}, the LM shared.
+
+  `zero_every_position` adds SAEBench's ablation, every position's activation
+  zeroed (BOS/EOS/pad too): `ce_zero_ablation_every_position` and
+  `kl_div_zero_ablation_every_position` (one more suffix and unembedding a token).
 
   With `target_site` the SAEs are transcoders of `site` (mlp_in.L) to it
   (mlp_out.L): fidelity metrics compare their prediction with the target, the
@@ -321,32 +361,37 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
                                  memory_bytes // 2)
     batch_size = -(-n // -(-n // batch_size))  # as many batches, the least padding
   chunk = next_token.chunk_positions(lm_config.vocab_size, memory_bytes // 2)
-  prefix = _prefix_fn(lm_config, site, target_site)
+  prefix = _prefix_fn(lm_config, site, target_site, zero_every_position)
   member = _member_fn(lm_config, site, target_site)
   losses = _loss_fn(lm_config, chunk)
   stats = {name: _zero_stats(d_out, widths[name], 1024) for name in saes}
-  sums = np.zeros(2 + 2 * (1 + len(saes)))  # targets, clean, (zero, SAEs...) NLLs, ...KLs
+  n_zero = 2 if zero_every_position else 1
+  k = n_zero + len(saes)
+  sums = np.zeros(2 + 2 * k)  # targets, clean, (zeros..., SAEs...) NLLs, the same KLs
   bar = tqdm(total=contexts.n_tokens, disable=not progress, unit="tok",
              desc=f"eval ({len(saes)} SAE{'s' if len(saes) > 1 else ''})", dynamic_ncols=True,
              mininterval=1.0)
   for tokens, mask in _batches(contexts, batch_size):
-    resid, x, y, h_clean, h_zero = prefix(lm_params, tokens, mask)
+    resid, x, y, h_clean, h_zeros = prefix(lm_params, tokens, mask)
     spliced = []
     for name, sae in saes.items():
       stats[name], h = member(lm_params, sae, tokens, mask, resid, x, y, stats[name])
       spliced.append(h)
-    sums += np.asarray(losses(lm_params, h_clean, jnp.stack([h_zero, *spliced]), tokens, mask),
-                       np.float64)
+    others = jnp.concatenate([h_zeros, jnp.stack(spliced)])
+    sums += np.asarray(losses(lm_params, h_clean, others, tokens, mask), np.float64)
     bar.update(int(np.asarray(mask).sum()))
   bar.close()
-  k = 1 + len(saes)
-  targets, clean, zero = sums[0], sums[1], sums[2]
+  targets, clean = sums[0], sums[1]
+  nll, kls = sums[2:2 + k], sums[2 + k:]
   out = {}
   for i, name in enumerate(saes):
     out[name] = _finish(stats[name])
-    spliced, kl = sums[3 + i], sums[2 + k + 1 + i]
-    out[name].update(_lm_summary(targets, clean, spliced, zero, kl), site=site, d_in=d_in,
-                     d_sae=widths[name])
+    out[name].update(_lm_summary(targets, clean, nll[n_zero + i], nll[0], kls[n_zero + i],
+                                 kls[0]), site=site, d_in=d_in, d_sae=widths[name],
+                     lm_batch_size=batch_size)
+    if zero_every_position:
+      out[name].update(ce_zero_ablation_every_position=nll[1] / targets,
+                       kl_div_zero_ablation_every_position=kls[1] / targets)
     if target_site:
       out[name].update(target_site=target_site, d_out=d_out)
   return out

@@ -327,7 +327,8 @@ def eval_definition(config, lm: LM, sae, contexts: dict, eval_dir: Path) -> dict
               lm=lm.definition(), site=config.lm.site, **extra,
               lm_contexts=stages.array_fingerprint(lm_ctx.tokens, lm_ctx.mask),
               eval=dict(lm_contexts=config.eval.lm_contexts,
-                        min_density_tokens=config.eval.min_density_tokens))
+                        min_density_tokens=config.eval.min_density_tokens,
+                        saebench=bool(config.eval.saebench)))
 
 
 def eval_stage(config, lm: LM, sae, contexts: dict, eval_dir: Path, out_json: Path,
@@ -391,24 +392,65 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
                                    site=config.lm.site, contexts=lm_ctx,
                                    batch_size=config.eval.batch_size,
                                    memory_bytes=config.eval.memory_mb << 20,
-                                   target_site=target)
+                                   target_site=target, zero_every_position=config.eval.saebench)
   out = {}
   for name, (sae, out_json) in saes.items():
     batches = (evals.pair_batches(eval_dir, target_eval_dir(config, eval_dir)) if target
                else evals.shard_batches(eval_dir))
     metrics = evals.activation_metrics(sae, batches, d_in=sae.d_in, d_sae=sae.d_sae,
                                        d_out=sae.d_out if target else None)
-    for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss",
-              "delta_lm_loss_zero", "kl_div", "loss_recovered", "lm_targets"):
-      metrics[k] = lm_metrics[name][k]
+    activation = dict(metrics)
+    lm_keys = ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss",
+               "delta_lm_loss_zero", "kl_div", "kl_div_zero_ablation", "loss_recovered",
+               "kl_div_score", "lm_targets", "ce_zero_ablation_every_position",
+               "kl_div_zero_ablation_every_position")
+    metrics.update({k: lm_metrics[name][k] for k in lm_keys if k in lm_metrics[name]})
+    metrics["ce_loss_score"] = metrics["loss_recovered"]  # SAEBench's name for it
     metrics["fvu_lm_contexts"] = lm_metrics[name]["fvu"]
     metrics.update(site=config.lm.site, model=lm.name, d_in=sae.d_in, d_sae=sae.d_sae,
                    stage=eval_definition(config, lm, sae, contexts, eval_dir))
     if target:
       metrics.update(target_site=target, d_out=sae.d_out)
+    if config.eval.saebench:
+      metrics["saebench_file"] = str(saebench_stage(
+          config, lm, sae, name, activation, lm_metrics[name], out_json.parent / "saebench",
+          shard_rows=manifest.num_rows))
     evals.write_json(out_json, metrics)
     out[name] = metrics
   return out
+
+
+def saebench_stage(config, lm: LM, sae, name: str, activation: dict, lm_metrics: dict,
+                   directory: Path, *, shard_rows: int) -> Path:
+  """SAEBench's core file for one SAE in `directory` (release config.eval.saebench_release;
+  the SAE id its hook name, `__NAME` added for a sweep member)."""
+  from jsae import saebench
+  from jsae.formats import FormatError, common, saelens
+  hook = common.hook_name(sae.provenance, common.TL_HOOKS) or config.lm.site
+  sae_id = f"{hook}__{name}" if name else hook
+  try:
+    sae_cfg = saelens.config_dict(sae)
+  except FormatError:  # no SAELens architecture holds it (a TopK transcoder)
+    sae_cfg = None
+  eval_config = dict(
+      model_name=lm.name, llm_dtype=config.lm.dtype,
+      batch_size_prompts=lm_metrics["lm_batch_size"],
+      n_eval_reconstruction_batches=-(-lm_metrics["contexts"] // lm_metrics["lm_batch_size"]),
+      n_eval_sparsity_variance_batches=-(-shard_rows // evals.SHARD_BATCH_ROWS),
+      dataset=config.text.source, context_size=config.text.seq_len,
+      compute_kl=True, compute_ce_loss=True, compute_l2_norms=True,
+      compute_sparsity_metrics=True, compute_variance_metrics=True,
+      compute_featurewise_density_statistics=True,
+      compute_featurewise_weight_based_metrics=True,
+      exclude_special_tokens_from_reconstruction=True, verbose=False)
+  output = saebench.core_output(
+      sae, activation, lm_metrics, eval_config=eval_config, sae_cfg=sae_cfg,
+      unstructured=dict(jsae={k: v for k, v in activation.items()
+                              if k in ("fvu", "dead_frac", "dense_frac", "tokens")},
+                        site=config.lm.site, target_site=target_site(config)))
+  path = saebench.write(directory, config.eval.saebench_release, sae_id, output)
+  say(f"wrote SAEBench's core file {path}")
+  return path
 
 
 def export_stage(sae, export_dir: Path) -> Path:

@@ -132,15 +132,19 @@ def test_shard_batches_cover_every_row_once(tmp_path):
 
 
 def _reference_lm_metrics(params, config, sae, site, contexts):
-  targets, clean, spliced, zero, kl = three_forward_eval.lm_sums(
+  targets, *sums = three_forward_eval.lm_sums(
       params, config, sae, site=site, contexts=contexts, batch_size=2)
-  return dict(lm_targets=targets, ce_clean=clean / targets, ce_spliced=spliced / targets,
-              ce_zero_ablation=zero / targets, kl_div=kl / targets)
+  names = ("ce_clean", "ce_spliced", "ce_zero_ablation", "kl_div", "kl_div_zero_ablation",
+           "ce_zero_ablation_every_position", "kl_div_zero_ablation_every_position")
+  return dict(lm_targets=targets, **{k: v / targets for k, v in zip(names, sums)})
 
 
-def _assert_lm_metrics_equal(metrics, reference, label):
+_LM_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablation", "kl_div", "kl_div_zero_ablation")
+
+
+def _assert_lm_metrics_equal(metrics, reference, label, keys=_LM_KEYS):
   assert metrics["lm_targets"] == reference["lm_targets"], label
-  for key in ("ce_clean", "ce_spliced", "ce_zero_ablation", "kl_div"):
+  for key in keys:
     assert metrics[key] == pytest.approx(reference[key], rel=2e-5, abs=1e-6), (label, key)
 
 
@@ -195,13 +199,18 @@ def test_shared_prefix_sweep_eval_equals_the_reference_per_sae(tiny_lm, site):
   }
   contexts = _contexts(config, n=5)
   many = evals.evaluate_many(params, config, models, site=site, contexts=contexts,
-                             batch_size=2, progress=False)
+                             batch_size=2, progress=False, zero_every_position=True)
   for name, sae in models.items():
     _assert_lm_metrics_equal(many[name], _reference_lm_metrics(params, config, sae, site,
-                                                               contexts), name)
+                                                               contexts), name,
+                             _LM_KEYS + ("ce_zero_ablation_every_position",
+                                         "kl_div_zero_ablation_every_position"))
+    assert (many[name]["ce_zero_ablation_every_position"]
+            != pytest.approx(many[name]["ce_zero_ablation"]))  # BOS zeroed too: another number
     one = evals.evaluate(params, config, sae, site=site, contexts=contexts, batch_size=3,
                          min_density_tokens=0, progress=False)
-    assert one["delta_lm_loss"] != 0 and sorted(many[name]) == sorted(one)
+    every_position = {"ce_zero_ablation_every_position", "kl_div_zero_ablation_every_position"}
+    assert one["delta_lm_loss"] != 0 and sorted(set(many[name]) - every_position) == sorted(one)
     for key in ("l0", "fvu", "cosine", "dead_frac", "delta_lm_loss"):
       assert many[name][key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (name, key)
     np.testing.assert_allclose(many[name]["firing_frequency"], one["firing_frequency"],

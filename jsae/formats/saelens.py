@@ -235,11 +235,9 @@ def _metadata(sae: SAE, arch: str) -> dict:
   return meta
 
 
-def save(sae: SAE, path: Path, overwrite: bool) -> Path:
-  """Writes `sae` as a SAELens v6 folder (a transcoder's W_skip as SAELens's [d_out, d_in])."""
+def config_dict(sae: SAE) -> dict:
+  """The cfg.json SAELens reads for `sae` (FormatError when no SAELens architecture holds it)."""
   arch = _architecture(sae)
-  cfg_file, w_file = path / CONFIG, path / WEIGHTS
-  common.check_writable([cfg_file, w_file], overwrite)
   meta = _metadata(sae, arch)
   hook = meta.get("hook_name") or ""
   config = {
@@ -256,6 +254,14 @@ def save(sae: SAE, path: Path, overwrite: bool) -> Path:
     config["d_out"] = sae.d_out
   if sae.family == "topk":
     config.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+  return config
+
+
+def save(sae: SAE, path: Path, overwrite: bool) -> Path:
+  """Writes `sae` as a SAELens v6 folder (a transcoder's W_skip as SAELens's [d_out, d_in])."""
+  config = config_dict(sae)
+  cfg_file, w_file = path / CONFIG, path / WEIGHTS
+  common.check_writable([cfg_file, w_file], overwrite)
   arrays = common.weights(sae)
   if "W_skip" in arrays:  # SAELens: [d_out, d_in], output x @ W_skip.T
     arrays["W_skip"] = np.ascontiguousarray(arrays["W_skip"].T)

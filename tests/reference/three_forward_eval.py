@@ -13,7 +13,8 @@ from jsae.lm import gemma
 
 
 def lm_sums(lm_params, lm_config, sae, *, site, contexts, batch_size):
-  """(targets, clean NLL, spliced NLL, zero-ablation NLL, KL(clean || spliced)) sums."""
+  """(targets, clean NLL, spliced NLL, zero-ablation NLL, KL(clean || spliced),
+  KL(clean || zero-ablated), every-position zero-ablation NLL, its KL) sums."""
 
   @jax.jit
   def fn(lm_params, sae, tokens, mask):
@@ -23,15 +24,22 @@ def lm_sums(lm_params, lm_config, sae, *, site, contexts, batch_size):
     clean, _ = gemma.forward(lm_params, tokens, lm_config)
     spliced, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: reconstruct})
     zeroed, _ = gemma.forward(lm_params, tokens, lm_config, splice={site: zero})
+    zeroed_all, _ = gemma.forward(lm_params, tokens, lm_config,
+                                  splice={site: lambda a: 0.0 * a})
     nll_clean, w = gemma.token_nll(clean, tokens, mask)
-    nll_spliced, _ = gemma.token_nll(spliced, tokens, mask)
-    nll_zero, _ = gemma.token_nll(zeroed, tokens, mask)
     logp_clean = jax.nn.log_softmax(clean[:, :-1], -1)
-    logp_spliced = jax.nn.log_softmax(spliced[:, :-1], -1)
-    kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_spliced), -1) * w
-    return jnp.stack([w.sum(), nll_clean.sum(), nll_spliced.sum(), nll_zero.sum(), kl.sum()])
 
-  sums = np.zeros(5)
+    def nll_and_kl(logits):
+      logp = jax.nn.log_softmax(logits[:, :-1], -1)
+      kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp), -1) * w
+      return gemma.token_nll(logits, tokens, mask)[0].sum(), kl.sum()
+
+    (nll_spliced, kl), (nll_zero, kl_zero), (nll_all, kl_all) = map(
+        nll_and_kl, (spliced, zeroed, zeroed_all))
+    return jnp.stack([w.sum(), nll_clean.sum(), nll_spliced, nll_zero, kl, kl_zero,
+                      nll_all, kl_all])
+
+  sums = np.zeros(8)
   n = contexts.n_contexts
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
