@@ -233,7 +233,8 @@ def _row(number: int, run: dict) -> str:
   status = (run.get("status") or {}).get("status", "ok")
   cells = [number, run["name"], series(run), c["sae"]["d_sae"], _knob(c),
            last.get("step"), status, l0, fvu, e.get("delta_lm_loss"),
-           e.get("delta_lm_loss_zero"), e.get("lm_targets"), e.get("dead_frac"),
+           e.get("delta_lm_loss_zero"), e.get("ce_loss_score", e.get("loss_recovered")),
+           e.get("kl_div_score"), e.get("lm_targets"), e.get("dead_frac"),
            e.get("dense_frac")]
   return "<tr>" + "".join(f"<td>{v if i == 4 else _fmt(v)}</td>"
                           for i, v in enumerate(cells)) + "</tr>"
@@ -250,10 +251,13 @@ img {{ max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }}
 pre {{ background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 12px; }}
 </style></head><body>
 <h1>jsae report</h1>
-<p>{n} run(s). Metrics on held-out tokens; delta LM loss in nats per token.</p>
+<p>{n} run(s). Metrics on held-out tokens; delta LM loss in nats per token. CE and KL
+scores as SAEBench defines them, (ablation &minus; SAE) / (ablation &minus; clean), against
+the zero ablation of the positions the SAE is spliced into (SAEBench's own ablation, of every
+position, is in each run's SAEBench file: <code>config.eval.saebench</code>).</p>
 <table><tr><th>#</th><th>run</th><th>family</th><th>d_sae</th><th>sparsity knob</th><th>steps</th>
 <th>status</th><th>L0</th><th>FVU</th><th>&Delta; LM loss</th><th>zero-abl. &Delta;</th>
-<th>LM targets</th><th>dead</th><th>dense</th></tr>
+<th>CE score</th><th>KL score</th><th>LM targets</th><th>dead</th><th>dense</th></tr>
 {rows}</table>
 <h2>Sparsity-fidelity trade-off</h2>
 <p>Numbers on the markers are the runs' rows above.</p>

@@ -33,7 +33,8 @@ def _fake_run(root: Path, name: str, l0: float, delta: float, seed: int) -> Path
   (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
   (run / "eval.json").write_text(json.dumps(dict(l0=l0, fvu=0.1 + 1 / l0, delta_lm_loss=delta,
                                                  delta_lm_loss_zero=5.0, dead_frac=0.02,
-                                                 dense_frac=0.0)))
+                                                 dense_frac=0.0, ce_loss_score=1 - delta / 5,
+                                                 kl_div_score=0.75 + seed / 100)))
   freq = np.where(rng.random(256) < 0.05, 0.0, 10 ** rng.uniform(-5, -0.5, 256))
   np.save(run / "eval_firing_frequency.npy", freq)
   return run
@@ -47,6 +48,9 @@ def test_report_files_and_table(tmp_path):
   for img in re.findall(r'src="([^"]+\.png)"', page):
     assert (index.parent / img).stat().st_size > 5000, img  # a real plot, not an empty file
   assert page.count("<tr>") == 1 + 3 and "lam1" in page
+  # SAEBench's scores, columns a user compares across libraries: lam1's row has both.
+  assert "<th>CE score</th><th>KL score</th>" in page
+  assert "<td>0.92</td><td>0.76</td>" in page.split("lam1")[1].split("</tr>")[0]
   with pytest.raises(FileNotFoundError, match="not a jsae run directory"):
     report.write_report([tmp_path / "nope"], tmp_path / "r2")
 
