@@ -1,7 +1,7 @@
 """The main job: Gemma 3 270M -> residual stream of layer 6 on Shakespeare -> a
 JumpReLU SAE (4096 latents, the Gemma Scope recipe scaled down) -> evaluation
-and report. Everything installs offline from PyPI; about 14 minutes on 2 CPU cores
-(8.5 of them delta LM loss on 32 contexts; --config.eval.lm_contexts=4 for a quick look).
+and report. Everything installs offline from PyPI; under 10 minutes on 2 CPU cores
+(see the README for each stage's time; --config.eval.lm_contexts=4 for a quicker look).
 
   jsae demo                                   # this config, workdir runs/demo
   jsae demo --config.loss.sparsity_coeff=2e-3 --workdir=runs/demo_l2
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
   c.text.max_train_tokens = 80_000
   c.text.max_eval_tokens = 100_000
   c.harvest.batch_size = 2
-  c.eval.lm_contexts = 32  # delta LM loss on 32 x 1023 targets (~6 min of the demo)
+  c.eval.lm_contexts = 16  # delta LM loss on 16 x 1023 targets (the demo's longest stage)
   c.eval.min_density_tokens = 100_000
   c.browse.max_tokens = 30_000  # the feature browser's text (every latent; ~1 min of LM)
 

@@ -58,6 +58,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.eval.lm_contexts, int) and config.eval.lm_contexts >= 1,
            "eval.lm_contexts", "must be a positive integer (held-out contexts for delta LM"
            f" loss); got {config.eval.lm_contexts!r}.")
+  _require(config.eval.get("unembed_dtype", "auto") in ("auto", "float32", "bfloat16"),
+           "eval.unembed_dtype", "must be 'auto', 'float32' or 'bfloat16'; got"
+           f" {config.eval.get('unembed_dtype')!r}.")
   release = config.eval.get("saebench_release", "jsae")
   _require(isinstance(release, str) and bool(re.fullmatch(r"[\w.\-]+", release)),
            "eval.saebench_release", "names SAEBench's files: letters, digits, '_', '.' and"

@@ -328,7 +328,8 @@ def eval_definition(config, lm: LM, sae, contexts: dict, eval_dir: Path) -> dict
               lm_contexts=stages.array_fingerprint(lm_ctx.tokens, lm_ctx.mask),
               eval=dict(lm_contexts=config.eval.lm_contexts,
                         min_density_tokens=config.eval.min_density_tokens,
-                        saebench=bool(config.eval.saebench)))
+                        saebench=bool(config.eval.saebench),
+                        unembed_dtype=evals.unembed_dtype(config.eval.unembed_dtype)))
 
 
 def eval_stage(config, lm: LM, sae, contexts: dict, eval_dir: Path, out_json: Path,
@@ -392,7 +393,8 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
                                    site=config.lm.site, contexts=lm_ctx,
                                    batch_size=config.eval.batch_size,
                                    memory_bytes=config.eval.memory_mb << 20,
-                                   target_site=target, zero_every_position=config.eval.saebench)
+                                   target_site=target, zero_every_position=config.eval.saebench,
+                                   unembed_dtype=evals.unembed_dtype(config.eval.unembed_dtype))
   out = {}
   for name, (sae, out_json) in saes.items():
     batches = (evals.pair_batches(eval_dir, target_eval_dir(config, eval_dir)) if target

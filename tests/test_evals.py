@@ -230,3 +230,22 @@ def test_forward_from_a_shared_prefix_equals_the_whole_forward(tiny_lm):
     gemma.forward(params, tokens, config, capture=("resid_post.1",), start_layer=2, resid=resid)
   with pytest.raises(ValueError, match="needs resid of shape"):
     gemma.forward(params, tokens, config, start_layer=2)
+
+
+def test_bfloat16_unembedding_is_close_to_float32_and_auto_follows_the_backend(tiny_lm):
+  """bfloat16 inputs to the unembedding (float32 accumulation) move CE and KL by
+  rounding only; 'auto' picks it only on backends where it was measured."""
+  params, config = tiny_lm
+  sae = jsae.SAE.from_training(
+      saes.get("jumprelu").init(jax.random.key(1), d_in=config.d_model,
+                                d_sae=4 * config.d_model), 3.0)
+  run = lambda dtype: evals.evaluate_many(params, config, {"s": sae}, site="resid_post.1",
+                                          contexts=_contexts(config), batch_size=3,
+                                          progress=False, unembed_dtype=dtype)["s"]
+  f32, bf16 = run("float32"), run("bfloat16")
+  for key in ("ce_clean", "ce_spliced", "ce_zero_ablation", "kl_div"):
+    assert bf16[key] == pytest.approx(f32[key], rel=1e-2), key
+  assert bf16["ce_clean"] != f32["ce_clean"]  # it did run in bfloat16
+  assert evals.unembed_dtype("auto", backend="cpu") == "bfloat16"
+  assert evals.unembed_dtype("auto", backend="gpu") == "float32"
+  assert evals.unembed_dtype("float32", backend="cpu") == "float32"

@@ -635,10 +635,12 @@ def forward(
 def unembed(params: Params, hidden: jax.Array, config: GemmaConfig) -> jax.Array:
   """Logits float32 [..., vocab] (soft-capped) from final-normed `hidden` [..., d_model].
 
-  The matmul runs in `hidden`'s dtype (the compute dtype in `forward`).
+  The matmul's inputs are in `hidden`'s dtype (the compute dtype in `forward`); it
+  accumulates and returns float32.
   """
   dt = hidden.dtype
-  out = jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(dt)).astype(jnp.float32)
+  out = jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(dt),
+                   preferred_element_type=jnp.float32)
   return _softcap(out, config.final_logit_softcap)
 
 
