@@ -138,9 +138,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.lm_contexts = 8  # held-out contexts on which delta LM loss is measured
   c.eval.batch_size = 0  # contexts per LM forward of delta LM loss (0: from eval.memory_mb)
   c.eval.memory_mb = 2048  # working-set budget of the delta LM loss pass (forwards + logit chunks)
-  # Inputs of the delta-LM-loss unembedding (float32 accumulation): 'auto' is bfloat16
-  # where measured to pay (XLA:CPU, evals.BF16_UNEMBED_BACKENDS), else float32.
-  c.eval.unembed_dtype = "auto"
+  # 'auto' is bfloat16 where measured to pay (XLA:CPU: evals.BF16_UNEMBED_BACKENDS), else float32.
+  c.eval.unembed_dtype = "auto"  # inputs of delta LM loss's unembedding (float32 accumulation)
   c.eval.min_density_tokens = 100_000  # fewer held-out tokens than this is an error
   c.eval.saebench = False  # also write SAEBench's core file (adds its every-position ablation)
   c.eval.saebench_release = "jsae"  # the release part of SAEBench's file names

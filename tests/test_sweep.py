@@ -59,8 +59,26 @@ class _CountingSource:
     self.inner.close()
 
 
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+  """`train.train` of a config, run once per config for the module: both member loops'
+  members are the same twelve single runs (the `sweep` section, which holds the loop,
+  is not part of what a single run trains)."""
+  root, done = tmp_path_factory.mktemp("single"), {}
+
+  def run(config):
+    key = json.dumps({k: v for k, v in config.to_dict().items() if k != "sweep"},
+                     sort_keys=True, default=str)
+    if key not in done:
+      done[key] = train.train(config, root / str(len(done)), progress=False)
+    return done[key]
+
+  return run
+
+
 @pytest.mark.parametrize("member_loop", ["vmap", "map"])
-def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path, member_loop):
+def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path, member_loop,
+                                                                      single_run):
   """Six families, two members each (k swept for the TopK kinds; seed, lr and
   bandwidth zipped for JumpReLU), against twelve `train.train` runs, with the members
   batched (vmap) or one after another in the step (map)."""
@@ -78,7 +96,7 @@ def test_every_family_equals_its_single_runs_and_reads_each_batch_once(tmp_path,
   assert len(members) == 12
   assert {m.values["k"] for g, m in members if g.name == "topk"} == {4, 9}
   for g, m in members:
-    single = train.train(m.config, tmp_path / "single" / m.name, progress=False)
+    single = single_run(m.config)
     swept = sweep.member_state(result.states[g.name], m, g.family)
     # vmap: within 1e-6. map: the step's matmuls inside lax.map's loop round a little
     # differently from a top-level step (measured 2e-7 to 1.5e-6 after 20 steps), and
