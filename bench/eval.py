@@ -86,6 +86,13 @@ def main() -> None:
   forward_tps = _forward_tokens_per_s(params, config, timed, args.forward_batch)
   shape = f"{args.contexts}x{args.seq} {site} d_sae={args.d_sae}"
   rows.append(("delta LM loss eval (chunked, shared prefix)", eval_tps, forward_tps))
+  # bfloat16 inputs to the unembedding (float32 accumulation; jsae's default on CPU).
+  bf16 = dict(common, unembed_dtype="bfloat16")
+  evals.evaluate(params, config, sae, contexts=warm, **bf16)  # compile
+  t0 = time.perf_counter()
+  metrics_bf16 = evals.evaluate(params, config, sae, contexts=timed, **bf16)
+  rows.append(("delta LM loss eval, bfloat16 unembedding",
+               timed.n_tokens / (time.perf_counter() - t0), forward_tps))
   if args.reference:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
     from reference import three_forward_eval  # pylint: disable=import-outside-toplevel
@@ -98,7 +105,8 @@ def main() -> None:
                  few.n_tokens / (time.perf_counter() - t0), forward_tps))
 
   host = machine()
-  print(f"Gemma 3 270M, {shape}, delta LM loss {metrics['delta_lm_loss']:.3f} nats ({host})")
+  print(f"Gemma 3 270M, {shape}, delta LM loss {metrics['delta_lm_loss']:.4f} nats"
+        f" ({metrics_bf16['delta_lm_loss']:.4f} with bfloat16 unembedding; {host})")
   print(f"{'':<50} {'tokens/s':>9} {'clean fwd':>10} {'ratio':>6}")
   records = []
   for i, (name, tps, base) in enumerate(rows):

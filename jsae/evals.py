@@ -303,11 +303,12 @@ def _batches(contexts, batch_size: int):
 def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, contexts,
              batch_size: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES,
              min_density_tokens: int = MIN_DENSITY_TOKENS, progress: bool = True,
-             target_site: str | None = None) -> dict:
+             target_site: str | None = None, unembed_dtype: str = "float32") -> dict:
   """All metrics of the module docstring on held-out `contexts` (TokenContexts).
 
   `batch_size` contexts per LM forward (0: from `memory_bytes`, see
-  `evaluate_many`); `target_site` for a transcoder (see `evaluate_many`).
+  `evaluate_many`); `target_site` for a transcoder and `unembed_dtype`: see
+  `evaluate_many`.
 
   Raises:
     ValueError: when the SAE's width does not match the site, or the eval set
@@ -321,7 +322,8 @@ def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, context
         " min_density_tokens (config.eval.min_density_tokens).")
   return evaluate_many(lm_params, lm_config, {"sae": sae}, site=site, contexts=contexts,
                        batch_size=batch_size, memory_bytes=memory_bytes,
-                       progress=progress, target_site=target_site)["sae"]
+                       progress=progress, target_site=target_site,
+                       unembed_dtype=unembed_dtype)["sae"]
 
 
 def _lm_summary(targets, clean, spliced, zero, kl, kl_zero) -> dict:
