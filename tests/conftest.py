@@ -19,6 +19,9 @@ _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jsae-tests-xla-cache-")
   os.environ["JSAE_TESTS_OWN_XLA_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  # Also the many small programs compiled again by test after test (JAX's default keeps
+  # only compilations of 1 s and more).
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # Under JSAE_REQUIRE_ALL=1 (.ci/run) every skip is a failure.
 pytest_plugins = ["no_silent_skips"]
