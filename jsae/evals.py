@@ -437,6 +437,7 @@ def write_json(path, metrics: dict) -> None:
   """Writes metrics as JSON; the per-latent firing frequencies go to a .npy beside it."""
   from pathlib import Path
   path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)  # `jsae eval --out=NEW_DIR/eval.json`
   metrics = dict(metrics)
   freq = metrics.pop("firing_frequency", None)
   if freq is not None:

@@ -249,3 +249,12 @@ def test_bfloat16_unembedding_is_close_to_float32_and_auto_follows_the_backend(t
   assert evals.unembed_dtype("auto", backend="cpu") == "bfloat16"
   assert evals.unembed_dtype("auto", backend="gpu") == "float32"
   assert evals.unembed_dtype("float32", backend="cpu") == "float32"
+
+
+def test_write_json_makes_its_folder_and_puts_frequencies_beside(tmp_path):
+  """`jsae eval --out=NEW_DIR/eval.json` must not fail after the whole evaluation."""
+  path = tmp_path / "new" / "eval.json"
+  evals.write_json(path, dict(l0=1.5, fvu=float("nan"), firing_frequency=np.array([0.5, 0.0])))
+  import json
+  assert json.loads(path.read_text()) == {"l0": 1.5, "fvu": None}
+  np.testing.assert_array_equal(np.load(tmp_path / "new" / "eval_firing_frequency.npy"), [0.5, 0])
