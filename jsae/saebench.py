@@ -11,8 +11,9 @@ definitions:
                      "ablation": the site zeroed at every position (BOS included)
   explained_variance 1 - E||x - x_hat||^2 / (E||x||^2 - (E||x||^2 / d)^2), the
                      formula SAEBench 0.6.0 computes (its code squares the mean of
-                     squares per dimension where 1 - FVU squares the mean); jsae's
-                     own FVU is in `eval_result_unstructured`
+                     squares per dimension where 1 - FVU squares the mean; with large
+                     activation norms the denominator is negative and the value > 1);
+                     jsae's own FVU is in `eval_result_unstructured`
   explained_variance_legacy  the mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean||^2,
                      the mean taken per batch of held-out rows
   l2_ratio           the mean over tokens of ||x_hat|| / ||x|| (||x|| < 1e-4 counts as 1)
