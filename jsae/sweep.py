@@ -10,7 +10,7 @@ in traced values (the family's sparsity knob, k, target L0, bandwidth, ...,
 plus `seed` and `lr`), so a group is one `vmap`ped, jitted step over a leading
 member axis; groups of other families or shapes are further compiled steps on
 the same batch. k is shape-affecting: a group's TopK selection runs at the
-group's largest k and keeps each member's first k (families.md section 6a),
+group's largest k and keeps each member's first k (the selection is sorted),
 which equals `top_k(pre, k)` exactly.
 
 Layout of the sweep's workdir:

@@ -1,5 +1,5 @@
-"""ReLU, TopK, BatchTopK, Matryoshka and Gated against the closed forms of
-shared/reference/families.md (section by section), brute force and finite differences."""
+"""ReLU, TopK, BatchTopK, Matryoshka and Gated against closed forms (from the papers and
+the peer libraries, SAELens and dictionary_learning), brute force and finite differences."""
 
 import math
 

@@ -1,7 +1,7 @@
 """The real Gemma 3 270M (PyPI GGUF): parity with the reference forward, perplexity.
 
-The reference (`tests/reference/gemma3_gguf_reference.py`, a copy of
-shared/reference) reads the GGUF with its own loader and runs its own forward;
+The reference (`tests/reference/gemma3_gguf_reference.py`, written independently of
+jsae.lm) reads the GGUF with its own loader and runs its own forward;
 it matches Google's `gemma` library to 4.2e-5 max logit difference.
 """
 

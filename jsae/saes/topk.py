@@ -12,8 +12,8 @@ so on a latent-sharded mesh it is the global top k, not a per-shard one.
 
 The sparsity knob k is shape-affecting: the params carry a static k (the
 capacity of `top_k`) and the step takes a traced `k <= capacity`, keeping the
-first k of the sorted selection (families.md section 6), so a sweep can vmap
-over k with the capacity at the sweep's largest k.
+first k of the sorted selection (`lax.top_k` sorts, so its first k are the top
+k), so a sweep can vmap over k with the capacity at the sweep's largest k.
 
 BatchTopK keeps a running threshold theta in the family state: an exponential
 moving average of the smallest positive kept activation per batch (rate
