@@ -10,7 +10,7 @@ import pytest
 
 import jsae
 from jsae import saes
-from jsae.browse import accumulate, logits, stream
+from jsae.browse import accumulate, logits, sparse, stream
 from jsae.data.text import TokenContexts
 from jsae.lm import gemma
 
@@ -54,12 +54,24 @@ SETTINGS = stream.BrowseSettings(n_top=5, n_samples=7, window_left=3, window_rig
                                  batch_size=2, seed=11)
 
 
+# Both folds of a batch into the accumulators: the sparse path is made to keep room for
+# every latent (on this tiny SAE most latents fire on most tokens, past its default limit).
+FOLDS = {"dense": dict(sparse_fold=False), "sparse": dict(sparse_fold=True, max_per_token=D_SAE)}
+
+
+@pytest.fixture(scope="module", params=sorted(FOLDS))
+def fold(request):
+  """The fold under test: `stream`'s keyword arguments choosing it."""
+  return FOLDS[request.param]
+
+
 @pytest.fixture(scope="module")
-def streamed(tiny_lm):
+def streamed(tiny_lm, fold):
   params, config = tiny_lm
   sae, ctx = _sae(config.d_model), _contexts(config.vocab_size)
   edges = accumulate.hist_edges(1e-3, 1e3, 10)
-  stats = stream.stream(sae, params, config, SITE, ctx, SETTINGS, edges=edges, progress=False)
+  stats = stream.stream(sae, params, config, SITE, ctx, SETTINGS, edges=edges, progress=False,
+                        **fold)
   return sae, ctx, edges, jax.tree.map(np.asarray, stats), _all_acts(sae, params, config, ctx)
 
 
@@ -90,15 +102,24 @@ def test_top_examples_equal_brute_force_including_silent_latents(streamed):
   assert checked > 3 * D_SAE  # most latents fire on this text
 
 
-def test_ties_go_to_the_earlier_token():
+def _fold(path, stats, *args, **kw):
+  if path == "dense":
+    return accumulate.update(stats, *args, **kw)
+  stats, per_token = sparse.fold(stats, *args, per_token=1, max_per_token=2, **kw)
+  assert per_token > 0  # folded sparsely, not handed back
+  return stats
+
+
+@pytest.mark.parametrize("path", sorted(FOLDS))
+def test_ties_go_to_the_earlier_token(path):
   acts = np.zeros((2 * 8, 2), np.float32)
   acts[[3, 5, 9, 12], 0] = 2.0  # four tied tokens across two batches
   acts[7, 0] = 1.0
   stats = accumulate.init(2, n_top=3, n_samples=2, window=1, n_bins=4)
   edges = jnp.asarray(accumulate.hist_edges(0.1, 10, 2), jnp.float32)
   for b in range(2):
-    stats = accumulate.update(stats, jnp.asarray(acts[b * 8:(b + 1) * 8]), jnp.ones(8, bool),
-                              jnp.int32(b * 8), edges, seq_len=8, left=0, right=0, seed=0)
+    stats = _fold(path, stats, jnp.asarray(acts[b * 8:(b + 1) * 8]), jnp.ones(8, bool),
+                  jnp.int32(b * 8), edges, seq_len=8, left=0, right=0, seed=0)
   assert list(np.asarray(stats.top_tokens[0])) == [3, 5, 9]
   assert list(np.asarray(stats.top_tokens[1])) == [-1, -1, -1]
 
@@ -153,12 +174,12 @@ def test_latent_sharded_pass_equals_one_device(tiny_lm, streamed):
 
 
 def test_stream_and_logit_effects_of_chosen_latents_equal_their_rows_of_the_full_pass(
-    tiny_lm, streamed):
+    tiny_lm, streamed, fold):
   params, config = tiny_lm
   sae, ctx, edges, full, _ = streamed
   ids = [40, 1, 17, 5]  # any order; 1 never fires
   stats = stream.stream(sae, params, config, SITE, ctx, SETTINGS, edges=edges, progress=False,
-                        latents=ids)
+                        latents=ids, **fold)
   assert stats.fire_count.shape == (len(ids),)
   for name, a, b in zip(full.__dataclass_fields__, jax.tree.leaves(full),
                         jax.tree.leaves(stats)):

@@ -1,8 +1,11 @@
 """The browse pass: text -> LM (stopped at the SAE's site) -> SAE -> `LatentStats`,
 then per-latent records with decoded text windows.
 
-One jitted LM prefix per batch of contexts (as in harvest), one jitted encode +
-accumulate step; nothing per latent runs in Python until the records are built.
+One jitted LM prefix per batch of contexts (as in harvest), one jitted encode, then the
+batch is folded into the accumulators: by the sparse path (`sparse.fold`, work in
+proportion to the active (token, latent) pairs) on the backends where it was measured
+faster, else by the dense update (`accumulate.update`). Both give the same statistics;
+nothing per latent runs in Python until the records are built.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsae import harvest
-from jsae.browse import accumulate
+from jsae.browse import accumulate, sparse
 from jsae.data.text import TokenContexts
 from jsae.lm import gemma
 
@@ -50,9 +53,25 @@ class BrowseSettings:
     return self.window_left + 1 + self.window_right
 
 
+# Backends whose browse pass folds batches by the sparse path by default: measured on
+# XLA:CPU (bench/browse.py, docs/performance.md); the others keep the dense update until
+# the benchmark has been run there.
+SPARSE_BACKENDS = ("cpu",)
+# Active latents per token the sparse path makes room for first (doubled as needed).
+_FIRST_PER_TOKEN = 32
+
+
+def uses_sparse_fold(stats_sharding=None) -> bool:
+  """Whether `stream` folds by the sparse path by default: on a backend where it was
+  measured, for accumulators on one device (latent-sharded ones keep the dense update,
+  whose arrays stay sharded with their latents)."""
+  return jax.default_backend() in SPARSE_BACKENDS and stats_sharding is None
+
+
 def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: TokenContexts,
            settings: BrowseSettings, *, edges: np.ndarray, stats_sharding=None,
-           latents=None, progress: bool = True) -> accumulate.LatentStats:
+           latents=None, progress: bool = True, sparse_fold: bool | None = None,
+           max_per_token: int | None = None) -> accumulate.LatentStats:
   """Streams `contexts` through the LM to `site` and `sae`, accumulating per-latent stats.
 
   Args:
@@ -66,6 +85,10 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     latents: optional ids of the latents to accumulate, `n` of them: the stats then have
       `n` rows in this order (the SAE still encodes every latent: TopK-style SAEs choose
       among all of them). None: every latent.
+    sparse_fold: fold batches by the sparse path (None: `uses_sparse_fold`). A batch with
+      a token that has more than `max_per_token` active latents (default a quarter of the
+      rows) switches the rest of the pass to the dense update.
+    max_per_token: see `sparse_fold`.
 
   Returns:
     `LatentStats` with `d_sae` rows, or one row per id of `latents`.
@@ -79,6 +102,8 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     stats = jax.device_put(stats, stats_sharding)
   encode = jax.jit(lambda model, x: model.encode(x))
   edges32 = jnp.asarray(edges, jnp.float32)
+  per_token = _FIRST_PER_TOKEN if (uses_sparse_fold(stats_sharding) if sparse_fold is None
+                                   else sparse_fold) else 0
   n, seq = contexts.n_contexts, contexts.seq_len
   bar = tqdm(total=contexts.n_tokens, unit="tok", desc="browse", disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
@@ -88,9 +113,14 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     x = capture(lm_params, jnp.asarray(contexts.tokens[rows]))[site]
     f = encode(sae, x.reshape(-1, x.shape[-1]))
     valid = (contexts.mask[rows] & (idx < n)[:, None]).reshape(-1)
-    stats = accumulate.update(stats, f, jnp.asarray(valid), jnp.int32(start * seq), edges32,
-                              chosen, seq_len=seq, left=settings.window_left,
-                              right=settings.window_right, seed=settings.seed)
+    fold_args = (f, jnp.asarray(valid), jnp.int32(start * seq), edges32, chosen)
+    window = dict(seq_len=seq, left=settings.window_left, right=settings.window_right,
+                  seed=settings.seed)
+    if per_token:
+      stats, per_token = sparse.fold(stats, *fold_args, per_token=per_token,
+                                     max_per_token=max_per_token, **window)
+    if not per_token:  # the dense update: chosen, or this batch is too dense to fold sparsely
+      stats = accumulate.update(stats, *fold_args, **window)
     bar.update(int(valid.sum()))
   bar.close()
   return stats
@@ -177,4 +207,5 @@ def latent_records(stats: accumulate.LatentStats, contexts: TokenContexts, token
   return records
 
 
-__all__ = ["BrowseSettings", "latent_records", "stream", "token_strings"]
+__all__ = ["BrowseSettings", "SPARSE_BACKENDS", "latent_records", "stream", "token_strings",
+           "uses_sparse_fold"]
