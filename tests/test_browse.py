@@ -56,7 +56,8 @@ SETTINGS = stream.BrowseSettings(n_top=5, n_samples=7, window_left=3, window_rig
 
 # Both folds of a batch into the accumulators: the sparse path is made to keep room for
 # every latent (on this tiny SAE most latents fire on most tokens, past its default limit).
-FOLDS = {"dense": dict(sparse_fold=False), "sparse": dict(sparse_fold=True, max_per_token=D_SAE)}
+FOLDS = {"dense": dict(sparse_fold=False),
+         "sparse": dict(sparse_fold=True, max_entries_fraction=1.0)}
 
 
 @pytest.fixture(scope="module", params=sorted(FOLDS))
@@ -105,9 +106,10 @@ def test_top_examples_equal_brute_force_including_silent_latents(streamed):
 def _fold(path, stats, *args, **kw):
   if path == "dense":
     return accumulate.update(stats, *args, **kw)
-  stats, per_token = sparse.fold(stats, *args, per_token=1, max_per_token=2, **kw)
-  assert per_token > 0  # folded sparsely, not handed back
-  return stats
+  stats, slots, room = sparse.fold(stats, sparse.init_slots(stats), *args,
+                                   room=sparse.Room(), max_entries_fraction=1.0, **kw)
+  assert room  # folded sparsely, not handed back
+  return sparse.finalize(stats, slots)
 
 
 @pytest.mark.parametrize("path", sorted(FOLDS))
@@ -122,6 +124,63 @@ def test_ties_go_to_the_earlier_token(path):
                   jnp.int32(b * 8), edges, seq_len=8, left=0, right=0, seed=0)
   assert list(np.asarray(stats.top_tokens[0])) == [3, 5, 9]
   assert list(np.asarray(stats.top_tokens[1])) == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("latents", [None, [7, 0, 33, 12, 5]])
+def test_sparse_fold_equals_the_dense_update_batch_by_batch(latents):
+  """Random sparse activations with planted ties, four batches of two contexts: after
+  every batch the sparse fold's accumulators equal the dense update's."""
+  rng = np.random.default_rng(3)
+  n_batches, seq, d = 4, 16, 40
+  acts = np.where(rng.random((n_batches * 2 * seq, d)) < 0.15,
+                  rng.choice([0.5, 1.0, 2.0, 3.0], (n_batches * 2 * seq, d)), 0.0)
+  acts[5::2 * seq] = rng.choice([0.5, 1.0, 2.0], (n_batches, d))  # one busy token a batch
+  acts = (acts * rng.choice([1.0, 1.0001], acts.shape)).astype(np.float32)  # ties and near-ties
+  valid = np.ones(len(acts), bool)
+  valid[::seq] = False  # BOS
+  edges = jnp.asarray(accumulate.hist_edges(0.1, 10, 4), jnp.float32)
+  n_rows = d if latents is None else len(latents)
+  chosen = None if latents is None else jnp.asarray(latents, jnp.int32)
+  dense = folded = accumulate.init(n_rows, n_top=6, n_samples=5, window=4, n_bins=len(edges) - 1)
+  slots, room = sparse.init_slots(folded), sparse.Room(tiers=((0, 2), (4, 4)))  # too small
+  for b in range(n_batches):
+    rows = slice(b * 2 * seq, (b + 1) * 2 * seq)
+    args = (jnp.asarray(acts[rows]), jnp.asarray(valid[rows]), jnp.int32(b * 2 * seq), edges,
+            chosen)
+    kw = dict(seq_len=seq, left=2, right=1, seed=5)
+    dense = accumulate.update(dense, *args, **kw)
+    folded, slots, room = sparse.fold(folded, slots, *args, room=room, max_entries_fraction=1.0,
+                                      **kw)
+    if latents is None:  # planned again, with a tier for the busy token
+      assert len(room.tiers) >= 2, room.tiers
+    in_rank_order = sparse.finalize(folded, slots)
+    for name in dense.__dataclass_fields__:
+      a, c = np.asarray(getattr(dense, name)), np.asarray(getattr(in_rank_order, name))
+      if name == "sum_value":  # summed in another order
+        np.testing.assert_allclose(c, a, rtol=1e-6, err_msg=name)
+      else:
+        np.testing.assert_array_equal(c, a, err_msg=f"{name} after batch {b}")
+
+
+def test_tiers_planned_from_counts_by_hand():
+  counts = np.array([1] * 90 + [20] * 9 + [500])
+  # Tier 0 holds 90% of the tokens (q90 = 2.9, at least 16 wide); 10 tokens fire more
+  # than 16: room for twice as many, 8x wider; 1 fires more than 128: every row.
+  assert sparse.plan_tiers(counts, 1000) == ((0, 16), (32, 128), (8, 1000))
+  assert sparse.plan_tiers(np.full(10, 3), 1000) == ((0, 16),)
+  assert sparse.plan_tiers(np.array([1] * 19 + [30]), 40) == ((0, 16), (8, 40))
+  assert sparse.plan_tiers(np.array([1] * 3 + [30]), 40) == ((0, 40),)  # fewer entries
+
+
+def test_sparse_fold_hands_a_too_dense_batch_back():
+  acts = jnp.ones((8, 16), jnp.float32)  # every latent fires on every token
+  stats = accumulate.init(16, n_top=2, n_samples=2, window=1, n_bins=4)
+  edges = jnp.asarray(accumulate.hist_edges(0.1, 10, 2), jnp.float32)
+  slots = sparse.init_slots(stats)
+  same, same_slots, room = sparse.fold(stats, slots, acts, jnp.ones(8, bool), jnp.int32(0),
+                                       edges, seq_len=8, left=0, right=0, seed=0,
+                                       room=sparse.Room())
+  assert room is None and same is stats and same_slots is slots
 
 
 def test_uniform_sample_is_the_bottom_k_priorities(streamed):

@@ -8,28 +8,36 @@ latents and 2k tokens that is 33M cells per statistic and dominates the browse p
 on a CPU. Here the batch is first cut down to its active entries, and the entries
 are then cut down to those that can still enter a latent's top examples or sample:
 
-  1. `active_entries`: each token's `per_token` largest activations (one top_k over
-     the batch) as (value, row, position) entries; `complete` says whether every
-     token's active latents fit (its `per_token`-th value is 0), or the caller must
-     retry with more room. It also counts the entries that beat the kept top
-     examples' smallest value or the kept sample's largest priority.
-  2. `fold_entries`: counts, sums, maxima and the histogram by scatters over the
-     entries; the candidates for the top examples and the sample are compacted
-     (their counts, rounded up to a power of two, are static capacities), sorted by
-     (row, -value, token) and (row, priority, token), ranked within their row, and
-     merged with the kept ones exactly as the dense update merges (ties to the kept,
-     earlier, token). Windows are gathered for the candidates alone.
+  1. `active_entries`: each token's active activations as (value, row, position)
+     entries, by a ragged top_k in tiers (most tokens fire a few tens of latents, a
+     few fire thousands; `plan_tiers` sizes the tiers from a batch's counts);
+     `complete` says whether every token's active latents fit, or the caller must plan
+     again. It also counts the entries that beat the kept top examples' smallest
+     value or the kept sample's largest priority.
+  2. three jitted folds: counts, sums, maxima and the histogram by scatters over the
+     entries; then, for the top examples and for the sample, the entries that beat
+     the kept bar are compacted (their count, rounded up to a power of two, is a
+     static capacity), sorted stably by (row, -value) or (row, priority), ranked
+     within their row, and merged with the kept ones as the dense update merges (ties
+     to the kept, earlier, token): a candidate's place is its rank plus a binary
+     search among the kept. Windows are gathered for the candidates alone.
 
-`fold` runs the two steps with the host choosing the capacities between them (one
-small device-to-host read per batch).
+The windows are the accumulators' bulk (`[d_sae, n_samples, window]`); they stay in
+place, and a small `Slots` index says which slot holds each rank's window, so a batch
+writes only the windows of its entries that get in (`finalize` sorts them once at
+the end). `fold` runs the steps with the host choosing the sizes between them (one
+small device-to-host read per batch) and carrying them to the next batch (`Room`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
 from jsae.browse import accumulate
 
@@ -49,11 +57,20 @@ def _kept_bars(stats: accumulate.LatentStats) -> tuple[jax.Array, jax.Array]:
   return top_bar, stats.sample_priority[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("per_token", "seed"))
+Tiers = tuple  # ((n_tokens or 0 for all, width), ...): see `active_entries`
+
+
+@functools.partial(jax.jit, static_argnames=("tiers", "seed"))
 def active_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Array,
                    first_token: jax.Array, latents: jax.Array | None = None, *,
-                   per_token: int, seed: int):
-  """Each valid token's `per_token` largest activations as flat entries.
+                   tiers: Tiers, seed: int):
+  """Every valid token's active latents as flat entries, by a ragged top_k.
+
+  Most tokens fire a few tens of latents, a few (Gemma's massive-norm tokens) fire
+  thousands. Tier 0 takes each token's `width_0` largest activations; the tokens that
+  fill all of them (their smallest kept value is still active) go on to tier 1, the
+  first `n_tokens_1` of them, which takes their `width_1` largest; and so on. A token's
+  entries come from the last tier it reaches.
 
   Args:
     stats: the accumulators (one row per column of `acts`).
@@ -61,23 +78,42 @@ def active_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Ar
     valid: `[P]` bool, False at BOS / pad.
     first_token: `[]` int32 global index of the batch's first token.
     latents: optional `[n_rows]` int32 latent ids of the columns (hash input).
-    per_token: entries kept per token (static).
+    tiers: ((0, width_0), (n_tokens_1, width_1), ...) (static; `plan_tiers`).
     seed: the sample's seed (static).
 
   Returns:
     (entries, complete, n_top_candidates, n_sample_candidates): entries is a tuple of
-    `[P * per_token]` arrays (value float32, row int32 with `n_rows` where inactive,
-    position int32, priority float32); complete is a `[]` bool; the counts are `[]` int32.
+    `[M]` arrays (value float32, row int32 with `n_rows` where inactive, position int32,
+    priority float32); complete is a `[]` bool, False when some token's active latents
+    did not fit (the caller plans again); the counts are `[]` int32.
   """
   n_pos, n_rows = acts.shape
-  values, rows = jax.lax.top_k(acts, per_token)  # [P, per_token]
-  # Room for every row is always enough; else the last kept value must be silent.
-  complete = (jnp.bool_(True) if per_token >= n_rows
-              else ~jnp.any(valid & (values[:, -1] > 0)))
-  values = values.astype(jnp.float32).reshape(-1)
-  positions = jnp.repeat(jnp.arange(n_pos, dtype=jnp.int32), per_token)
-  active = (values > 0) & valid[positions]
-  rows = jnp.where(active, rows.reshape(-1).astype(jnp.int32), n_rows)
+  parts, complete, reaching = [], jnp.bool_(True), valid  # reaching: tokens in this tier
+  for i, (n_tokens, width) in enumerate(tiers):
+    width = min(width, n_rows)
+    if i == 0:
+      idx, present, tier_acts = jnp.arange(n_pos, dtype=jnp.int32), valid, acts
+    else:
+      complete &= reaching.sum() <= n_tokens
+      idx = jnp.nonzero(reaching, size=n_tokens, fill_value=n_pos)[0].astype(jnp.int32)
+      present = idx < n_pos
+      tier_acts = acts[jnp.minimum(idx, n_pos - 1)]
+    values, rows = jax.lax.top_k(tier_acts, width)  # [n_tokens, width]
+    # Full, and so maybe cut short: its smallest kept value is still active. (The min,
+    # not values[:, -1]: XLA:CPU turns a top_k whose last column is sliced into a sort.)
+    full = present & (values.min(axis=1) > 0) if width < n_rows else jnp.zeros_like(present)
+    reaching = jnp.zeros(n_pos, bool).at[idx].set(full, mode="drop")
+    owned = present & ~full
+    parts.append((values, rows, idx, owned))
+  complete &= ~jnp.any(reaching)
+
+  values = jnp.concatenate([v.astype(jnp.float32).reshape(-1) for v, _, _, _ in parts])
+  positions = jnp.concatenate([jnp.repeat(idx, v.shape[1]) for v, _, idx, _ in parts])
+  owned = jnp.concatenate([jnp.repeat(o, v.shape[1]) for v, _, _, o in parts])
+  active = (values > 0) & owned
+  rows = jnp.where(active, jnp.concatenate([r.reshape(-1) for _, r, _, _ in parts]), n_rows)
+  rows = rows.astype(jnp.int32)
+  positions = jnp.minimum(positions, n_pos - 1)
   latent_ids = rows if latents is None else jnp.append(latents.astype(jnp.int32), 0)[rows]
   prio = accumulate.priority(seed, first_token + positions, latent_ids)
   top_bar, sample_bar = _kept_bars(stats)
@@ -86,6 +122,40 @@ def active_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Ar
   sample_candidate = active & (prio < sample_bar[safe_rows])
   return ((values, rows, positions, prio), complete, top_candidate.sum(dtype=jnp.int32),
           sample_candidate.sum(dtype=jnp.int32))
+
+
+@jax.jit
+def _active_counts(acts: jax.Array, valid: jax.Array) -> jax.Array:
+  """`[P]` int32 active latents of each valid token (0 at the others)."""
+  return jnp.where(valid, (acts > 0).sum(axis=1, dtype=jnp.int32), 0)
+
+
+def plan_tiers(counts, n_rows: int, *, first_quantile: float = 0.9, growth: int = 8,
+               headroom: int = 2) -> Tiers:
+  """Tiers for `active_entries` from the active counts of a batch's tokens.
+
+  Tier 0's width holds `first_quantile` of the tokens; each next tier is `growth` times
+  wider, with room for `headroom` times the tokens that overflow the one before, until a
+  width holds every token (or is every row); one tier of every row if that is smaller.
+
+  Args:
+    counts: `[P]` active latents per token (`_active_counts`).
+    n_rows: the latents accumulated.
+  """
+  counts = np.asarray(counts)
+  width = min(n_rows, _power_of_two_at_least(int(np.quantile(counts, first_quantile)), 16))
+  tiers = [(0, width)]
+  while width < n_rows and (counts > width).any():
+    n_over = int((counts > width).sum())
+    width = min(n_rows, width * growth)
+    tiers.append((min(len(counts), _power_of_two_at_least(headroom * n_over, 8)), width))
+  if _entries_size(tiers, len(counts)) >= len(counts) * n_rows:  # one tier of every row
+    return ((0, n_rows),)
+  return tuple(tiers)
+
+
+def _entries_size(tiers: Tiers, n_pos: int) -> int:
+  return sum((n or n_pos) * w for n, w in tiers)
 
 
 def _entry_windows(acts, valid, positions, rows, seq_len: int, left: int, right: int):
@@ -100,67 +170,122 @@ def _entry_windows(acts, valid, positions, rows, seq_len: int, left: int, right:
   return jnp.where(keep, values, 0.0)
 
 
-def _best_per_row(keys, payload, candidate, capacity: int, n_rows: int, k: int):
-  """The `k` first entries of each row in the order of `keys` among the candidates.
+def _candidates(key, tokens, payload, candidate, rows, capacity: int, n_rows: int, k: int):
+  """Each row's first `k` candidates by `key`, ties to the earlier token, with their rank
+  in the row.
 
   Args:
-    keys: sort keys after the row, e.g. (-value, token), each `[M]`.
+    key: `[M]` sort key after the row, e.g. -value.
+    tokens: `[M]` global token indices (the tie-break).
     payload: `[M]` arrays carried along.
     candidate: `[M]` bool; at most `capacity` are True.
+    rows: `[M]` int32 rows (`n_rows` for entries of no row).
     capacity: static room for the candidates.
 
   Returns:
-    (rows, ranks, payload) of `[capacity]` entries; rows is `n_rows` for entries that are
-    not among their row's first `k` (scatters drop them).
+    (rows, ranks, payload) of `[capacity]` entries, grouped by row in key order; rows is
+    `n_rows` for room left over and for entries past their row's first `k`.
   """
-  rows = payload[0]
   idx = jnp.nonzero(candidate, size=capacity, fill_value=rows.shape[0])[0]
-  pick = lambda a, fill: jnp.append(a, jnp.asarray(fill, a.dtype))[idx]
-  rows = pick(rows, n_rows)
-  sorted_ = jax.lax.sort((rows,) + tuple(pick(a, 0) for a in keys)
-                         + tuple(pick(a, 0) for a in payload[1:]), num_keys=1 + len(keys))
-  rows, rest = sorted_[0], sorted_[1 + len(keys):]
+  pick = lambda a, fill=0: jnp.append(a, jnp.asarray(fill, a.dtype))[idx]
+  rows, _, _, order = jax.lax.sort(
+      (pick(rows, n_rows), pick(key), pick(tokens), jnp.arange(capacity, dtype=jnp.int32)),
+      num_keys=3)
   rank = jnp.arange(capacity, dtype=jnp.int32) - jnp.searchsorted(rows, rows, side="left")
-  rows = jnp.where(rank < k, rows, n_rows)
-  return rows, rank, rest
+  payload = tuple(pick(a)[order] for a in payload)
+  return jnp.where(rank < k, rows, n_rows), rank, payload
 
 
-def _merge(kept, new, order_key_kept, order_key_new, k: int):
-  """Row-wise merge of kept `[n_rows, k, ...]` and new `[n_rows, k, ...]` arrays: the `k`
-  best by the order keys (larger first; ties to the kept, which come first)."""
-  order = jax.lax.top_k(jnp.concatenate([order_key_kept, order_key_new], axis=1), k)[1]
-  def take(a, b):
-    both = jnp.concatenate([a, b], axis=1)
-    return jnp.take_along_axis(both, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
-  return [take(a, b) for a, b in zip(kept, new)]
+def _count_prefix(kept: jax.Array, rows: jax.Array, holds) -> jax.Array:
+  """`[C]` for each entry c, how many of `kept[rows[c]]`'s leading entries satisfy
+  `holds(kept value, c)` (a predicate that holds on a prefix of each sorted row): a
+  binary search, log2(k) gathers per entry."""
+  n_rows, k = kept.shape
+  safe = jnp.minimum(rows, n_rows - 1)
+  lo, hi = jnp.zeros_like(rows), jnp.full_like(rows, k)
+  for _ in range(k.bit_length()):
+    mid = (lo + hi) // 2
+    ok = (mid < hi) & holds(kept[safe, jnp.minimum(mid, k - 1)])
+    lo, hi = jnp.where(ok, mid + 1, lo), jnp.where(ok, hi, mid)
+  return lo
 
 
-@functools.partial(jax.jit, static_argnames=("seq_len", "left", "right", "top_capacity",
-                                             "sample_capacity"))
-def fold_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Array,
-                 first_token: jax.Array, edges: jax.Array, entries, *, seq_len: int, left: int,
-                 right: int, top_capacity: int, sample_capacity: int) -> accumulate.LatentStats:
-  """Folds a batch's entries (`active_entries`) into `stats`: `accumulate.update`'s result.
+def _merge_sorted(kept: tuple, slots: jax.Array, new: tuple, rows, ranks, positions):
+  """Merges each row's new entries into its kept, sorted ones; the windows stay put.
 
   Args:
-    stats, acts, valid, first_token: as for `active_entries`.
-    edges: `[n_bins + 1]` float32 histogram edges.
-    entries: `active_entries`' entries (every active (token, row) pair of the batch).
-    seq_len, left, right: context length and window (static).
-    top_capacity, sample_capacity: static room for the top / sample candidates, at least
-      their counts from `active_entries`.
+    kept: `[n_rows, k]` arrays in rank order (the first is the order key).
+    slots: `[n_rows, k]` int32 window slot of each kept rank.
+    new: `[C]` arrays of the candidates, matching `kept`.
+    rows, ranks: `[C]` the candidates' rows (`n_rows`: none) and ranks among their row's.
+    positions: `[C]` their places in the merged rows (kept ties come first).
+
+  Returns:
+    (merged, slots, (rows, slot)): the merged `[n_rows, k]` arrays and slots, and each
+    candidate's row and window slot (row `n_rows` for those that did not get in). The
+    candidates that get in are a prefix of their row's ranks and take, in order, the
+    slots of the kept entries they push out, which are a suffix of the kept ranks.
   """
-  values, rows, positions, prio = entries
-  n_rows, n_top = stats.top_values.shape
-  n_samples, window = stats.sample_values.shape[1], stats.top_windows.shape[2]
-  tokens = first_token + positions
+  n_rows, k = slots.shape
+  enter = (rows < n_rows) & (positions < k)
+  rows = jnp.where(enter, rows, n_rows)
+  taken = jnp.zeros((n_rows, k), bool).at[rows, positions].set(True, mode="drop")
+  n_in = taken.sum(axis=1, dtype=jnp.int32)  # [n_rows] candidates that got in
+  # A free place holds the kept entry whose rank is the number of free places before it.
+  kept_rank = jnp.clip(jnp.cumsum(~taken, axis=1, dtype=jnp.int32) - 1, 0, k - 1)
+  merged = tuple(
+      jnp.where(taken, jnp.zeros((n_rows, k), a.dtype).at[rows, positions].set(b, mode="drop"),
+                jnp.take_along_axis(a, kept_rank, axis=1))
+      for a, b in zip(kept, new))
+  safe = jnp.minimum(rows, n_rows - 1)
+  new_slot = slots[safe, jnp.clip(k - n_in[safe] + ranks, 0, k - 1)]
+  merged_slots = jnp.where(
+      taken, jnp.zeros((n_rows, k), jnp.int32).at[rows, positions].set(new_slot, mode="drop"),
+      jnp.take_along_axis(slots, kept_rank, axis=1))
+  return merged, merged_slots, (rows, new_slot)
+
+
+@struct.dataclass
+class Slots:
+  """Where the sparse fold keeps each rank's window: `windows[l, slots[l, i]]` is the
+  window of rank i, so a merge moves small indices and writes only the windows of the
+  entries that get in. `finalize` puts the windows in rank order.
+
+  Attributes:
+    top: `[n_rows, n_top]` int32.
+    sample: `[n_rows, n_samples]` int32.
+  """
+
+  top: jax.Array
+  sample: jax.Array
+
+
+def init_slots(stats: accumulate.LatentStats) -> Slots:
+  """Slots of accumulators whose windows are in rank order (rank i in slot i)."""
+  ranks = lambda a: jnp.broadcast_to(jnp.arange(a.shape[1], dtype=jnp.int32), a.shape[:2])
+  return Slots(top=ranks(stats.top_values), sample=ranks(stats.sample_values))
+
+
+@jax.jit
+def finalize(stats: accumulate.LatentStats, slots: Slots) -> accumulate.LatentStats:
+  """`stats` with the windows in rank order, as the dense update keeps them."""
+  order = lambda w, s: jnp.take_along_axis(w, s[..., None], axis=1)
+  return stats.replace(top_windows=order(stats.top_windows, slots.top),
+                       sample_windows=order(stats.sample_windows, slots.sample))
+
+
+@functools.partial(jax.jit, donate_argnames=("stats",))
+def _fold_counts(stats: accumulate.LatentStats, valid: jax.Array, edges: jax.Array, entries
+                 ) -> accumulate.LatentStats:
+  """Counts, sums, maxima and the histogram (numpy.histogram's bins, as in the dense
+  update) of the entries, and the valid tokens."""
+  values, rows, _, _ = entries
+  n_rows, n_bins = stats.hist_counts.shape
   active = rows < n_rows
 
   def per_row(op, x, init):
     return getattr(jnp.full(n_rows + 1, init, x.dtype).at[rows], op)(x)[:-1]
 
-  # Histogram: numpy.histogram's bins, as in the dense update.
-  n_bins = edges.shape[0] - 1
   log_lo, log_hi = jnp.log(edges[0]), jnp.log(edges[-1])
   guess = jnp.floor((jnp.log(jnp.maximum(values, 1e-30)) - log_lo) / (log_hi - log_lo) * n_bins)
   bins = jnp.clip(guess.astype(jnp.int32), 0, n_bins - 1)
@@ -168,44 +293,7 @@ def fold_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Arra
   in_range = active & (values >= edges[0]) & (values <= edges[-1])
   flat = jnp.where(in_range, rows * n_bins + bins, n_rows * n_bins)
   hist = jnp.zeros(n_rows * n_bins + 1, jnp.int32).at[flat].add(1)[:-1].reshape(n_rows, n_bins)
-
-  # Top examples: the candidates' best n_top per row, then the merge with the kept.
-  top_bar, sample_bar = _kept_bars(stats)
-  safe_rows = jnp.minimum(rows, n_rows - 1)
-  r, rank, (v, t, p) = _best_per_row(
-      (-values, tokens), (rows, values, tokens, positions),
-      active & (values > top_bar[safe_rows]), top_capacity, n_rows, n_top)
-  new_values = jnp.full((n_rows, n_top), -jnp.inf).at[r, rank].set(v, mode="drop")
-  new_tokens = jnp.full((n_rows, n_top), accumulate._EMPTY, jnp.int32).at[r, rank].set(
-      t, mode="drop")
-  new_windows = jnp.zeros((n_rows, n_top, window)).at[r, rank].set(
-      _entry_windows(acts, valid, p, r, seq_len, left, right), mode="drop")
-  kept_values = jnp.where(stats.top_tokens >= 0, stats.top_values, -jnp.inf)
-  top_values, top_tokens, top_windows = _merge(
-      (kept_values, stats.top_tokens, stats.top_windows), (new_values, new_tokens, new_windows),
-      kept_values, new_values, n_top)
-  top_values = jnp.where(jnp.isfinite(top_values), top_values, 0.0)
-
-  # Sample: the candidates' smallest n_samples priorities per row, then the merge.
-  r, rank, (q, v, t, p) = _best_per_row(
-      (prio, tokens), (rows, prio, values, tokens, positions),
-      active & (prio < sample_bar[safe_rows]), sample_capacity, n_rows, n_samples)
-  new_prio = jnp.full((n_rows, n_samples), accumulate._NO_PRIORITY).at[r, rank].set(
-      q, mode="drop")
-  new_svalues = jnp.zeros((n_rows, n_samples)).at[r, rank].set(v, mode="drop")
-  new_stokens = jnp.full((n_rows, n_samples), accumulate._EMPTY, jnp.int32).at[r, rank].set(
-      t, mode="drop")
-  new_swindows = jnp.zeros((n_rows, n_samples, window)).at[r, rank].set(
-      _entry_windows(acts, valid, p, r, seq_len, left, right), mode="drop")
-  sample_priority, sample_values, sample_tokens, sample_windows = _merge(
-      (stats.sample_priority, stats.sample_values, stats.sample_tokens, stats.sample_windows),
-      (new_prio, new_svalues, new_stokens, new_swindows), -stats.sample_priority, -new_prio,
-      n_samples)
-
-  return accumulate.LatentStats(
-      top_values=top_values, top_tokens=top_tokens, top_windows=top_windows,
-      sample_priority=sample_priority, sample_values=sample_values,
-      sample_tokens=sample_tokens, sample_windows=sample_windows,
+  return stats.replace(
       hist_counts=stats.hist_counts + hist,
       fire_count=stats.fire_count + per_row("add", active.astype(jnp.int32), 0),
       max_value=jnp.maximum(stats.max_value, per_row("max", values, 0.0)),
@@ -213,44 +301,119 @@ def fold_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Arra
       tokens_seen=stats.tokens_seen + valid.sum(dtype=jnp.int32))
 
 
-def fold(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Array,
+_WINDOW_ARGS = ("seq_len", "left", "right", "capacity")
+
+
+@functools.partial(jax.jit, static_argnames=_WINDOW_ARGS, donate_argnames=("stats",))
+def _fold_top(stats: accumulate.LatentStats, slots: jax.Array, acts, valid, first_token,
+              entries, *, seq_len: int, left: int, right: int, capacity: int):
+  """The top examples: larger values first, ties to the earlier token (the kept ones).
+  Returns (stats, top slots)."""
+  values, rows, positions, _ = entries
+  n_rows, n_top = stats.top_values.shape
+  top_bar, _ = _kept_bars(stats)
+  beats = (rows < n_rows) & (values > top_bar[jnp.minimum(rows, n_rows - 1)])
+  tokens = first_token + positions
+  r, rank, (v, t, p) = _candidates(-values, tokens, (values, tokens, positions), beats, rows,
+                                   capacity, n_rows, n_top)
+  kept_values = jnp.where(stats.top_tokens >= 0, stats.top_values, -jnp.inf)
+  place = rank + _count_prefix(kept_values, r, lambda kept: kept >= v)
+  (top_values, top_tokens), slots, (wr, ws) = _merge_sorted(
+      (kept_values, stats.top_tokens), slots, (v, t), r, rank, place)
+  windows = _entry_windows(acts, valid, p, wr, seq_len, left, right)
+  return stats.replace(top_values=jnp.where(jnp.isfinite(top_values), top_values, 0.0),
+                       top_tokens=top_tokens,
+                       top_windows=stats.top_windows.at[wr, ws].set(windows, mode="drop")), slots
+
+
+@functools.partial(jax.jit, static_argnames=_WINDOW_ARGS, donate_argnames=("stats",))
+def _fold_sample(stats: accumulate.LatentStats, slots: jax.Array, acts, valid, first_token,
+                 entries, *, seq_len: int, left: int, right: int, capacity: int):
+  """The uniform sample: smaller priorities first, ties to the earlier token (the kept
+  ones). Returns (stats, sample slots)."""
+  values, rows, positions, prio = entries
+  n_rows, n_samples = stats.sample_values.shape
+  _, sample_bar = _kept_bars(stats)
+  beats = (rows < n_rows) & (prio < sample_bar[jnp.minimum(rows, n_rows - 1)])
+  tokens = first_token + positions
+  r, rank, (q, v, t, p) = _candidates(prio, tokens, (prio, values, tokens, positions), beats,
+                                      rows, capacity, n_rows, n_samples)
+  place = rank + _count_prefix(stats.sample_priority, r, lambda kept: kept <= q)
+  (priority, sample_values, sample_tokens), slots, (wr, ws) = _merge_sorted(
+      (stats.sample_priority, stats.sample_values, stats.sample_tokens), slots, (q, v, t), r,
+      rank, place)
+  windows = _entry_windows(acts, valid, p, wr, seq_len, left, right)
+  return stats.replace(
+      sample_priority=priority, sample_values=sample_values, sample_tokens=sample_tokens,
+      sample_windows=stats.sample_windows.at[wr, ws].set(windows, mode="drop")), slots
+
+
+@dataclasses.dataclass(frozen=True)
+class Room:
+  """The host's sizes for the sparse fold, carried from batch to batch.
+
+  Attributes:
+    tiers: `active_entries`' tiers (None: plan them from the next batch's counts).
+    top, sample: static room for the top / sample candidates (0: not chosen yet).
+  """
+
+  tiers: Tiers | None = None
+  top: int = 0
+  sample: int = 0
+
+
+def _capacity(need: int, previous: int) -> int:
+  """Room for `need` candidates: the previous room while it holds them and is at most 8x
+  too large (each new size compiles again), else the next power of two."""
+  if need <= previous <= 8 * max(need, _MIN_CAPACITY):
+    return previous
+  return _power_of_two_at_least(need)
+
+
+def fold(stats: accumulate.LatentStats, slots: Slots, acts: jax.Array, valid: jax.Array,
          first_token: jax.Array, edges: jax.Array, latents: jax.Array | None = None, *,
-         seq_len: int, left: int, right: int, seed: int, per_token: int,
-         max_per_token: int | None = None) -> tuple[accumulate.LatentStats, int]:
-  """`accumulate.update`'s result by the sparse path, for a batch whose tokens each have
-  at most `per_token` active latents, retried with twice the room while they do not.
+         seq_len: int, left: int, right: int, seed: int, room: Room,
+         max_entries_fraction: float = 0.25
+         ) -> tuple[accumulate.LatentStats, Slots, Room | None]:
+  """`accumulate.update`'s result by the sparse path (windows in `slots` order).
 
   Args:
     stats, valid, first_token, edges, latents, seq_len, left, right, seed: as for
-      `accumulate.update`.
+      `accumulate.update` (`stats` is consumed: use the returned one).
+    slots: where `stats` keeps each rank's window (`init_slots` for fresh accumulators).
     acts: `[P, d_sae]` activations of the batch.
-    per_token: the room to try first (the previous batch's is a good guess).
-    max_per_token: the most room worth trying (default: a quarter of the rows; past it
-      the entries cost more than the dense update's cells).
+    room: the sizes to try (the previous batch's; `Room()` at first). Tiers that do not
+      hold this batch's active latents are planned again from its counts.
+    max_entries_fraction: the largest entry count worth folding sparsely, as a fraction
+      of the batch's (token, latent) cells; past it the dense update is cheaper.
 
   Returns:
-    (stats, per_token): the new stats and the room that sufficed, or (stats unchanged, 0)
-    when some token has more than `max_per_token` active latents: the caller must use
-    the dense update.
+    (stats, slots, room): the new stats and slots and the sizes used, or the inputs
+    unchanged and None when the batch needs more entries than that: the caller must
+    `finalize` and use the dense update.
   """
   if latents is not None:
     acts = _columns(acts, latents)
-  n_rows = acts.shape[1]
-  limit = min(n_rows, max(n_rows // 4, 1) if max_per_token is None else max_per_token)
-  per_token = min(per_token, limit)
-  while True:
+  n_pos, n_rows = acts.shape
+  tiers = room.tiers
+  while True:  # at most twice: tiers planned from this batch's counts hold it
+    if tiers is None:
+      tiers = plan_tiers(_active_counts(acts, valid), n_rows)
+      if _entries_size(tiers, n_pos) > max_entries_fraction * n_pos * n_rows:
+        return stats, slots, None
     entries, complete, n_top, n_sample = active_entries(
-        stats, acts, valid, first_token, latents, per_token=per_token, seed=seed)
+        stats, acts, valid, first_token, latents, tiers=tiers, seed=seed)
     if bool(complete):
       break
-    if per_token >= limit:
-      return stats, 0
-    per_token = min(2 * per_token, limit)
-  stats = fold_entries(stats, acts, valid, first_token, edges, entries, seq_len=seq_len,
-                       left=left, right=right,
-                       top_capacity=_power_of_two_at_least(int(n_top)),
-                       sample_capacity=_power_of_two_at_least(int(n_sample)))
-  return stats, per_token
+    tiers = None
+  room = Room(tiers, _capacity(int(n_top), room.top), _capacity(int(n_sample), room.sample))
+  window = dict(seq_len=seq_len, left=left, right=right)
+  stats = _fold_counts(stats, valid, edges, entries)
+  stats, top = _fold_top(stats, slots.top, acts, valid, first_token, entries,
+                         capacity=room.top, **window)
+  stats, sample = _fold_sample(stats, slots.sample, acts, valid, first_token, entries,
+                               capacity=room.sample, **window)
+  return stats, Slots(top, sample), room
 
 
 @jax.jit
@@ -258,4 +421,4 @@ def _columns(acts, latents):
   return acts[:, latents]
 
 
-__all__ = ["active_entries", "fold", "fold_entries"]
+__all__ = ["Room", "Slots", "active_entries", "finalize", "fold", "init_slots", "plan_tiers"]

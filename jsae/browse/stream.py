@@ -57,10 +57,6 @@ class BrowseSettings:
 # XLA:CPU (bench/browse.py, docs/performance.md); the others keep the dense update until
 # the benchmark has been run there.
 SPARSE_BACKENDS = ("cpu",)
-# Active latents per token the sparse path makes room for first (doubled as needed).
-_FIRST_PER_TOKEN = 32
-
-
 def uses_sparse_fold(stats_sharding=None) -> bool:
   """Whether `stream` folds by the sparse path by default: on a backend where it was
   measured, for accumulators on one device (latent-sharded ones keep the dense update,
@@ -71,7 +67,7 @@ def uses_sparse_fold(stats_sharding=None) -> bool:
 def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: TokenContexts,
            settings: BrowseSettings, *, edges: np.ndarray, stats_sharding=None,
            latents=None, progress: bool = True, sparse_fold: bool | None = None,
-           max_per_token: int | None = None) -> accumulate.LatentStats:
+           max_entries_fraction: float = 0.25) -> accumulate.LatentStats:
   """Streams `contexts` through the LM to `site` and `sae`, accumulating per-latent stats.
 
   Args:
@@ -85,10 +81,10 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     latents: optional ids of the latents to accumulate, `n` of them: the stats then have
       `n` rows in this order (the SAE still encodes every latent: TopK-style SAEs choose
       among all of them). None: every latent.
-    sparse_fold: fold batches by the sparse path (None: `uses_sparse_fold`). A batch with
-      a token that has more than `max_per_token` active latents (default a quarter of the
-      rows) switches the rest of the pass to the dense update.
-    max_per_token: see `sparse_fold`.
+    sparse_fold: fold batches by the sparse path (None: `uses_sparse_fold`). A batch whose
+      active (token, latent) entries need more than `max_entries_fraction` of its cells
+      switches the rest of the pass to the dense update.
+    max_entries_fraction: see `sparse_fold`.
 
   Returns:
     `LatentStats` with `d_sae` rows, or one row per id of `latents`.
@@ -102,8 +98,9 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     stats = jax.device_put(stats, stats_sharding)
   encode = jax.jit(lambda model, x: model.encode(x))
   edges32 = jnp.asarray(edges, jnp.float32)
-  per_token = _FIRST_PER_TOKEN if (uses_sparse_fold(stats_sharding) if sparse_fold is None
-                                   else sparse_fold) else 0
+  sparse_fold = uses_sparse_fold(stats_sharding) if sparse_fold is None else sparse_fold
+  room = sparse.Room() if sparse_fold else None  # the sparse path's sizes; None: dense
+  slots = sparse.init_slots(stats)
   n, seq = contexts.n_contexts, contexts.seq_len
   bar = tqdm(total=contexts.n_tokens, unit="tok", desc="browse", disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
@@ -116,14 +113,16 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     fold_args = (f, jnp.asarray(valid), jnp.int32(start * seq), edges32, chosen)
     window = dict(seq_len=seq, left=settings.window_left, right=settings.window_right,
                   seed=settings.seed)
-    if per_token:
-      stats, per_token = sparse.fold(stats, *fold_args, per_token=per_token,
-                                     max_per_token=max_per_token, **window)
-    if not per_token:  # the dense update: chosen, or this batch is too dense to fold sparsely
+    if room is not None:
+      stats, slots, room = sparse.fold(stats, slots, *fold_args, room=room,
+                                       max_entries_fraction=max_entries_fraction, **window)
+      if room is None:  # too dense a batch to fold sparsely: dense from here on
+        stats = sparse.finalize(stats, slots)
+    if room is None:
       stats = accumulate.update(stats, *fold_args, **window)
     bar.update(int(valid.sum()))
   bar.close()
-  return stats
+  return stats if room is None else sparse.finalize(stats, slots)
 
 
 _BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
