@@ -169,7 +169,7 @@ def test_tiers_planned_from_counts_by_hand():
   assert sparse.plan_tiers(counts, 1000) == ((0, 16), (32, 128), (8, 1000))
   assert sparse.plan_tiers(np.full(10, 3), 1000) == ((0, 16),)
   assert sparse.plan_tiers(np.array([1] * 19 + [30]), 40) == ((0, 16), (8, 40))
-  assert sparse.plan_tiers(np.array([1] * 3 + [30]), 40) == ((0, 40),)  # fewer entries
+  assert sparse.plan_tiers(np.array([20] * 9 + [39]), 40) == ((0, 40),)  # fewer entries
 
 
 def test_sparse_fold_hands_a_too_dense_batch_back():
