@@ -126,10 +126,14 @@ def test_ties_go_to_the_earlier_token(path):
   assert list(np.asarray(stats.top_tokens[1])) == [-1, -1, -1]
 
 
-@pytest.mark.parametrize("latents", [None, [7, 0, 33, 12, 5]])
-def test_sparse_fold_equals_the_dense_update_batch_by_batch(latents):
+@pytest.mark.parametrize("latents,chunk", [(None, None), ([7, 0, 33, 12, 5], None), (None, 16)])
+def test_sparse_fold_equals_the_dense_update_batch_by_batch(latents, chunk, monkeypatch):
   """Random sparse activations with planted ties, four batches of two contexts: after
-  every batch the sparse fold's accumulators equal the dense update's."""
+  every batch the sparse fold's accumulators equal the dense update's, also when the
+  candidates are folded in many chunks (16 each), out of token order."""
+  if chunk:
+    monkeypatch.setattr(sparse, "_CHUNK", chunk)
+    monkeypatch.setattr(sparse, "_MIN_CAPACITY", chunk)
   rng = np.random.default_rng(3)
   n_batches, seq, d = 4, 16, 40
   acts = np.where(rng.random((n_batches * 2 * seq, d)) < 0.15,

@@ -60,6 +60,28 @@ def _kept_bars(stats: accumulate.LatentStats) -> tuple[jax.Array, jax.Array]:
 Tiers = tuple  # ((n_tokens or 0 for all, width), ...): see `active_entries`
 
 
+@struct.dataclass
+class Entries:
+  """A batch's active (token, row) pairs, `[M]` each.
+
+  Attributes:
+    values: float32 activations (0 where inactive).
+    rows: int32 rows, `n_rows` where inactive.
+    positions: int32 token positions in the batch.
+    priority: float32 sample priorities (`accumulate.priority`).
+    top_ordinal: int32 index among the entries that beat their row's kept top bar when
+      the batch began (-1 for the others): the top candidates, taken in chunks.
+    sample_ordinal: likewise for the sample.
+  """
+
+  values: jax.Array
+  rows: jax.Array
+  positions: jax.Array
+  priority: jax.Array
+  top_ordinal: jax.Array
+  sample_ordinal: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("tiers", "seed"))
 def active_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Array,
                    first_token: jax.Array, latents: jax.Array | None = None, *,
@@ -82,10 +104,9 @@ def active_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Ar
     seed: the sample's seed (static).
 
   Returns:
-    (entries, complete, n_top_candidates, n_sample_candidates): entries is a tuple of
-    `[M]` arrays (value float32, row int32 with `n_rows` where inactive, position int32,
-    priority float32); complete is a `[]` bool, False when some token's active latents
-    did not fit (the caller plans again); the counts are `[]` int32.
+    (entries, complete, n_top_candidates, n_sample_candidates): `Entries`; complete is a
+    `[]` bool, False when some token's active latents did not fit (the caller plans
+    again); the counts are `[]` int32.
   """
   n_pos, n_rows = acts.shape
   parts, complete, reaching = [], jnp.bool_(True), valid  # reaching: tokens in this tier
@@ -118,10 +139,12 @@ def active_entries(stats: accumulate.LatentStats, acts: jax.Array, valid: jax.Ar
   prio = accumulate.priority(seed, first_token + positions, latent_ids)
   top_bar, sample_bar = _kept_bars(stats)
   safe_rows = jnp.minimum(rows, n_rows - 1)
+  ordinal = lambda c: jnp.where(c, jnp.cumsum(c, dtype=jnp.int32) - 1, -1)
   top_candidate = active & (values > top_bar[safe_rows])
   sample_candidate = active & (prio < sample_bar[safe_rows])
-  return ((values, rows, positions, prio), complete, top_candidate.sum(dtype=jnp.int32),
-          sample_candidate.sum(dtype=jnp.int32))
+  return (Entries(values, rows, positions, prio, ordinal(top_candidate),
+                  ordinal(sample_candidate)),
+          complete, top_candidate.sum(dtype=jnp.int32), sample_candidate.sum(dtype=jnp.int32))
 
 
 @jax.jit
@@ -170,23 +193,26 @@ def _entry_windows(acts, valid, positions, rows, seq_len: int, left: int, right:
   return jnp.where(keep, values, 0.0)
 
 
-def _candidates(key, tokens, payload, candidate, rows, capacity: int, n_rows: int, k: int):
-  """Each row's first `k` candidates by `key`, ties to the earlier token, with their rank
-  in the row.
+def _candidates(key, tokens, payload, ordinal, chunk, rows, capacity: int, n_rows: int,
+                k: int):
+  """Each row's first `k` candidates of a chunk by `key`, ties to the earlier token, with
+  their rank in the row.
 
   Args:
     key: `[M]` sort key after the row, e.g. -value.
     tokens: `[M]` global token indices (the tie-break).
     payload: `[M]` arrays carried along.
-    candidate: `[M]` bool; at most `capacity` are True.
+    ordinal: `[M]` int32 candidate index (-1: not a candidate).
+    chunk: `[]` int32: candidates `chunk * capacity` ... `(chunk + 1) * capacity - 1`.
     rows: `[M]` int32 rows (`n_rows` for entries of no row).
-    capacity: static room for the candidates.
+    capacity: static candidates per chunk.
 
   Returns:
     (rows, ranks, payload) of `[capacity]` entries, grouped by row in key order; rows is
     `n_rows` for room left over and for entries past their row's first `k`.
   """
-  idx = jnp.nonzero(candidate, size=capacity, fill_value=rows.shape[0])[0]
+  in_chunk = (ordinal >= 0) & (ordinal // capacity == chunk)
+  idx = jnp.nonzero(in_chunk, size=capacity, fill_value=rows.shape[0])[0]
   pick = lambda a, fill=0: jnp.append(a, jnp.asarray(fill, a.dtype))[idx]
   rows, _, _, order = jax.lax.sort(
       (pick(rows, n_rows), pick(key), pick(tokens), jnp.arange(capacity, dtype=jnp.int32)),
@@ -196,16 +222,22 @@ def _candidates(key, tokens, payload, candidate, rows, capacity: int, n_rows: in
   return jnp.where(rank < k, rows, n_rows), rank, payload
 
 
-def _count_prefix(kept: jax.Array, rows: jax.Array, holds) -> jax.Array:
-  """`[C]` for each entry c, how many of `kept[rows[c]]`'s leading entries satisfy
-  `holds(kept value, c)` (a predicate that holds on a prefix of each sorted row): a
-  binary search, log2(k) gathers per entry."""
-  n_rows, k = kept.shape
+def _count_prefix(kept: tuple, rows: jax.Array, beats) -> jax.Array:
+  """`[C]` for each entry c, how many of row `rows[c]`'s kept entries come before it:
+  `beats(*kept entry's fields)` holds on a prefix of each row (the kept are in order).
+  A binary search, log2(k) gathers per entry.
+
+  Args:
+    kept: `[n_rows, k]` arrays, the fields `beats` takes.
+    rows: `[C]` int32.
+  """
+  n_rows, k = kept[0].shape
   safe = jnp.minimum(rows, n_rows - 1)
   lo, hi = jnp.zeros_like(rows), jnp.full_like(rows, k)
   for _ in range(k.bit_length()):
     mid = (lo + hi) // 2
-    ok = (mid < hi) & holds(kept[safe, jnp.minimum(mid, k - 1)])
+    at = jnp.minimum(mid, k - 1)
+    ok = (mid < hi) & beats(*(a[safe, at] for a in kept))
     lo, hi = jnp.where(ok, mid + 1, lo), jnp.where(ok, hi, mid)
   return lo
 
@@ -274,13 +306,21 @@ def finalize(stats: accumulate.LatentStats, slots: Slots) -> accumulate.LatentSt
                        sample_windows=order(stats.sample_windows, slots.sample))
 
 
-@functools.partial(jax.jit, donate_argnames=("stats",))
-def _fold_counts(stats: accumulate.LatentStats, valid: jax.Array, edges: jax.Array, entries
-                 ) -> accumulate.LatentStats:
+# The three folds below read and write disjoint fields of the stats (donated, so the
+# windows are written in place) and depend on nothing of each other: dispatched one
+# after another, they run side by side.
+_COUNTS = ("hist_counts", "fire_count", "max_value", "sum_value", "tokens_seen")
+_TOP = ("top_values", "top_tokens", "top_windows")
+_SAMPLE = ("sample_priority", "sample_values", "sample_tokens", "sample_windows")
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _fold_counts(counts: tuple, valid: jax.Array, edges: jax.Array, entries: Entries) -> tuple:
   """Counts, sums, maxima and the histogram (numpy.histogram's bins, as in the dense
-  update) of the entries, and the valid tokens."""
-  values, rows, _, _ = entries
-  n_rows, n_bins = stats.hist_counts.shape
+  update) of the entries, and the valid tokens: the `_COUNTS` fields."""
+  hist_counts, fire_count, max_value, sum_value, tokens_seen = counts
+  values, rows = entries.values, entries.rows
+  n_rows, n_bins = hist_counts.shape
   active = rows < n_rows
 
   def per_row(op, x, init):
@@ -293,59 +333,54 @@ def _fold_counts(stats: accumulate.LatentStats, valid: jax.Array, edges: jax.Arr
   in_range = active & (values >= edges[0]) & (values <= edges[-1])
   flat = jnp.where(in_range, rows * n_bins + bins, n_rows * n_bins)
   hist = jnp.zeros(n_rows * n_bins + 1, jnp.int32).at[flat].add(1)[:-1].reshape(n_rows, n_bins)
-  return stats.replace(
-      hist_counts=stats.hist_counts + hist,
-      fire_count=stats.fire_count + per_row("add", active.astype(jnp.int32), 0),
-      max_value=jnp.maximum(stats.max_value, per_row("max", values, 0.0)),
-      sum_value=stats.sum_value + per_row("add", values, 0.0),
-      tokens_seen=stats.tokens_seen + valid.sum(dtype=jnp.int32))
+  return (hist_counts + hist, fire_count + per_row("add", active.astype(jnp.int32), 0),
+          jnp.maximum(max_value, per_row("max", values, 0.0)),
+          sum_value + per_row("add", values, 0.0), tokens_seen + valid.sum(dtype=jnp.int32))
 
 
 _WINDOW_ARGS = ("seq_len", "left", "right", "capacity")
 
 
-@functools.partial(jax.jit, static_argnames=_WINDOW_ARGS, donate_argnames=("stats",))
-def _fold_top(stats: accumulate.LatentStats, slots: jax.Array, acts, valid, first_token,
-              entries, *, seq_len: int, left: int, right: int, capacity: int):
-  """The top examples: larger values first, ties to the earlier token (the kept ones).
-  Returns (stats, top slots)."""
-  values, rows, positions, _ = entries
-  n_rows, n_top = stats.top_values.shape
-  top_bar, _ = _kept_bars(stats)
-  beats = (rows < n_rows) & (values > top_bar[jnp.minimum(rows, n_rows - 1)])
-  tokens = first_token + positions
-  r, rank, (v, t, p) = _candidates(-values, tokens, (values, tokens, positions), beats, rows,
-                                   capacity, n_rows, n_top)
-  kept_values = jnp.where(stats.top_tokens >= 0, stats.top_values, -jnp.inf)
-  place = rank + _count_prefix(kept_values, r, lambda kept: kept >= v)
+@functools.partial(jax.jit, static_argnames=_WINDOW_ARGS, donate_argnums=(0, 1))
+def _fold_top(top: tuple, slots: jax.Array, acts, valid, first_token, entries: Entries,
+              chunk, *, seq_len: int, left: int, right: int, capacity: int) -> tuple:
+  """One chunk of top candidates into the top examples (the `_TOP` fields and their
+  slots): larger values first, ties to the earlier token. Returns (fields, slots)."""
+  top_values, top_tokens, top_windows = top
+  n_rows, n_top = top_values.shape
+  tokens = first_token + entries.positions
+  r, rank, (v, t, p) = _candidates(
+      -entries.values, tokens, (entries.values, tokens, entries.positions),
+      entries.top_ordinal, chunk, entries.rows, capacity, n_rows, n_top)
+  kept_values = jnp.where(top_tokens >= 0, top_values, -jnp.inf)
+  place = rank + _count_prefix((kept_values, top_tokens), r,
+                               lambda kv, kt: (kv > v) | ((kv == v) & (kt < t)))
   (top_values, top_tokens), slots, (wr, ws) = _merge_sorted(
-      (kept_values, stats.top_tokens), slots, (v, t), r, rank, place)
+      (kept_values, top_tokens), slots, (v, t), r, rank, place)
   windows = _entry_windows(acts, valid, p, wr, seq_len, left, right)
-  return stats.replace(top_values=jnp.where(jnp.isfinite(top_values), top_values, 0.0),
-                       top_tokens=top_tokens,
-                       top_windows=stats.top_windows.at[wr, ws].set(windows, mode="drop")), slots
+  return (jnp.where(jnp.isfinite(top_values), top_values, 0.0), top_tokens,
+          top_windows.at[wr, ws].set(windows, mode="drop")), slots
 
 
-@functools.partial(jax.jit, static_argnames=_WINDOW_ARGS, donate_argnames=("stats",))
-def _fold_sample(stats: accumulate.LatentStats, slots: jax.Array, acts, valid, first_token,
-                 entries, *, seq_len: int, left: int, right: int, capacity: int):
-  """The uniform sample: smaller priorities first, ties to the earlier token (the kept
-  ones). Returns (stats, sample slots)."""
-  values, rows, positions, prio = entries
-  n_rows, n_samples = stats.sample_values.shape
-  _, sample_bar = _kept_bars(stats)
-  beats = (rows < n_rows) & (prio < sample_bar[jnp.minimum(rows, n_rows - 1)])
-  tokens = first_token + positions
-  r, rank, (q, v, t, p) = _candidates(prio, tokens, (prio, values, tokens, positions), beats,
-                                      rows, capacity, n_rows, n_samples)
-  place = rank + _count_prefix(stats.sample_priority, r, lambda kept: kept <= q)
+@functools.partial(jax.jit, static_argnames=_WINDOW_ARGS, donate_argnums=(0, 1))
+def _fold_sample(sample: tuple, slots: jax.Array, acts, valid, first_token, entries: Entries,
+                 chunk, *, seq_len: int, left: int, right: int, capacity: int) -> tuple:
+  """One chunk of sample candidates into the uniform sample (the `_SAMPLE` fields and
+  their slots): smaller priorities first, ties to the earlier token. Returns (fields,
+  slots)."""
+  priority, sample_values, sample_tokens, sample_windows = sample
+  n_rows, n_samples = sample_values.shape
+  tokens = first_token + entries.positions
+  r, rank, (q, v, t, p) = _candidates(
+      entries.priority, tokens, (entries.priority, entries.values, tokens, entries.positions),
+      entries.sample_ordinal, chunk, entries.rows, capacity, n_rows, n_samples)
+  place = rank + _count_prefix((priority, sample_tokens), r,
+                               lambda kq, kt: (kq < q) | ((kq == q) & (kt < t)))
   (priority, sample_values, sample_tokens), slots, (wr, ws) = _merge_sorted(
-      (stats.sample_priority, stats.sample_values, stats.sample_tokens), slots, (q, v, t), r,
-      rank, place)
+      (priority, sample_values, sample_tokens), slots, (q, v, t), r, rank, place)
   windows = _entry_windows(acts, valid, p, wr, seq_len, left, right)
-  return stats.replace(
-      sample_priority=priority, sample_values=sample_values, sample_tokens=sample_tokens,
-      sample_windows=stats.sample_windows.at[wr, ws].set(windows, mode="drop")), slots
+  return (priority, sample_values, sample_tokens,
+          sample_windows.at[wr, ws].set(windows, mode="drop")), slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +389,7 @@ class Room:
 
   Attributes:
     tiers: `active_entries`' tiers (None: plan them from the next batch's counts).
-    top, sample: static room for the top / sample candidates (0: not chosen yet).
+    top, sample: candidates per chunk for the top examples / the sample (0: not chosen).
   """
 
   tiers: Tiers | None = None
@@ -362,12 +397,18 @@ class Room:
   sample: int = 0
 
 
-def _capacity(need: int, previous: int) -> int:
-  """Room for `need` candidates: the previous room while it holds them and is at most 8x
-  too large (each new size compiles again), else the next power of two."""
+# Candidates per chunk at most: a batch with more folds them in several chunks, so the
+# shapes compiled stay few and a chunk's sort stays short.
+_CHUNK = 1 << 15
+
+
+def _chunk_size(need: int, previous: int) -> int:
+  """Candidates per chunk for `need` of them: the previous size while it is at most 8x
+  too large (each new size compiles again), else the next power of two, at most `_CHUNK`."""
+  need = min(max(need, 1), _CHUNK)
   if need <= previous <= 8 * max(need, _MIN_CAPACITY):
     return previous
-  return _power_of_two_at_least(need)
+  return min(_power_of_two_at_least(need), _CHUNK)
 
 
 def fold(stats: accumulate.LatentStats, slots: Slots, acts: jax.Array, valid: jax.Array,
@@ -406,14 +447,21 @@ def fold(stats: accumulate.LatentStats, slots: Slots, acts: jax.Array, valid: ja
     if bool(complete):
       break
     tiers = None
-  room = Room(tiers, _capacity(int(n_top), room.top), _capacity(int(n_sample), room.sample))
+  n_top, n_sample = int(n_top), int(n_sample)
+  room = Room(tiers, _chunk_size(n_top, room.top), _chunk_size(n_sample, room.sample))
   window = dict(seq_len=seq_len, left=left, right=right)
-  stats = _fold_counts(stats, valid, edges, entries)
-  stats, top = _fold_top(stats, slots.top, acts, valid, first_token, entries,
-                         capacity=room.top, **window)
-  stats, sample = _fold_sample(stats, slots.sample, acts, valid, first_token, entries,
-                               capacity=room.sample, **window)
-  return stats, Slots(top, sample), room
+  fields = lambda names: tuple(getattr(stats, n) for n in names)
+  counts = _fold_counts(fields(_COUNTS), valid, edges, entries)
+  top, top_slots = fields(_TOP), slots.top
+  for chunk in range(-(-n_top // room.top)):
+    top, top_slots = _fold_top(top, top_slots, acts, valid, first_token, entries,
+                               jnp.int32(chunk), capacity=room.top, **window)
+  sample, sample_slots = fields(_SAMPLE), slots.sample
+  for chunk in range(-(-n_sample // room.sample)):
+    sample, sample_slots = _fold_sample(sample, sample_slots, acts, valid, first_token, entries,
+                                        jnp.int32(chunk), capacity=room.sample, **window)
+  stats = accumulate.LatentStats(**dict(zip(_COUNTS + _TOP + _SAMPLE, counts + top + sample)))
+  return stats, Slots(top_slots, sample_slots), room
 
 
 @jax.jit

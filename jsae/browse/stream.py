@@ -104,15 +104,23 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
   n, seq = contexts.n_contexts, contexts.seq_len
   bar = tqdm(total=contexts.n_tokens, unit="tok", desc="browse", disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
-  for start in range(0, n, settings.batch_size):
+  window = dict(seq_len=seq, left=settings.window_left, right=settings.window_right,
+                seed=settings.seed)
+
+  def lm_and_sae(start):  # dispatched without waiting: the LM runs while a batch folds
     idx = np.arange(start, start + settings.batch_size)
     rows = np.minimum(idx, n - 1)
     x = capture(lm_params, jnp.asarray(contexts.tokens[rows]))[site]
-    f = encode(sae, x.reshape(-1, x.shape[-1]))
     valid = (contexts.mask[rows] & (idx < n)[:, None]).reshape(-1)
-    fold_args = (f, jnp.asarray(valid), jnp.int32(start * seq), edges32, chosen)
-    window = dict(seq_len=seq, left=settings.window_left, right=settings.window_right,
-                  seed=settings.seed)
+    return (encode(sae, x.reshape(-1, x.shape[-1])), jnp.asarray(valid), jnp.int32(start * seq),
+            edges32, chosen), int(valid.sum())
+
+  starts = range(0, n, settings.batch_size)
+  upcoming = lm_and_sae(starts[0])
+  for i in range(len(starts)):
+    fold_args, n_valid = upcoming
+    if i + 1 < len(starts):  # the next batch's LM forward, before this one's host reads
+      upcoming = lm_and_sae(starts[i + 1])
     if room is not None:
       stats, slots, room = sparse.fold(stats, slots, *fold_args, room=room,
                                        max_entries_fraction=max_entries_fraction, **window)
@@ -120,7 +128,7 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
         stats = sparse.finalize(stats, slots)
     if room is None:
       stats = accumulate.update(stats, *fold_args, **window)
-    bar.update(int(valid.sum()))
+    bar.update(n_valid)
   bar.close()
   return stats if room is None else sparse.finalize(stats, slots)
 
