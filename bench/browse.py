@@ -80,7 +80,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     common = dict(sites=[site], batch_size=args.batch, progress=False)
     harvest_lib.harvest(params, config, warm, out_dir=f"{tmp}/warm", **common)
-    default = stream.uses_sparse_fold()
+    default = stream.uses_sparse_fold(args.d_sae)
     # The sparse fold compiles a shape per size of the batch's entries; its first pass
     # over the timed text compiles them all, as a long browse does in its first batches.
     first_tok_s = timed.n_tokens / browse_s(timed, default)

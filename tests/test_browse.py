@@ -166,6 +166,13 @@ def test_sparse_fold_equals_the_dense_update_batch_by_batch(latents, chunk, monk
         np.testing.assert_array_equal(c, a, err_msg=f"{name} after batch {b}")
 
 
+def test_the_sparse_fold_is_the_default_only_where_it_was_measured_faster():
+  assert jax.default_backend() == "cpu"
+  assert stream.uses_sparse_fold(stream.SPARSE_MIN_LATENTS)
+  assert not stream.uses_sparse_fold(stream.SPARSE_MIN_LATENTS - 1)  # the demo's 4096
+  assert not stream.uses_sparse_fold(2 * stream.SPARSE_MIN_LATENTS, stats_sharding=object())
+
+
 def test_tiers_planned_from_counts_by_hand():
   counts = np.array([1] * 90 + [20] * 9 + [500])
   # Tier 0 holds 90% of the tokens (q90 = 2.9, at least 16 wide); 10 tokens fire more

@@ -41,7 +41,8 @@ from flax import struct
 
 from jsae.browse import accumulate
 
-# Capacities are powers of two from this one up, so a stream compiles a few shapes.
+# Chunk sizes are powers of two from this one up to `_CHUNK`, so a stream compiles few
+# shapes.
 _MIN_CAPACITY = 256
 
 
