@@ -109,7 +109,7 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
   edges32 = jnp.asarray(edges, jnp.float32)
   sparse_fold = uses_sparse_fold(n_rows, stats_sharding) if sparse_fold is None else sparse_fold
   room = sparse.Room() if sparse_fold else None  # the sparse path's sizes; None: dense
-  slots = sparse.init_slots(stats)
+  slots = None if room is None else sparse.init_slots(stats)
   n, seq = contexts.n_contexts, contexts.seq_len
   bar = tqdm(total=contexts.n_tokens, unit="tok", desc="browse", disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
@@ -125,7 +125,7 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
             edges32, chosen), int(valid.sum())
 
   starts = range(0, n, settings.batch_size)
-  upcoming = lm_and_sae(starts[0])
+  upcoming = lm_and_sae(starts[0]) if n else None
   for i in range(len(starts)):
     fold_args, n_valid = upcoming
     if i + 1 < len(starts):  # the next batch's LM forward, before this one's host reads
