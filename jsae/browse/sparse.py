@@ -251,7 +251,7 @@ def _merge_sorted(kept: tuple, slots: jax.Array, new: tuple, rows, ranks, positi
     slots: `[n_rows, k]` int32 window slot of each kept rank.
     new: `[C]` arrays of the candidates, matching `kept`.
     rows, ranks: `[C]` the candidates' rows (`n_rows`: none) and ranks among their row's.
-    positions: `[C]` their places in the merged rows (kept ties come first).
+    positions: `[C]` their places in the merged rows (rank + the kept that come before).
 
   Returns:
     (merged, slots, (rows, slot)): the merged `[n_rows, k]` arrays and slots, and each
