@@ -113,6 +113,26 @@ def priority(seed: int, tokens: jax.Array, latents: jax.Array) -> jax.Array:
   return (h >> xp.uint32(8)).astype(xp.float32)
 
 
+def histogram_bins(values: jax.Array, edges: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each value's bin over fixed log-spaced `edges` (numpy.histogram's convention: the
+  last bin is closed) and whether it falls inside them: the bin from the logarithm, then
+  corrected against the edges themselves.
+
+  Args:
+    values: float32 activations, any shape.
+    edges: `[n_bins + 1]` float32 edges.
+
+  Returns:
+    (bins int32, in_range bool), both shaped like `values`.
+  """
+  n_bins = edges.shape[0] - 1
+  log_lo, log_hi = jnp.log(edges[0]), jnp.log(edges[-1])
+  guess = jnp.floor((jnp.log(jnp.maximum(values, 1e-30)) - log_lo) / (log_hi - log_lo) * n_bins)
+  bins = jnp.clip(guess.astype(jnp.int32), 0, n_bins - 1)
+  bins = bins - (values < edges[bins]) + ((values >= edges[bins + 1]) & (bins < n_bins - 1))
+  return bins, (values >= edges[0]) & (values <= edges[-1])
+
+
 def _windows(acts_t: jax.Array, flat: jax.Array, seq_len: int, left: int, right: int
              ) -> jax.Array:
   """`[d_sae, k, window]` activations of latent l at tokens flat[l, k] - left ... + right,
@@ -191,15 +211,9 @@ def update(stats: LatentStats, acts: jax.Array, valid: jax.Array, first_token: j
   sample_windows = take(jnp.concatenate([stats.sample_windows, new_windows], axis=1))
   sample_priority = take(all_prio)
 
-  # Histogram over fixed log-spaced edges (numpy.histogram's convention: the last bin is
-  # closed): the bin from the logarithm, then corrected against the edges themselves.
   n_bins = edges.shape[0] - 1
-  log_lo, log_hi = jnp.log(edges[0]), jnp.log(edges[-1])
-  guess = jnp.floor((jnp.log(jnp.maximum(acts_t, 1e-30)) - log_lo) / (log_hi - log_lo) * n_bins)
-  bins = jnp.clip(guess.astype(jnp.int32), 0, n_bins - 1)
-  bins = bins - (acts_t < edges[bins]) + ((acts_t >= edges[bins + 1]) & (bins < n_bins - 1))
-  in_range = active & (acts_t >= edges[0]) & (acts_t <= edges[-1])
-  flat = jnp.where(in_range, rows * n_bins + bins, n_rows * n_bins)  # out of range: dropped
+  bins, in_range = histogram_bins(acts_t, edges)
+  flat = jnp.where(active & in_range, rows * n_bins + bins, n_rows * n_bins)  # else dropped
   hist = jnp.zeros(n_rows * n_bins + 1, jnp.int32).at[flat.reshape(-1)].add(1)[:-1]
 
   return LatentStats(
@@ -213,4 +227,4 @@ def update(stats: LatentStats, acts: jax.Array, valid: jax.Array, first_token: j
       tokens_seen=stats.tokens_seen + valid.sum(dtype=jnp.int32))
 
 
-__all__ = ["LatentStats", "hist_edges", "init", "priority", "update"]
+__all__ = ["LatentStats", "hist_edges", "histogram_bins", "init", "priority", "update"]

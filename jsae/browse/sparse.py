@@ -317,7 +317,7 @@ _SAMPLE = ("sample_priority", "sample_values", "sample_tokens", "sample_windows"
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _fold_counts(counts: tuple, valid: jax.Array, edges: jax.Array, entries: Entries) -> tuple:
-  """Counts, sums, maxima and the histogram (numpy.histogram's bins, as in the dense
+  """Counts, sums, maxima and the histogram (`accumulate.histogram_bins`, as in the dense
   update) of the entries, and the valid tokens: the `_COUNTS` fields."""
   hist_counts, fire_count, max_value, sum_value, tokens_seen = counts
   values, rows = entries.values, entries.rows
@@ -327,12 +327,8 @@ def _fold_counts(counts: tuple, valid: jax.Array, edges: jax.Array, entries: Ent
   def per_row(op, x, init):
     return getattr(jnp.full(n_rows + 1, init, x.dtype).at[rows], op)(x)[:-1]
 
-  log_lo, log_hi = jnp.log(edges[0]), jnp.log(edges[-1])
-  guess = jnp.floor((jnp.log(jnp.maximum(values, 1e-30)) - log_lo) / (log_hi - log_lo) * n_bins)
-  bins = jnp.clip(guess.astype(jnp.int32), 0, n_bins - 1)
-  bins = bins - (values < edges[bins]) + ((values >= edges[bins + 1]) & (bins < n_bins - 1))
-  in_range = active & (values >= edges[0]) & (values <= edges[-1])
-  flat = jnp.where(in_range, rows * n_bins + bins, n_rows * n_bins)
+  bins, in_range = accumulate.histogram_bins(values, edges)
+  flat = jnp.where(active & in_range, rows * n_bins + bins, n_rows * n_bins)
   hist = jnp.zeros(n_rows * n_bins + 1, jnp.int32).at[flat].add(1)[:-1].reshape(n_rows, n_bins)
   return (hist_counts + hist, fire_count + per_row("add", active.astype(jnp.int32), 0),
           jnp.maximum(max_value, per_row("max", values, 0.0)),
