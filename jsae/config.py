@@ -54,6 +54,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _get(config, field)
     _require(isinstance(value, int) and value > 0, field,
              f"must be a positive integer; got {value!r}.")
+  lm_mesh = config.get("lm", {}).get("mesh", None)
+  if lm_mesh is not None:
+    for axis, lowest in (("data", -1), ("model", 0)):
+      value = lm_mesh.get(axis, 0)
+      _require(isinstance(value, int) and value >= lowest, f"lm.mesh.{axis}",
+               f"must be an integer >= {lowest} (0: auto); got {value!r}.")
   _require(config.optim.lr > 0, "optim.lr", f"must be > 0; got {config.optim.lr!r}.")
   _require(isinstance(config.eval.lm_contexts, int) and config.eval.lm_contexts >= 1,
            "eval.lm_contexts", "must be a positive integer (held-out contexts for delta LM"

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from jsae import jsonio
 from jsae.lm import gemma, next_token
+from jsae.lm import mesh as lm_mesh
 
 DENSE_THRESHOLD = 0.1
 MIN_DENSITY_TOKENS = 100_000
@@ -291,14 +292,16 @@ def auto_batch_size(lm_config: gemma.GemmaConfig, site: str, seq_len: int, n_sae
   return int(min(64, max(1, budget_bytes // (kept + block))))
 
 
-def _batches(contexts, batch_size: int):
-  """(tokens, mask) batches of `batch_size` contexts; the last is padded by wrapping
-  and masked out, so every batch has one compiled shape."""
+def _batches(contexts, batch_size: int, lm_params):
+  """(tokens, mask) batches of `batch_size` contexts, split over the LM mesh's data axis
+  (`lm_mesh.put_batch`); the last is padded by wrapping and masked out, so every batch
+  has one compiled shape."""
   n = contexts.n_contexts
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
     valid = (np.arange(start, start + batch_size) < n)[:, None]
-    yield jnp.asarray(contexts.tokens[idx]), jnp.asarray(contexts.mask[idx] & valid)
+    yield (lm_mesh.put_batch(lm_params, contexts.tokens[idx]),
+           lm_mesh.put_batch(lm_params, contexts.mask[idx] & valid))
 
 
 def evaluate(lm_params, lm_config: gemma.GemmaConfig, sae, *, site: str, contexts,
@@ -382,19 +385,22 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
     batch_size = auto_batch_size(lm_config, site, contexts.tokens.shape[1], len(saes),
                                  memory_bytes // 2)
     batch_size = -(-n // -(-n // batch_size))  # as many batches, the least padding
+  batch_size = lm_mesh.round_batch(batch_size, lm_params)  # every data device gets contexts
   chunk = next_token.chunk_positions(lm_config.vocab_size, memory_bytes // 2)
   prefix = _prefix_fn(lm_config, site, target_site, zero_every_position)
   member = _member_fn(lm_config, site, target_site)
   losses = _loss_fn(lm_config, chunk, unembed_dtype)
   embed = lm_params["embed"].astype(unembed_dtype)  # once, not per chunk
-  stats = {name: _zero_stats(d_out, widths[name], 1024) for name in saes}
+  saes = lm_mesh.replicate(lm_params, saes)  # on the LM's devices, whole on each
+  stats = lm_mesh.replicate(lm_params, {name: _zero_stats(d_out, widths[name], 1024)
+                                        for name in saes})
   n_zero = 2 if zero_every_position else 1
   k = n_zero + len(saes)
   sums = np.zeros(2 + 2 * k)  # targets, clean, (zeros..., SAEs...) NLLs, the same KLs
   bar = tqdm(total=contexts.n_tokens, disable=not progress, unit="tok",
              desc=f"eval ({len(saes)} SAE{'s' if len(saes) > 1 else ''})", dynamic_ncols=True,
              mininterval=1.0)
-  for tokens, mask in _batches(contexts, batch_size):
+  for tokens, mask in _batches(contexts, batch_size, lm_params):
     resid, x, y, h_clean, h_zeros = prefix(lm_params, tokens, mask)
     spliced = []
     for name, sae in saes.items():

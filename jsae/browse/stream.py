@@ -22,6 +22,7 @@ from jsae import harvest
 from jsae.browse import accumulate, sparse
 from jsae.data.text import TokenContexts
 from jsae.lm import gemma
+from jsae.lm import mesh as lm_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,9 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
                           window=settings.window, n_bins=len(edges) - 1)
   if stats_sharding is not None:
     stats = jax.device_put(stats, stats_sharding)
+  else:  # on the LM's devices (its mesh, when it has one), whole on each
+    sae, stats = lm_mesh.replicate(lm_params, (sae, stats))
+  batch_size = lm_mesh.round_batch(settings.batch_size, lm_params)  # every data device works
   encode = jax.jit(lambda model, x: model.encode(x))
   edges32 = jnp.asarray(edges, jnp.float32)
   sparse_fold = uses_sparse_fold(n_rows, stats_sharding) if sparse_fold is None else sparse_fold
@@ -117,14 +121,14 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
                 seed=settings.seed)
 
   def lm_and_sae(start):  # dispatched without waiting: the LM runs while a batch folds
-    idx = np.arange(start, start + settings.batch_size)
+    idx = np.arange(start, start + batch_size)
     rows = np.minimum(idx, n - 1)
-    x = capture(lm_params, jnp.asarray(contexts.tokens[rows]))[site]
+    x = capture(lm_params, lm_mesh.put_batch(lm_params, contexts.tokens[rows]))[site]
     valid = (contexts.mask[rows] & (idx < n)[:, None]).reshape(-1)
     return (encode(sae, x.reshape(-1, x.shape[-1])), jnp.asarray(valid), jnp.int32(start * seq),
             edges32, chosen), int(valid.sum())
 
-  starts = range(0, n, settings.batch_size)
+  starts = range(0, n, batch_size)
   upcoming = lm_and_sae(starts[0]) if n else None
   for i in range(len(starts)):
     fold_args, n_valid = upcoming

