@@ -227,3 +227,44 @@ def test_browse_finds_a_planted_token_latent(model, tok):
     top = result.records[latent]["top"]
     assert len(top) == 10
     assert all(e["token_ids"][e["token_index"]] == token for e in top), (latent, token)
+
+
+def test_on_a_2x4_mesh_the_harvest_and_the_losses_equal_one_device(model, tok, tmp_path):
+  """`config.lm.mesh` data=2 x model=4 (8 fake devices): the weights load into their
+  shardings, and the harvest and the vocabulary-parallel next-token losses equal the
+  one-device ones."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from jsae import harvest as harvest_lib, pipeline  # pylint: disable=import-outside-toplevel
+  from jsae.data import shards as shards_lib  # pylint: disable=import-outside-toplevel
+  from jsae.lm import mesh as lm_mesh, next_token  # pylint: disable=import-outside-toplevel
+  params, config = model
+  cfg = default.get_config()
+  cfg.lm.mesh.data, cfg.lm.mesh.model = 2, 4
+  lm = pipeline.load_lm(cfg)
+  assert lm_mesh.mesh_of(lm.params).shape == {"data": 2, "model": 4}
+  q = lm.params["layers"][0]["q"]  # 4 heads, one per model device
+  assert {s.data.shape for s in q.addressable_shards} == {(config.d_model, 1, config.head_dim)}
+  doc = tok.encode(PROMPT + " " + MODERN)[:250]
+  ctx = text.pack([doc], seq_len=64, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  kw = dict(sites=("resid_post.3",), batch_size=2, rows_per_shard=1000, progress=False)
+  results = [harvest_lib.harvest(p, config, ctx, out_dir=tmp_path / name, **kw)
+             for name, p in (("one", params), ("mesh", lm.params))]
+  rows = []
+  for r in results:
+    d = r.directories["resid_post.3"]
+    rows.append(np.concatenate([np.fromfile(d / s.file, np.float32).reshape(-1, config.d_model)
+                                for s in shards_lib.load_manifest(d).shards]))
+  assert len(rows[0]) == ctx.n_tokens
+  np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5, atol=1e-5 * np.abs(rows[0]).max())
+
+  def sums(p, tokens, mask):
+    h, _ = gemma.forward(p, tokens, config, logits=False)
+    zeroed, _ = gemma.forward(p, tokens, config, logits=False,
+                              splice={"resid_post.3": jnp.zeros_like})
+    return next_token.loss_sums(p, config, h, zeroed[None], tokens, mask, chunk=64)
+
+  fn = jax.jit(sums)
+  tokens, mask = ctx.tokens[:2], ctx.mask[:2]
+  want = fn(params, jnp.asarray(tokens), jnp.asarray(mask))
+  got = fn(lm.params, lm_mesh.put_batch(lm.params, tokens), lm_mesh.put_batch(lm.params, mask))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
