@@ -355,7 +355,9 @@ def cmd_eval(args: list[str]) -> int:
            "  a SWEEP_DIR (from jsae sweep) evaluates every member, the LM prefix shared")
   if _wants_help(args, usage):
     return 0
-  from jsae import pipeline
+  from jsae import pipeline, sharding
+  # Several processes split the contexts and the held-out rows, and add their sums.
+  sharding.initialize_distributed(label="jsae eval")  # before JAX touches devices
   config, workdir, extra = parse_config_flags("jsae eval", args, extra=("sae", "out", "step"))
   step = _int_flag("step", extra["step"])
   if not extra["sae"]:

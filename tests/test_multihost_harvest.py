@@ -5,6 +5,7 @@ seconds and resumes its part; a process that fails stops the others within secon
 saying why in one paragraph; two processes train on the dataset like one process on the
 single-process dataset."""
 
+import json
 import os
 import signal
 import socket
@@ -132,6 +133,34 @@ def test_two_processes_harvest_the_single_process_dataset_then_train_like_one(se
       continue
     np.testing.assert_allclose(np.asarray(value), np.asarray(getattr(one.state.params, name)),
                                rtol=2e-4, atol=2e-5, err_msg=name)
+
+  # The evaluation: each process runs half of the contexts on its own data=2 x model=2 LM
+  # mesh (and half of the held-out rows), the sums are added, and eval.json is the one
+  # process's (auto LM mesh: one device).
+  evaluate = ["--config.eval.min_density_tokens=100", "--config.eval.lm_contexts=12",
+              "--config.eval.batch_size=2", f"--sae={tmp_path}/mp_run"]
+  _local("eval", f"--config={config}", f"--workdir={tmp_path}/mp", *evaluate,
+         "--config.lm.mesh.data=2", "--config.lm.mesh.model=2", f"--out={tmp_path}/two.json",
+         logs=tmp_path / "logs_eval")
+  assert cli.main(["eval", f"--config={config}", f"--workdir={tmp_path}/mp", *evaluate,
+                   f"--out={tmp_path}/one.json"]) == 0
+  one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+  assert one.pop("lm_contexts_per_process") == [12]
+  assert two.pop("lm_contexts_per_process") == [6, 6]  # 3 batches of 2 on each process
+  assert one.pop("stage") == two.pop("stage")
+  assert sorted(one) == sorted(two)
+  # The tiny random model's zero ablation lowers its loss, so the loss recovered divides
+  # by the 1e-12 floor: not a number to compare (its parts, the losses, are compared).
+  for key in ("loss_recovered", "ce_loss_score"):
+    assert one.pop(key) < -1e6 and two.pop(key) < -1e6
+  for key, value in one.items():
+    if isinstance(value, float):  # float32 sums in another order; the LM split over 2
+      nats = key.startswith(("ce_", "delta_lm", "kl_div")) and key != "kl_div_score"
+      assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-5 if nats else 1e-7), key
+    else:
+      assert two[key] == value, key
+  np.testing.assert_allclose(np.load(tmp_path / "two_firing_frequency.npy"),
+                             np.load(tmp_path / "one_firing_frequency.npy"), rtol=1e-6)
 
 
 def _start(count, args, scripts=(), **env):

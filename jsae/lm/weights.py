@@ -267,11 +267,16 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None
   return gguf_to_params(tensors, metadata, dtype, mesh=mesh)
 
 
-def gguf_to_params(tensors, metadata, dtype, *, mesh=None):
-  """(params in `dtype`, GemmaConfig) from dequantised GGUF tensors and metadata."""
+def gguf_config(tensors, metadata) -> GemmaConfig:
+  """The GemmaConfig of a GGUF's header and tensors (the vocabulary from the embedding)."""
   if "token_embd.weight" not in tensors:
     raise ValueError("GGUF file has no token_embd.weight; is it a Gemma model?")
-  config = config_from_gguf(metadata, tensors["token_embd.weight"].shape[0])
+  return config_from_gguf(metadata, tensors["token_embd.weight"].shape[0])
+
+
+def gguf_to_params(tensors, metadata, dtype, *, mesh=None):
+  """(params in `dtype`, GemmaConfig) from dequantised GGUF tensors and metadata."""
+  config = gguf_config(tensors, metadata)
   return to_device(params_from_gguf(tensors, config), dtype, mesh=mesh), config
 
 
