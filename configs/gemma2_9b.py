@@ -2,8 +2,10 @@
 
   # what it costs, before any data exists (no weights, no data read):
   jsae sweep --config=configs/gemma2_9b.py:site=resid_post,layer=20 --workdir=x --dry_run
+  # the harvest's LM mesh, memory and time on each machine, before any weight is read:
+  jsae harvest --config=configs/gemma2_9b.py:site=resid_post,layer=20,family=jumprelu --dry_run
   # harvest the activations, then the whole comparison (3 families x 6 sparsities):
-  jsae harvest --config=configs/gemma2_9b.py:site=resid_post,layer=20,family=jumprelu \
+  jsae harvest --config=configs/gemma2_9b.py:site=resid_post,layer=20,family=jumprelu,hardware=v3-8 \
       --workdir=acts/gemma2_9b --config.lm.checkpoint=PATH_TO_GEMMA_2_9B
   jsae sweep --config=configs/gemma2_9b.py:site=resid_post,layer=20 --workdir=runs/9b_res_l20
   # one point as a single run:
@@ -18,6 +20,9 @@ Arguments (comma-separated KEY=VALUE):
   family    a single run of one family instead of a sweep (for jsae train / harvest)
   point     with family=: the index into that family's sparsity grid (default: the middle)
   tokens    override the training budget (e.g. tokens=50000000 for a pilot)
+  hardware  v3-8, v5e-8, v5p-8 or h100: the LM mesh (harvest, eval, browse) for that
+            machine, per process (LM_MESHES); default auto, which resolves to the same
+            on those machines (`jsae harvest --dry_run` shows it)
 
 Settings from Gemma Scope (GS, section 3) and Jumping Ahead (JR): batch 4096; Adam
 (0, 0.999), lr 7e-5, 1000-step warm-up; bandwidth and initial threshold 0.001; lambda
@@ -44,7 +49,12 @@ GRIDS = {
     "matryoshka": {"k": (10, 20, 40, 80, 160, 320)},
 }
 COMPARISON = ("jumprelu", "gated", "topk")
-ARGS = ("site", "layer", "width", "families", "family", "point", "tokens")
+ARGS = ("site", "layer", "width", "families", "family", "point", "tokens", "hardware")
+# The LM's (data, model) mesh per machine: 9B's bfloat16 weights are 17.2 GiB, more than
+# a 16-GiB TPU v3 / v5e core holds, so those split them 4 ways (4.3 GiB a core, room
+# for the activations) and run two such groups side by side; v5p (95 GiB) and the H100
+# hold them whole.
+LM_MESHES = {"v3-8": (2, 4), "v5e-8": (2, 4), "v5p-8": (4, 1), "h100": (1, 1)}
 
 
 def tokens_for(width: int) -> int:
@@ -64,8 +74,9 @@ def family_config(family: str, site: str, layer: int, width: int):
   c.eval.lm_contexts = 2048
   c.harvest.batch_size = 8
   c.data.source = "shards"
-  c.data.shards_dir = f"acts/gemma2_9b/{site}.{layer}"  # `jsae harvest --workdir=acts/gemma2_9b`
-  c.data.eval_shards_dir = f"acts/gemma2_9b/eval/{site}.{layer}"
+  # Where `jsae harvest --workdir=acts/gemma2_9b` writes them.
+  c.data.shards_dir = f"acts/gemma2_9b/activations/train/{site}.{layer}"
+  c.data.eval_shards_dir = f"acts/gemma2_9b/activations/eval/{site}.{layer}"
   c.data.batch_size = 4096
   c.sae.d_in = SITES[site]
   c.sae.d_sae = width
@@ -127,4 +138,8 @@ def get_config(arg: str | None = None):
     c = sweep.sweep_config(family_config(families[0], site, layer, width), groups)
   if "tokens" in args:
     c.train.num_tokens = int(float(args["tokens"]))
+  if "hardware" in args:
+    if args["hardware"] not in LM_MESHES:
+      raise ValueError(f"hardware={args['hardware']}: one of {sorted(LM_MESHES)}.")
+    c.lm.mesh.data, c.lm.mesh.model = LM_MESHES[args["hardware"]]
   return c

@@ -196,6 +196,16 @@ def _dry_run(prog: str, args: list[str]) -> int:
   return 0
 
 
+def _lm_dry_run(prog: str, stage: str, args: list[str]) -> int:
+  """`jsae harvest/eval --dry_run`: the LM stage's mesh, memory, FLOPs, disk and wall time
+  on each named machine; nothing is read."""
+  from jsae import dryrun_lm
+  config, _, _ = parse_config_flags(prog, [a for a in args if a != "--dry_run"],
+                                    workdir_required=False, extra=("sae", "out", "step"))
+  print(dryrun_lm.format_estimate(dryrun_lm.estimate(config, stage)))
+  return 0
+
+
 def cmd_train(args: list[str]) -> int:
   """`jsae train`: train an SAE (resumes when the workdir has a checkpoint)."""
   if _wants_help(args, "usage: jsae train --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]"
@@ -319,8 +329,12 @@ def cmd_demo(args: list[str]) -> int:
 
 def cmd_harvest(args: list[str]) -> int:
   """`jsae harvest`: LM activations of config.lm.site on config.text -> shards."""
-  if _wants_help(args, "usage: jsae harvest --config=CONFIG --workdir=DIR [--config.FIELD=V]"):
+  if _wants_help(args, "usage: jsae harvest --config=CONFIG --workdir=DIR [--config.FIELD=V]"
+                 " [--dry_run]\n  --dry_run: the LM mesh, memory per device, FLOPs, disk and"
+                 " wall time on each named machine; nothing read or written"):
     return 0
+  if "--dry_run" in args:
+    return _lm_dry_run("jsae harvest", "harvest", args)
   from jsae import peers, pipeline, sharding
   sharding.initialize_distributed(label="jsae harvest")
   peers.stop_on_signals()  # SIGTERM/Ctrl-C stop every process (a harvest has no checkpoint to sync)
@@ -350,11 +364,13 @@ def _load_sae(path: str, step: int | None = None):
 def cmd_eval(args: list[str]) -> int:
   """`jsae eval`: evaluate an SAE (run dir or exported) on held-out text; writes eval.json."""
   usage = ("usage: jsae eval --config=CONFIG --workdir=DIR --sae=RUN_DIR|SAE_PATH|SWEEP_DIR"
-           " [--out=FILE] [--step=N]\n"
+           " [--out=FILE] [--step=N] [--dry_run]\n"
            "  DIR holds (or receives) the harvested eval activations of config.lm.site;\n"
            "  a SWEEP_DIR (from jsae sweep) evaluates every member, the LM prefix shared")
   if _wants_help(args, usage):
     return 0
+  if "--dry_run" in args:
+    return _lm_dry_run("jsae eval", "eval", args)
   from jsae import pipeline, sharding
   # Several processes split the contexts and the held-out rows, and add their sums.
   sharding.initialize_distributed(label="jsae eval")  # before JAX touches devices

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from configs import gemma2_9b
-from jsae import dryrun
+from jsae import dryrun, dryrun_lm
 
 REPO = Path(__file__).resolve().parent.parent
 H100 = next(h for h in dryrun.HARDWARE if h.name == "1x H100")
@@ -102,3 +102,57 @@ def test_transcoder_dry_run_counts_both_widths_the_skip_and_both_sites():
   h = e["harvest"]
   assert h["site"] == "mlp_in.6 + mlp_out.6"
   assert h["disk_bytes"] == h["tokens"] * (d_in + d_out) * 4
+
+
+# Gemma 2 9B's weights on one device of a model=4 mesh, bfloat16 matrices and float32
+# norms (tests/test_lm_mesh.py checks it against jax.eval_shape): a quarter of the
+# embedding and of every block's matrices, the norms whole.
+NINE_B_SHARE = (256_000 * 3584 // 4 + 42 * LAYER_WEIGHTS // 4) * 2 + (1 + 4 * 42) * 3584 * 4
+
+
+def test_lm_dry_run_of_the_9b_harvest_picks_meshes_that_fit_each_machine():
+  config = gemma2_9b.get_config("site=resid_post,layer=20,family=jumprelu")
+  e = dryrun_lm.estimate(config, "harvest")
+  rows = {r["hardware"]: r for r in e["rows"]}
+  v3 = rows["TPU v3-8"]  # 17.2 GiB of weights: a 16-GiB core needs them split
+  assert (v3["data"], v3["model"]) == (2, 4) and v3["weight_bytes"] == NINE_B_SHARE
+  assert v3["fits"] and v3["weight_bytes"] + v3["activation_bytes"] < 16 * 2**30
+  assert (rows["TPU v5p-8"]["data"], rows["TPU v5p-8"]["model"]) == (4, 1)
+  assert (rows["1x H100"]["data"], rows["1x H100"]["model"]) == (1, 1)
+  tokens = 8_000_000_000 + 2048 * 1024
+  assert e["tokens"] == tokens and e["disk"] == {"float32": tokens * 3584 * 4,
+                                                 "bfloat16": tokens * 3584 * 2}
+  assert e["flops_per_token"] == pytest.approx(_harvest_flops_per_token(20), rel=1e-12)
+  wall = e["flops_per_token"] * tokens / (8 * V3.peak_tflops * 1e12 * dryrun.LM_MFU)
+  assert v3["wall_s"] == pytest.approx(wall, rel=1e-12)  # every core on the LM
+  # One core for the whole model does not fit, and the refusal names what does.
+  config.lm.mesh.model = 1
+  v3 = {r["hardware"]: r for r in dryrun_lm.estimate(config, "harvest")["rows"]}["TPU v3-8"]
+  assert "17.2 GiB on each device, more than its 16.0 GiB" in v3["refused"]
+  assert "--config.lm.mesh.model=2" in v3["refused"]
+  # The config's hardware argument sets the same meshes explicitly.
+  fixed = gemma2_9b.get_config("site=resid_post,layer=20,family=jumprelu,hardware=v3-8")
+  assert (fixed.lm.mesh.data, fixed.lm.mesh.model) == (2, 4)
+
+
+def test_lm_dry_run_of_the_evaluation_counts_every_forward_and_the_logits():
+  config = gemma2_9b.get_config("site=resid_post,layer=20,family=jumprelu")
+  e = dryrun_lm.estimate(config, "eval")
+  unembed = 2 * 3584 * 256_000
+  attention = lambda layers: layers * 4 * (1024 + 1) / 2 * 16 * 256  # every layer global-capped
+  suffix = 22 * 2 * LAYER_WEIGHTS + unembed  # layers 20..41, then the logits
+  assert e["tokens"] == 2048 * 1024
+  # The shared prefix (layers 0..19) once, then clean, zero-ablated and spliced suffixes.
+  assert e["flops_per_token"] == pytest.approx(
+      20 * 2 * LAYER_WEIGHTS + attention(20) + 3 * (suffix + attention(22)), rel=1e-12)
+
+
+def test_cli_lm_dry_runs_print_without_weights_or_workdir():
+  for command in ("harvest", "eval"):
+    out = subprocess.run(
+        [sys.executable, "-m", "jsae.cli", command,
+         "--config=configs/gemma2_9b.py:site=resid_post,layer=20,family=jumprelu", "--dry_run",
+         "--config.lm.mesh.model=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "model=3 does not divide gemma2_9b's n_heads=16" in out.stdout
+    assert "TPU v3-8" in out.stdout and "1x H100" in out.stdout

@@ -39,7 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jsae.lm import gemma
 
-__all__ = ["LMMeshError", "TABLE", "param_specs", "valid_model_sizes", "check_mesh", "resolve_shape",
+__all__ = ["LMMeshError", "TABLE", "param_specs", "valid_model_sizes", "check_mesh", "resolve_shape", "shape_for", "smallest_fitting_model",
            "make_mesh", "place", "mesh_of", "data_size", "put_batch", "replicate",
            "per_device_param_bytes", "round_batch"]
 
@@ -147,37 +147,56 @@ def _is_shape(x) -> bool:
 
 def resolve_shape(mesh_config: Mapping[str, Any] | Any, config: gemma.GemmaConfig,
                   devices, *, dtype="float32", headroom: float = 0.5) -> tuple[int, int]:
-  """(data, model) of the LM mesh from `config.lm.mesh` on this process's `devices`.
+  """(data, model) of the LM mesh from `config.lm.mesh` on this process's `devices`
+  (`shape_for` with their count, memory and platform)."""
+  on_cpu = devices[0].platform == "cpu"
+  memory = None if on_cpu else (devices[0].memory_stats() or {}).get("bytes_limit")
+  return shape_for(mesh_config, config, n_devices=len(devices), memory_bytes=memory,
+                   on_cpu=on_cpu, dtype=dtype, headroom=headroom)
+
+
+def shape_for(mesh_config: Mapping[str, Any] | Any, config: gemma.GemmaConfig, *,
+              n_devices: int, memory_bytes: int | None, on_cpu: bool = False,
+              dtype="float32", headroom: float = 0.5) -> tuple[int, int]:
+  """(data, model) of `config.lm.mesh` on `n_devices` devices of `memory_bytes` each.
 
   0 means auto. On CPU, auto is one device for both axes: CPU devices share the host's
   cores and memory, so splitting the LM over them gains nothing. Elsewhere, auto model
   is the smallest valid size at which the weights take at most `headroom` of a device's
   memory (the rest is for activations), and auto data is every device `model` leaves
-  (-1 means that too). Explicit sizes are checked, never changed.
+  (-1 means that too). Explicit sizes are checked, never changed; a model axis whose
+  weight share does not fit a device is refused, naming the smallest that fits.
   """
   data, model = int(mesh_config["data"]), int(mesh_config["model"])
-  n = len(devices)
-  on_cpu = devices[0].platform == "cpu"
   if model == 0:
-    model = 1 if on_cpu else _smallest_fitting_model(config, devices, dtype, headroom)
+    fitting = None if on_cpu or not memory_bytes else smallest_fitting_model(
+        config, n_devices, memory_bytes, dtype, headroom)
+    model = fitting or (1 if on_cpu or not memory_bytes else
+                        valid_model_sizes(config, n_devices)[-1])
   if data == 0:
-    data = 1 if on_cpu else n // model
+    data = 1 if on_cpu else n_devices // model
   elif data == -1:
-    data = n // model
-  check_mesh(config, data, model, n)
+    data = n_devices // model
+  check_mesh(config, data, model, n_devices)
+  weights = per_device_param_bytes(config, model, dtype)
+  if memory_bytes and weights > memory_bytes:
+    fitting = smallest_fitting_model(config, n_devices, memory_bytes, dtype, 1.0)
+    fix = (f"the smallest model axis that fits is {fitting} (--config.lm.mesh.model={fitting})"
+           if fitting else f"no model axis of {n_devices} devices fits: use more devices per"
+           " process or a narrower dtype (config.lm.dtype=bfloat16)")
+    raise LMMeshError(
+        f"config.lm.mesh.model={model}: {config.name}'s {dtype} weights take"
+        f" {weights / 2**30:.1f} GiB on each device, more than its {memory_bytes / 2**30:.1f}"
+        f" GiB; {fix}.")
   return data, model
 
 
-def _smallest_fitting_model(config, devices, dtype, headroom: float) -> int:
-  stats = devices[0].memory_stats() or {}
-  limit = stats.get("bytes_limit")
-  sizes = valid_model_sizes(config, len(devices))
-  if not limit:
-    return 1
-  for m in sizes:
-    if per_device_param_bytes(config, m, dtype) <= headroom * limit:
-      return m
-  return sizes[-1]
+def smallest_fitting_model(config: gemma.GemmaConfig, n_devices: int, memory_bytes: int,
+                           dtype="float32", headroom: float = 0.5) -> int | None:
+  """The smallest valid model axis whose weight share is at most `headroom` of a device's
+  `memory_bytes` (None: none is)."""
+  return next((m for m in valid_model_sizes(config, n_devices)
+               if per_device_param_bytes(config, m, dtype) <= headroom * memory_bytes), None)
 
 
 def make_mesh(data: int, model: int, devices=None) -> Mesh:
