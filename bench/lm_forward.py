@@ -9,6 +9,8 @@ same run, for the full forward with logits.
   python bench/lm_forward.py                    # batch 2 x 1024, layer 8 (stop at 9)
   python bench/lm_forward.py --batch 4 --dtype bfloat16
   python bench/lm_forward.py --random-weights --batch 16   # e.g. on a GPU host without the GGUF
+  python bench/lm_forward.py --mesh 2x4 --batch 8 # the truncated forward on a data x model
+                                                  # LM mesh against one device, same run
 
 Params are jit arguments (never closed over) and inputs have one fixed shape,
 so each variant compiles once.
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.lm import gemma, presets
+from jsae.lm import mesh as lm_mesh
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's bench/
 from bench.measurement import Measurement, emit, machine  # pylint: disable=wrong-import-position
@@ -58,6 +61,10 @@ def main() -> None:
   ap.add_argument("--random-weights", action="store_true",
                   help="random weights of the same shapes (speed only; no GGUF needed)")
   ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
+  ap.add_argument("--mesh", default="",
+                  help="DATAxMODEL, e.g. 2x4: time the truncated forward on that LM mesh"
+                       " (jsae.lm.mesh) against one device, instead of against the full"
+                       " forward")
   args = ap.parse_args()
 
   t0 = time.perf_counter()
@@ -80,8 +87,12 @@ def main() -> None:
   tokens = tokens.at[:, 0].set(2)  # BOS
   n_tok = args.batch * args.seq
 
-  variants = {f"stop_at_layer={layer + 1} ({site})": jax.jit(functools.partial(
-      gemma.forward, config=config, capture=(site,), stop_at_layer=layer + 1))}
+  truncated = jax.jit(functools.partial(gemma.forward, config=config, capture=(site,),
+                                        stop_at_layer=layer + 1))
+  if args.mesh:
+    _compare_mesh(args, params, config, truncated, tokens, site, layer)
+    return
+  variants = {f"stop_at_layer={layer + 1} ({site})": truncated}
   if not args.skip_full:
     variants["full forward (logits)"] = jax.jit(functools.partial(gemma.forward, config=config))
 
@@ -102,6 +113,33 @@ def main() -> None:
         shape=f"{args.batch}x{args.seq} {args.dtype}, {weights}", tokens_per_s=n_tok / stop,
         baseline="full forward with logits", baseline_tokens_per_s=n_tok / full,
         ratio=full / stop, machine=machine())], args.json)
+
+
+def _compare_mesh(args, params, config, truncated, tokens, site: str, layer: int) -> None:
+  """The truncated forward on one device, then on the `--mesh` LM mesh (same tokens)."""
+  data, model = (int(n) for n in args.mesh.lower().split("x"))
+  lm_mesh.check_mesh(config, data, model, jax.local_device_count())
+  if args.batch % data:
+    raise SystemExit(f"--batch {args.batch} must be a multiple of the data axis ({data}).")
+  placed = lm_mesh.place(params, lm_mesh.make_mesh(data, model), jnp.dtype(args.dtype))
+  n_tok = args.batch * args.seq
+  print(f"Gemma 3 270M to {site}, {args.dtype}, batch {args.batch} x {args.seq}, median of"
+        f" {args.repeats}")
+  results = {}
+  for name, p, t in (("one device", params, tokens),
+                     (f"mesh data={data} x model={model}", placed,
+                      lm_mesh.put_batch(placed, np.asarray(tokens)))):
+    first, per_call = _time(truncated, p, t, args.repeats)
+    results[name] = per_call
+    print(f"  {name:36s} compile+first {first:6.2f}s   {per_call:6.2f}s/batch"
+          f"   {n_tok / per_call:8.0f} tokens/s")
+  one, many = results.values()
+  weights = "random weights" if args.random_weights else "real weights"
+  emit([Measurement(
+      bench="lm_forward", name=f"forward to {site} on a {data}x{model} LM mesh",
+      shape=f"{args.batch}x{args.seq} {args.dtype}, {weights}", tokens_per_s=n_tok / many,
+      baseline="one device", baseline_tokens_per_s=n_tok / one, ratio=one / many,
+      machine=machine())], args.json)
 
 
 if __name__ == "__main__":
