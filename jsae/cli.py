@@ -432,8 +432,10 @@ def cmd_browse(args: list[str]) -> int:
            " each page shows (configs/default.py).")
   if _wants_help(args, usage):
     return 0
-  from jsae import pipeline
+  from jsae import pipeline, sharding
   from jsae.browse import run as browse_lib
+  # Several processes stream shares of the contexts and merge their statistics.
+  sharding.initialize_distributed(label="jsae browse")  # before JAX touches devices
   config, workdir, extra = parse_config_flags(
       "jsae browse", args, workdir_required=False,
       extra=("sae", "out", "format", "latents", "step"))

@@ -243,6 +243,35 @@ def test_latent_sharded_pass_equals_one_device(tiny_lm, streamed):
     np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_shares_of_processes_merged_in_order_equal_one_pass(tiny_lm, streamed, fold, count=3):
+  """What `jsae browse` on `count` processes does: each streams its contiguous share of
+  the contexts (on the 2x4 LM mesh here), and the shares merge in process order."""
+  from jsae.lm import mesh as lm_mesh  # pylint: disable=import-outside-toplevel
+  params, config = tiny_lm
+  sae, ctx, edges, single, _ = streamed
+  wide = dataclasses.replace(config, n_heads=8, n_kv_heads=4)  # so 4 model devices divide it
+  params = gemma.init_params(jax.random.key(0), wide)
+  single = stream.stream(sae, params, wide, SITE, ctx, SETTINGS, edges=edges, progress=False,
+                         **fold)
+  placed = lm_mesh.place(params, lm_mesh.make_mesh(2, 4))
+  shares = [stream.stream(sae, placed, wide, SITE, ctx, SETTINGS, edges=edges, progress=False,
+                          context_range=stream.process_range(ctx.n_contexts, p, count), **fold)
+            for p in range(count)]
+  assert [stream.process_range(9, p, count) for p in range(count)][-1][1] == 9
+  merged = shares[0]
+  for share in shares[1:]:
+    merged = accumulate.merge(merged, share)
+  for name, a in vars(jax.device_get(single)).items():
+    b = np.asarray(getattr(merged, name))
+    if name == "sum_value":  # summed in another order
+      np.testing.assert_allclose(b, a, rtol=1e-6)
+    elif name.endswith(("values", "windows", "value")):  # the LM split 4 ways: float32 noise
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+    else:
+      np.testing.assert_array_equal(b, a, err_msg=name)
+  assert int(merged.tokens_seen) == ctx.n_tokens
+
+
 def test_stream_and_logit_effects_of_chosen_latents_equal_their_rows_of_the_full_pass(
     tiny_lm, streamed, fold):
   params, config = tiny_lm

@@ -227,4 +227,36 @@ def update(stats: LatentStats, acts: jax.Array, valid: jax.Array, first_token: j
       tokens_seen=stats.tokens_seen + valid.sum(dtype=jnp.int32))
 
 
-__all__ = ["LatentStats", "hist_edges", "histogram_bins", "init", "priority", "update"]
+@jax.jit
+def merge(earlier: LatentStats, later: LatentStats) -> LatentStats:
+  """The accumulators of two streams, `earlier`'s tokens all before `later`'s (for example
+  two processes' contiguous shares of the contexts): what one stream of both holds.
+
+  Ties in the top examples and equal sample priorities go to `earlier`, which is the
+  earlier token, as in `update`; within each, the order is already (value, token).
+  """
+  n_top, n_samples = earlier.top_values.shape[1], earlier.sample_values.shape[1]
+  kept = lambda s: jnp.where(s.top_tokens >= 0, s.top_values, -jnp.inf)
+  top_values, top_tokens, top_windows = _merge_top(
+      kept(earlier), earlier.top_tokens, earlier.top_windows,
+      kept(later), later.top_tokens, later.top_windows, n_top)
+  all_prio = jnp.concatenate([earlier.sample_priority, later.sample_priority], axis=1)
+  order = jax.lax.top_k(-all_prio, n_samples)[1]  # the lower index (earlier) first on ties
+  take = lambda a, b: jnp.take_along_axis(
+      jnp.concatenate([a, b], axis=1), order if a.ndim == 2 else order[..., None], axis=1)
+  return LatentStats(
+      top_values=jnp.where(jnp.isfinite(top_values), top_values, 0.0), top_tokens=top_tokens,
+      top_windows=top_windows,
+      sample_priority=take(earlier.sample_priority, later.sample_priority),
+      sample_values=take(earlier.sample_values, later.sample_values),
+      sample_tokens=take(earlier.sample_tokens, later.sample_tokens),
+      sample_windows=take(earlier.sample_windows, later.sample_windows),
+      hist_counts=earlier.hist_counts + later.hist_counts,
+      fire_count=earlier.fire_count + later.fire_count,
+      max_value=jnp.maximum(earlier.max_value, later.max_value),
+      sum_value=earlier.sum_value + later.sum_value,
+      tokens_seen=earlier.tokens_seen + later.tokens_seen)
+
+
+__all__ = ["LatentStats", "hist_edges", "histogram_bins", "init", "merge", "priority",
+           "update"]

@@ -210,9 +210,17 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
 
   edges = accumulate.hist_edges()
   t0 = time.perf_counter()
+  stats_sharding = _stats_sharding(sae, n_rows)
+  # Several processes (each with the whole SAE) stream contiguous shares of the contexts
+  # and merge their accumulators in order: the one-process statistics.
+  split = jax.process_count() > 1 and stats_sharding is None
+  share = (stream.process_range(contexts.n_contexts, jax.process_index(), jax.process_count())
+           if split else None)
   stats = stream.stream(sae, lm.params, lm.config, site_name, contexts, settings, edges=edges,
-                        stats_sharding=_stats_sharding(sae, n_rows), latents=latents,
-                        progress=progress)
+                        stats_sharding=stats_sharding, latents=latents, progress=progress,
+                        context_range=share)
+  if split:
+    stats = stream.merge_over_processes(stats)
   jax.block_until_ready(stats)
   stream_s = time.perf_counter() - t0
   browsed = f"{sae.d_sae}" if latents is None else f"{n_rows} of {sae.d_sae}"
@@ -224,6 +232,11 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
                              k=config.browse.logit_tokens)
   logit_s = time.perf_counter() - t0
   records = stream.latent_records(stats, contexts, lm.tokenizer, settings, edges, latents)
+  result = BrowseResult(path=out, tokens=contexts.n_tokens,
+                        tokens_per_s=contexts.n_tokens / stream_s, logit_s=logit_s,
+                        records=records, covers=covers)
+  if jax.process_index() != 0:  # process 0 writes what every process holds
+    return result
   strings = _logit_strings(eff, lm.tokenizer)  # one per record, in the records' order
   if fmt == "site":
     what = f"{sae.d_sae} latents" if latents is None else covers
@@ -246,9 +259,7 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
       _remove_stale_batches(out, files)
     path = out
   (out / RECORD_NAME).write_text(json.dumps(definition, indent=2, sort_keys=True) + "\n")
-  return BrowseResult(path=path, tokens=contexts.n_tokens,
-                      tokens_per_s=contexts.n_tokens / stream_s, logit_s=logit_s,
-                      records=records, covers=covers)
+  return dataclasses.replace(result, path=path)
 
 
 def _remove_stale_batches(out: Path, written: list[Path]) -> None:

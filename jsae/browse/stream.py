@@ -74,10 +74,30 @@ def uses_sparse_fold(n_rows: int, stats_sharding=None) -> bool:
           and stats_sharding is None)
 
 
+def process_range(n_contexts: int, index: int, count: int) -> tuple[int, int]:
+  """Process `index` of `count`'s contiguous share [first, end) of `n_contexts` contexts
+  (earlier processes take earlier contexts, so their shares merge in process order)."""
+  return index * n_contexts // count, (index + 1) * n_contexts // count
+
+
+def merge_over_processes(stats: accumulate.LatentStats) -> accumulate.LatentStats:
+  """Every JAX process's `stats` of its `process_range` merged in process order: on each
+  process, the accumulators of one stream of all the contexts (as it is on one)."""
+  if jax.process_count() == 1:
+    return stats
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  gathered = multihost_utils.process_allgather(jax.device_get(stats))  # leaves [processes, ...]
+  merged = jax.tree.map(lambda a: jnp.asarray(a[0]), gathered)
+  for p in range(1, jax.process_count()):
+    merged = accumulate.merge(merged, jax.tree.map(lambda a, p=p: jnp.asarray(a[p]), gathered))
+  return merged
+
+
 def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: TokenContexts,
            settings: BrowseSettings, *, edges: np.ndarray, stats_sharding=None,
            latents=None, progress: bool = True, sparse_fold: bool | None = None,
-           max_entries_fraction: float = 0.25) -> accumulate.LatentStats:
+           max_entries_fraction: float = 0.25,
+           context_range: tuple[int, int] | None = None) -> accumulate.LatentStats:
   """Streams `contexts` through the LM to `site` and `sae`, accumulating per-latent stats.
 
   Args:
@@ -95,6 +115,9 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
       active (token, latent) entries need more than `max_entries_fraction` of its cells
       switches the rest of the pass to the dense update.
     max_entries_fraction: see `sparse_fold`.
+    context_range: (first, end): stream only contexts [first, end), their tokens still
+      named by their index among all the contexts (one process's share, `process_range`;
+      `accumulate.merge` joins the shares). None: every context.
 
   Returns:
     `LatentStats` with `d_sae` rows, or one row per id of `latents`.
@@ -114,8 +137,9 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
   sparse_fold = uses_sparse_fold(n_rows, stats_sharding) if sparse_fold is None else sparse_fold
   room = sparse.Room() if sparse_fold else None  # the sparse path's sizes; None: dense
   slots = None if room is None else sparse.init_slots(stats)
-  n, seq = contexts.n_contexts, contexts.seq_len
-  bar = tqdm(total=contexts.n_tokens, unit="tok", desc="browse", disable=not progress,
+  seq = contexts.seq_len
+  first, n = (0, contexts.n_contexts) if context_range is None else context_range
+  bar = tqdm(total=int(contexts.mask[first:n].sum()), unit="tok", desc="browse", disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
   window = dict(seq_len=seq, left=settings.window_left, right=settings.window_right,
                 seed=settings.seed)
@@ -128,8 +152,8 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
     return (encode(sae, x.reshape(-1, x.shape[-1])), jnp.asarray(valid), jnp.int32(start * seq),
             edges32, chosen), int(valid.sum())
 
-  starts = range(0, n, batch_size)
-  upcoming = lm_and_sae(starts[0]) if n else None
+  starts = range(first, n, batch_size)
+  upcoming = lm_and_sae(starts[0]) if starts else None
   for i in range(len(starts)):
     fold_args, n_valid = upcoming
     if i + 1 < len(starts):  # the next batch's LM forward, before this one's host reads
@@ -227,5 +251,6 @@ def latent_records(stats: accumulate.LatentStats, contexts: TokenContexts, token
   return records
 
 
-__all__ = ["BrowseSettings", "SPARSE_BACKENDS", "SPARSE_MIN_LATENTS", "latent_records", "stream", "token_strings",
+__all__ = ["BrowseSettings", "SPARSE_BACKENDS", "SPARSE_MIN_LATENTS", "latent_records",
+           "merge_over_processes", "process_range", "stream", "token_strings",
            "uses_sparse_fold"]
