@@ -162,6 +162,36 @@ def test_two_processes_harvest_the_single_process_dataset_then_train_like_one(se
   np.testing.assert_allclose(np.load(tmp_path / "two_firing_frequency.npy"),
                              np.load(tmp_path / "one_firing_frequency.npy"), rtol=1e-6)
 
+  # The browser: each process streams half of the held-out contexts, the accumulators
+  # merge in process order, and process 0 writes what one process writes.
+  browse = ["--format=neuronpedia", f"--sae={tmp_path}/mp_run"]
+  _local("browse", f"--config={config}", f"--workdir={tmp_path}/mp", *browse,
+         f"--out={tmp_path}/two_browser", logs=tmp_path / "logs_browse")
+  assert cli.main(["browse", f"--config={config}", f"--workdir={tmp_path}/mp", *browse,
+                   f"--out={tmp_path}/one_browser"]) == 0
+  files = sorted(p.name for p in (tmp_path / "one_browser").glob("batch-*.json"))
+  assert files and files == sorted(p.name for p in (tmp_path / "two_browser").glob("batch-*.json"))
+  for name in files:
+    one, two = (json.loads((tmp_path / d / name).read_text())
+                for d in ("one_browser", "two_browser"))
+    _assert_close_json(two, one, name)
+
+
+def _assert_close_json(got, want, where):
+  """Equal structure, strings and integers; floats to 1e-5 (sums in another order)."""
+  if isinstance(want, dict):
+    assert sorted(got) == sorted(want), where
+    for k in want:
+      _assert_close_json(got[k], want[k], f"{where}.{k}")
+  elif isinstance(want, list):
+    assert len(got) == len(want), where
+    for i, (g, w) in enumerate(zip(got, want)):
+      _assert_close_json(g, w, f"{where}[{i}]")
+  elif isinstance(want, float):
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), where
+  else:
+    assert got == want, where
+
 
 def _start(count, args, scripts=(), **env):
   """`count` processes of `jsae.cli ARGS` (process k runs scripts[k] instead, if given),
