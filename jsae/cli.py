@@ -374,6 +374,7 @@ def cmd_eval(args: list[str]) -> int:
   from jsae import pipeline, sharding
   # Several processes split the contexts and the held-out rows, and add their sums.
   sharding.initialize_distributed(label="jsae eval")  # before JAX touches devices
+  import jax
   config, workdir, extra = parse_config_flags("jsae eval", args, extra=("sae", "out", "step"))
   step = _int_flag("step", extra["step"])
   if not extra["sae"]:
@@ -407,6 +408,8 @@ def cmd_eval(args: list[str]) -> int:
   contexts, text_source = pipeline.text_contexts(config, lm, workdir)
   dirs = pipeline.harvest_stage(config, lm, contexts, text_source, workdir)
   metrics = pipeline.eval_many_stage(config, lm, saes, contexts, dirs["eval"])
+  if jax.process_index() != 0:  # process 0 writes and reports what every process holds
+    return 0
   if "" in metrics:
     print(f"wrote {saes[''][1]}\n"
           + pipeline.summary_table(metrics[""], time.perf_counter() - t0))
@@ -458,7 +461,7 @@ def cmd_browse(args: list[str]) -> int:
   result = browse_lib.browse(config, sae, lm, contexts["eval"], out,
                              fmt=extra["format"] or "site", text_source=text_source,
                              latents=latents, say=pipeline.say)
-  print(f"wrote {result.path} ({result.covers}; {result.tokens:,} tokens at"
+  pipeline.say(f"wrote {result.path} ({result.covers}; {result.tokens:,} tokens at"
         f" {result.tokens_per_s:,.0f} tokens/s; logit effects {result.logit_s:.1f}s)")
   return 0
 

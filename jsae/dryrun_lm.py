@@ -52,7 +52,7 @@ def _stage_figures(config, stage: str, lm_config: gemma.GemmaConfig) -> dict:
     width = sum(evals.site_width(lm_config, s) for s in sites)
     return dict(sites=sites, tokens=tokens, batch=int(config.harvest.batch_size),
                 flops_per_token=lm_flops_per_token(lm_config, deepest, seq), kept_width=width,
-                logit_bytes=0, disk={dtype: tokens * width * np.dtype(dtype).itemsize
+                logit_bytes=0, sae_bytes=0, disk={dtype: tokens * width * np.dtype(dtype).itemsize
                                      for dtype in ("float32", "bfloat16")})
   _, layer = gemma.parse_site(site, lm_config)
   forwards = 3 + bool(config.eval.saebench)  # clean, zero ablation(s), one spliced SAE
@@ -62,7 +62,9 @@ def _stage_figures(config, stage: str, lm_config: gemma.GemmaConfig) -> dict:
   batch = int(config.eval.batch_size) or evals.auto_batch_size(lm_config, site, seq, 1,
                                                                budget // 2)
   chunk = next_token.chunk_positions(lm_config.vocab_size, budget // 2)
-  return dict(sites=[site], tokens=int(config.eval.lm_contexts) * seq, batch=batch,
+  d_in, d_sae = evals.site_width(lm_config, site), int(config.sae.d_sae)
+  return dict(sae_bytes=(2 * d_in * d_sae + 2 * d_sae + d_in) * 4,  # float32 W_enc, W_dec, ...
+              sites=[site], tokens=int(config.eval.lm_contexts) * seq, batch=batch,
               flops_per_token=prefix + forwards * suffix_flops_per_token(lm_config, site, seq),
               kept_width=lm_config.d_model * (forwards + 1) + evals.site_width(lm_config, site),
               logit_chunk=chunk, logit_bytes=next_token._LIVE_TENSORS * 4 * chunk  # pylint: disable=protected-access
@@ -84,6 +86,9 @@ def _mesh_row(config, lm_config, figures: dict, name: str, devices: int,
   weights = lm_mesh.per_device_param_bytes(lm_config, model, config.lm.dtype)
   acts = activation_bytes(lm_config, config.text.seq_len, batch // data, model,
                           figures["kept_width"]) + figures["logit_bytes"] // model
+  # The evaluated SAE: its latents split over the model axis where they divide it.
+  split = model if int(config.sae.d_sae) % model == 0 else 1
+  acts += figures["sae_bytes"] // split
   row.update(data=data, model=model, batch=batch, weight_bytes=weights, activation_bytes=acts,
              fits=memory_bytes is None or weights + acts <= memory_bytes)
   if not row["fits"]:
@@ -161,7 +166,9 @@ def format_estimate(e: dict) -> str:
                     if not r["fits"] and r.get("smallest") else ""))
   lines.append(f"  (weights: the device's share, matrices in {e['dtype']}, norms float32;"
                " acts: one forward's batch share and one block's transients"
-               + (", the logit chunks" if e["stage"] == "eval" else "")
+               + (", the logit chunks and one SAE (latents split over model; each SAE"
+                  " of a sweep evaluated together adds as much)" if e["stage"] == "eval"
+                  else "")
                + f"; wall time = FLOPs / (devices x bf16 peak x an assumed {e['mfu']:.0%}"
                " LM MFU), every device of the machine on the LM)")
   return "\n".join(lines)

@@ -136,19 +136,20 @@ def _activation_step(stats, sae, rows, weight, d_in=None):
 
 
 def activation_metrics(sae, batches: Iterable[tuple[Any, Any]], *, d_in: int, d_sae: int,
-                       d_out: int | None = None, max_l0_bin: int = 1024) -> dict:
+                       d_out: int | None = None, max_l0_bin: int = 1024,
+                       over_processes: bool = False) -> dict:
   """Reconstruction and sparsity metrics over `(x [n, d_in], weight [n])` batches.
 
   A transcoder (`d_out` given): rows are `[x, y]` pairs `[n, d_in + d_out]`, and the
-  fidelity metrics (FVU, cosine, ...) compare `sae(x)` with y. On several processes each
-  passes its share of the batches (`shard_batches(share=...)`) and the sums are added
-  across processes before the metrics are formed.
+  fidelity metrics (FVU, cosine, ...) compare `sae(x)` with y. With `over_processes`
+  each process passes its share of the batches (`shard_batches(share=...)`) and the sums
+  are added across processes before the metrics are formed.
   """
   stats = _zero_stats(d_in if d_out is None else d_out, d_sae, max_l0_bin)
   for rows, weight in batches:
     stats = _activation_step(stats, sae, jnp.asarray(rows), jnp.asarray(weight),
                              d_in=None if d_out is None else d_in)
-  return _finish(sum_over_processes(stats))
+  return _finish(sum_over_processes(stats) if over_processes else stats)
 
 
 def process_share(index: int | None = None, count: int | None = None) -> tuple[int, int]:
@@ -346,6 +347,17 @@ def auto_batch_size(lm_config: gemma.GemmaConfig, site: str, seq_len: int, n_sae
   return int(min(64, max(1, budget_bytes // (kept + block))))
 
 
+def _on_lm_devices(lm_params, sae):
+  """`sae` on the LM's devices: its latents split over the mesh's model axis where they
+  divide it (a wide SAE then takes 1/model of each device, as the LM's weights do), else
+  whole on each."""
+  mesh = lm_mesh.mesh_of(lm_params)
+  if (mesh is not None and mesh.shape["model"] > 1 and hasattr(sae, "shard")
+      and sae.d_sae % mesh.shape["model"] == 0):
+    return sae.shard(mesh)
+  return lm_mesh.replicate(lm_params, sae)
+
+
 def _batch_starts(n_contexts: int, batch_size: int, share: tuple[int, int] | None):
   """The first context of each of this process's batches."""
   starts = range(0, n_contexts, batch_size)
@@ -416,7 +428,8 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
   On several processes (`process_index` of `process_count`, default JAX's) each runs
   its share of the batches of contexts (batch i on process i % count) on its own LM
   mesh, and the sums are added across processes: every process returns the metrics of
-  all the contexts; `lm_contexts_per_process` says how many each one ran.
+  all the contexts; `lm_contexts_per_process` says how many each one ran. (A share given
+  in a one-process JAX job, as tests do, returns that share's own metrics.)
 
   `zero_every_position` adds SAEBench's ablation, every position's activation
   zeroed (BOS/EOS/pad too): `ce_zero_ablation_every_position` and
@@ -457,7 +470,7 @@ def evaluate_many(lm_params, lm_config: gemma.GemmaConfig, saes: dict, *, site: 
   member = _member_fn(lm_config, site, target_site)
   losses = _loss_fn(lm_config, chunk, unembed_dtype)
   embed = lm_params["embed"].astype(unembed_dtype)  # once, not per chunk
-  saes = lm_mesh.replicate(lm_params, saes)  # on the LM's devices, whole on each
+  saes = {name: _on_lm_devices(lm_params, sae) for name, sae in saes.items()}
   stats = lm_mesh.replicate(lm_params, {name: _zero_stats(d_out, widths[name], 1024)
                                         for name in saes})
   n_zero = 2 if zero_every_position else 1

@@ -427,6 +427,7 @@ def eval_many_stage(config, lm: LM, saes: dict, contexts: dict, eval_dir: Path) 
     batches = (evals.pair_batches(eval_dir, target_eval_dir(config, eval_dir), share=share)
                if target else evals.shard_batches(eval_dir, share=share))
     metrics = evals.activation_metrics(sae, batches, d_in=sae.d_in, d_sae=sae.d_sae,
+                                       over_processes=True,
                                        d_out=sae.d_out if target else None)
     activation = dict(metrics)
     lm_keys = ("ce_clean", "ce_spliced", "ce_zero_ablation", "delta_lm_loss",
@@ -478,6 +479,8 @@ def saebench_stage(config, lm: LM, sae, name: str, activation: dict, lm_metrics:
       unstructured=dict(jsae={k: v for k, v in activation.items()
                               if k in ("fvu", "dead_frac", "dense_frac", "tokens")},
                         site=config.lm.site, target_site=target_site(config)))
+  if jax.process_index() != 0:  # process 0 writes what every process holds
+    return directory / saebench.file_name(config.eval.saebench_release, sae_id)
   path = saebench.write(directory, config.eval.saebench_release, sae_id, output)
   say(f"wrote SAEBench's core file {path}")
   return path

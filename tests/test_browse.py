@@ -257,7 +257,10 @@ def test_shares_of_processes_merged_in_order_equal_one_pass(tiny_lm, streamed, f
   shares = [stream.stream(sae, placed, wide, SITE, ctx, SETTINGS, edges=edges, progress=False,
                           context_range=stream.process_range(ctx.n_contexts, p, count), **fold)
             for p in range(count)]
-  assert [stream.process_range(9, p, count) for p in range(count)][-1][1] == 9
+  for n, processes in ((9, count), (2, 3)):  # contiguous, in order, covering every context
+    ranges = [stream.process_range(n, p, processes) for p in range(processes)]
+    assert [c for lo, hi in ranges for c in range(lo, hi)] == list(range(n))
+  assert stream.process_range(2, 0, 3) == (0, 0)  # more processes than contexts: empty shares
   merged = shares[0]
   for share in shares[1:]:
     merged = accumulate.merge(merged, share)

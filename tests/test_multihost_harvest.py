@@ -162,10 +162,11 @@ def test_two_processes_harvest_the_single_process_dataset_then_train_like_one(se
   np.testing.assert_allclose(np.load(tmp_path / "two_firing_frequency.npy"),
                              np.load(tmp_path / "one_firing_frequency.npy"), rtol=1e-6)
 
-  # The browser: each process streams half of the held-out contexts, the accumulators
-  # merge in process order, and process 0 writes what one process writes.
+  # The browser: each process streams half of the held-out contexts on its own LM mesh,
+  # the accumulators merge in process order, and process 0 writes what one process writes.
   browse = ["--format=neuronpedia", f"--sae={tmp_path}/mp_run"]
   _local("browse", f"--config={config}", f"--workdir={tmp_path}/mp", *browse,
+         "--config.lm.mesh.data=2", "--config.lm.mesh.model=2",
          f"--out={tmp_path}/two_browser", logs=tmp_path / "logs_browse")
   assert cli.main(["browse", f"--config={config}", f"--workdir={tmp_path}/mp", *browse,
                    f"--out={tmp_path}/one_browser"]) == 0
@@ -178,7 +179,9 @@ def test_two_processes_harvest_the_single_process_dataset_then_train_like_one(se
 
 
 def _assert_close_json(got, want, where):
-  """Equal structure, strings and integers; floats to 1e-5 (sums in another order)."""
+  """Equal structure, strings and integers; floats to 1e-5, or to the last of the 3
+  decimals Neuronpedia's format rounds activations to (the LM split 2 ways moves them by
+  float32 noise, which can cross a rounding boundary)."""
   if isinstance(want, dict):
     assert sorted(got) == sorted(want), where
     for k in want:
@@ -188,7 +191,7 @@ def _assert_close_json(got, want, where):
     for i, (g, w) in enumerate(zip(got, want)):
       _assert_close_json(g, w, f"{where}[{i}]")
   elif isinstance(want, float):
-    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), where
+    assert got == pytest.approx(want, rel=1e-5, abs=1.001e-3), where
   else:
     assert got == want, where
 

@@ -20,6 +20,7 @@ import numpy as np
 from jsae import evals, stages
 from jsae.browse import accumulate, logits, neuronpedia, site, stream
 from jsae.lm import gemma
+from jsae.lm import mesh as lm_mesh
 
 FORMATS = ("site", "neuronpedia")
 RECORD_NAME = "browse.json"
@@ -228,6 +229,7 @@ def browse(config, sae, lm, contexts, out_dir, *, fmt: str = "site", text_source
       f" in {stream_s:.0f}s ({contexts.n_tokens / stream_s:,.0f} tokens/s)")
   t0 = time.perf_counter()
   w_dec = sae.params.W_dec if latents is None else sae.params.W_dec[np.asarray(latents)]
+  w_dec = lm_mesh.replicate(lm.params, w_dec)  # on the LM's devices (its mesh, if any)
   eff = logits.logit_effects(w_dec, lm.params, lm.config, decoder_site,
                              k=config.browse.logit_tokens)
   logit_s = time.perf_counter() - t0

@@ -168,11 +168,13 @@ def shape_for(mesh_config: Mapping[str, Any] | Any, config: gemma.GemmaConfig, *
   weight share does not fit a device is refused, naming the smallest that fits.
   """
   data, model = int(mesh_config["data"]), int(mesh_config["model"])
+  room = n_devices // data if data > 0 else n_devices  # an explicit data axis leaves this
   if model == 0:
+    sizes = [m for m in valid_model_sizes(config, n_devices) if m <= room] or [1]
     fitting = None if on_cpu or not memory_bytes else smallest_fitting_model(
-        config, n_devices, memory_bytes, dtype, headroom)
-    model = fitting or (1 if on_cpu or not memory_bytes else
-                        valid_model_sizes(config, n_devices)[-1])
+        config, n_devices, memory_bytes, dtype, headroom, max_model=room)
+    # Unknown memory: one device's worth; nothing fits with headroom: the widest split.
+    model = fitting or (1 if on_cpu or not memory_bytes else sizes[-1])
   if data == 0:
     data = 1 if on_cpu else n_devices // model
   elif data == -1:
@@ -180,7 +182,8 @@ def shape_for(mesh_config: Mapping[str, Any] | Any, config: gemma.GemmaConfig, *
   check_mesh(config, data, model, n_devices)
   weights = per_device_param_bytes(config, model, dtype)
   if memory_bytes and weights > memory_bytes:
-    fitting = smallest_fitting_model(config, n_devices, memory_bytes, dtype, 1.0)
+    fitting = smallest_fitting_model(config, n_devices, memory_bytes, dtype, 1.0,
+                                     max_model=room)
     fix = (f"the smallest model axis that fits is {fitting} (--config.lm.mesh.model={fitting})"
            if fitting else f"no model axis of {n_devices} devices fits: use more devices per"
            " process or a narrower dtype (config.lm.dtype=bfloat16)")
@@ -192,11 +195,13 @@ def shape_for(mesh_config: Mapping[str, Any] | Any, config: gemma.GemmaConfig, *
 
 
 def smallest_fitting_model(config: gemma.GemmaConfig, n_devices: int, memory_bytes: int,
-                           dtype="float32", headroom: float = 0.5) -> int | None:
-  """The smallest valid model axis whose weight share is at most `headroom` of a device's
-  `memory_bytes` (None: none is)."""
+                           dtype="float32", headroom: float = 0.5,
+                           max_model: int | None = None) -> int | None:
+  """The smallest valid model axis (at most `max_model`) whose weight share is at most
+  `headroom` of a device's `memory_bytes` (None: none is)."""
   return next((m for m in valid_model_sizes(config, n_devices)
-               if per_device_param_bytes(config, m, dtype) <= headroom * memory_bytes), None)
+               if (max_model is None or m <= max_model)
+               and per_device_param_bytes(config, m, dtype) <= headroom * memory_bytes), None)
 
 
 def make_mesh(data: int, model: int, devices=None) -> Mesh:

@@ -17,7 +17,6 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jsae.lm import gemma, tokenizer, weights
-from jsae.lm import mesh as lm_mesh
 from jsae.lm.gemma import GemmaConfig
 
 __all__ = ["gemma3_270m_path", "gemma3_270m_cache_path", "load_gemma3_270m",
@@ -73,8 +72,8 @@ def load_gemma3_270m(*, cache: bool = True, dtype=jnp.float32,
     except ValueError as e:
       warnings.warn(f"ignoring unreadable params cache {str(cache_file)!r}: {e}")
   reader, tensors, metadata = weights.read_gguf_raw(path)
-  params, config = weights.gguf_to_params(tensors, metadata, jnp.float32)
-  config = weights.rename(config, "gemma3_270m")
+  config = weights.rename(weights.gguf_config(tensors, metadata), "gemma3_270m")
+  params = weights.params_from_gguf(tensors, config)  # host arrays until placed
   if verbose:
     print(f"parsed {path} in {time.perf_counter() - t0:.1f}s")
   if cache:
@@ -85,11 +84,7 @@ def load_gemma3_270m(*, cache: bool = True, dtype=jnp.float32,
         tokenizer.write_atomic(tok_file, tokenizer.proto_from_gguf(reader))
     except OSError as e:
       warnings.warn(f"could not write the params cache {str(cache_file)!r}: {e}")
-  if mesh is not None:
-    params = lm_mesh.place(params, mesh, dtype)
-  elif dtype != jnp.float32:
-    params = gemma.cast_params(params, dtype)
-  return params, config
+  return weights.to_device(params, dtype, config, mesh=mesh), config
 
 
 def gemma3_270m_tokenizer(*, cache: bool = True) -> tokenizer.Tokenizer:
