@@ -20,15 +20,31 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import pathlib
 import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 
+def _fake_cpu_devices_for_mesh(argv: list[str]) -> None:
+  """On CPU, `--mesh DxM` fakes the D x M devices it needs (before JAX starts); elsewhere
+  the flag is ignored by the accelerator's platform."""
+  sizes = [a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+           if a.startswith("--mesh") and ("=" in a or i + 1 < len(argv))]
+  if sizes and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    data, model = (int(n) for n in sizes[-1].lower().split("x"))
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={data * model}")
+
+
+_fake_cpu_devices_for_mesh(sys.argv[1:])
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from jsae.hardware import lm_flops_per_token
 from jsae.lm import gemma, presets
 from jsae.lm import mesh as lm_mesh
 
@@ -134,6 +150,10 @@ def _compare_mesh(args, params, config, truncated, tokens, site: str, layer: int
     print(f"  {name:36s} compile+first {first:6.2f}s   {per_call:6.2f}s/batch"
           f"   {n_tok / per_call:8.0f} tokens/s")
   one, many = results.values()
+  flops = lm_flops_per_token(config, site, args.seq) * n_tok  # the model FLOPs of a batch
+  print(f"  {flops / one / 1e9:.1f} GFLOP/s on one device, {flops / many / 1e9:.1f} on the"
+        f" mesh ({one / many:.2f}x); on fake CPU devices, which share the host's cores, this"
+        " is the mesh's overhead, not a speed-up")
   weights = "random weights" if args.random_weights else "real weights"
   emit([Measurement(
       bench="lm_forward", name=f"forward to {site} on a {data}x{model} LM mesh",

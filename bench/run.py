@@ -42,6 +42,9 @@ CPU_SUITE = [
     ("harvest", ""),
     ("browse", "--contexts 32"),
     ("lm_forward", ""),
+    # The LM on fake CPU devices: the mesh's overhead (they share the host's 2 cores).
+    ("lm_forward", "--mesh 2x4 --batch 4"),
+    ("lm_forward", "--mesh 8x1 --batch 8"),
 ]
 ACCELERATOR_SUITE = [
     ("train_step", "--dtype bfloat16 --shapes 2304x16384x4096,3584x131072x4096"),

@@ -247,15 +247,18 @@ def test_on_a_2x4_mesh_the_harvest_and_the_losses_equal_one_device(model, tok, t
   doc = tok.encode(PROMPT + " " + MODERN)[:250]
   ctx = text.pack([doc], seq_len=64, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
   kw = dict(sites=("resid_post.3",), batch_size=2, rows_per_shard=1000, progress=False)
+  # And 8 x 1, every device a whole copy. (1 x 8 cannot split Gemma 3 270M's 4 heads.)
+  data_parallel = lm_mesh.place(params, lm_mesh.make_mesh(8, 1))
   results = [harvest_lib.harvest(p, config, ctx, out_dir=tmp_path / name, **kw)
-             for name, p in (("one", params), ("mesh", lm.params))]
+             for name, p in (("one", params), ("2x4", lm.params), ("8x1", data_parallel))]
   rows = []
   for r in results:
     d = r.directories["resid_post.3"]
     rows.append(np.concatenate([np.fromfile(d / s.file, np.float32).reshape(-1, config.d_model)
                                 for s in shards_lib.load_manifest(d).shards]))
   assert len(rows[0]) == ctx.n_tokens
-  np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5, atol=1e-5 * np.abs(rows[0]).max())
+  for mesh_rows in rows[1:]:
+    np.testing.assert_allclose(mesh_rows, rows[0], rtol=1e-5, atol=1e-5 * np.abs(rows[0]).max())
 
   def sums(p, tokens, mask):
     h, _ = gemma.forward(p, tokens, config, logits=False)

@@ -188,3 +188,19 @@ def test_gemma2_9b_on_four_model_devices_by_hand():
                                    {"model": 4}) == by_hand
   assert by_hand < 16 * 2**30 < lm_mesh.per_device_param_bytes(config, 1, "bfloat16")
   assert math.isclose(by_hand / 2**30, 4.3, abs_tol=0.05)
+
+
+def test_a_browse_pass_refuses_an_sae_and_an_lm_on_different_devices(lm):
+  from jsae.browse import accumulate, stream  # pylint: disable=import-outside-toplevel
+  params, config = lm
+  placed = lm_mesh.place(params, lm_mesh.make_mesh(2, 4))
+  sae_mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+  sae = jsae.SAE.from_training(
+      saes.get("jumprelu").init(jax.random.key(3), d_in=config.d_model, d_sae=48), 3.0)
+  specs = jax.tree.map(lambda a: jax.sharding.NamedSharding(sae_mesh, P("model") if a.ndim
+                                                            else P()),
+                       accumulate.init(48, n_top=1, n_samples=1, window=1, n_bins=1))
+  with pytest.raises(ValueError, match="the SAE is sharded over 2 devices but the LM's mesh"):
+    stream.stream(sae.shard(sae_mesh), placed, config, "resid_post.1", _contexts(config),
+                  stream.BrowseSettings(), edges=accumulate.hist_edges(), stats_sharding=specs,
+                  progress=False)

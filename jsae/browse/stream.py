@@ -93,6 +93,18 @@ def merge_over_processes(stats: accumulate.LatentStats) -> accumulate.LatentStat
   return merged
 
 
+def _check_same_devices(lm_params, stats_sharding) -> None:
+  """A latent-sharded SAE's accumulators and an LM on a mesh must share their devices."""
+  mesh = lm_mesh.mesh_of(lm_params)
+  sae_devices = jax.tree.leaves(stats_sharding)[0].device_set
+  if mesh is not None and set(mesh.devices.flat) != set(sae_devices):
+    raise ValueError(
+        f"the SAE is sharded over {len(sae_devices)} devices but the LM's mesh"
+        f" ({dict(mesh.shape)}) covers {mesh.size} others or more: one pass needs both on the"
+        " same devices. Shard the SAE on a mesh of the LM's devices (sae.shard(mesh) with"
+        " mesh = jsae.lm.mesh.mesh_of(lm_params)), or pass it unsharded.")
+
+
 def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: TokenContexts,
            settings: BrowseSettings, *, edges: np.ndarray, stats_sharding=None,
            latents=None, progress: bool = True, sparse_fold: bool | None = None,
@@ -128,6 +140,7 @@ def stream(sae, lm_params, lm_config: gemma.GemmaConfig, site: str, contexts: To
   stats = accumulate.init(n_rows, n_top=settings.n_top, n_samples=settings.n_samples,
                           window=settings.window, n_bins=len(edges) - 1)
   if stats_sharding is not None:
+    _check_same_devices(lm_params, stats_sharding)
     stats = jax.device_put(stats, stats_sharding)
   else:  # on the LM's devices (its mesh, when it has one), whole on each
     sae, stats = lm_mesh.replicate(lm_params, (sae, stats))
