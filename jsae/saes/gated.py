@@ -33,7 +33,8 @@ from jsae import losses, ops
 from jsae.saes import base
 from jsae.saes.base import Field
 from jsae.saes.jumprelu import JumpReLUParams, fold_norm_scale
-from jsae.saes.shared import check_lambda_fields, lambda_fields
+from jsae.saes.shared import (check_lambda_fields, control_update, controlled_coeff,
+                              init_control, lambda_fields)
 
 P = jax.sharding.PartitionSpec
 
@@ -71,11 +72,15 @@ class GatedSettings:
     penalty: 'ri_l1' or 'l1' (module docstring).
     sparsity_warmup_steps: lambda rises linearly from 0 over these steps.
     compute_dtype: matmul dtype.
+    l0_control: steer lambda to the target L0 (`shared.control_update`).
+    l0_control_rate: the controller's gain.
   """
 
   penalty: str = "ri_l1"
   sparsity_warmup_steps: int = 0
   compute_dtype: str = "float32"
+  l0_control: bool = False
+  l0_control_rate: float = 0.01
 
 
 class GatedFamily(base.Family):
@@ -110,9 +115,15 @@ class GatedFamily(base.Family):
           " --config.optim.decoder_unit_norm=True (or use penalty='ri_l1').")
 
   def settings(self, config) -> GatedSettings:
-    return GatedSettings(penalty=config.loss.penalty,
-                         sparsity_warmup_steps=int(config.loss.sparsity_warmup_steps),
-                         compute_dtype=config.sae.compute_dtype)
+    l = config.loss
+    return GatedSettings(penalty=l.penalty, sparsity_warmup_steps=int(l.sparsity_warmup_steps),
+                         compute_dtype=config.sae.compute_dtype,
+                         l0_control=bool(l.l0_control), l0_control_rate=float(l.l0_control_rate))
+
+  def init_state(self, d_sae: int, settings: GatedSettings):
+    """The lambda controller's state when controlled (`NoState` otherwise)."""
+    del d_sae
+    return init_control(settings.l0_control)
 
   def init(self, key: jax.Array, *, d_in: int, d_sae: int, pre_encoder_bias: bool = True,
            d_out: int | None = None, skip: bool = False) -> GatedParams:
@@ -148,7 +159,7 @@ class GatedFamily(base.Family):
     del dead
     y = x if target is None else target
     cdt = settings.compute_dtype
-    coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
+    coeff = controlled_coeff(hparams, state, settings, step)
     pi_gate, pi_mag = self.pre_activations(params, x, compute_dtype=cdt)
     f = jnp.where(jax.lax.stop_gradient(pi_gate) > 0, jax.nn.relu(pi_mag), 0.0)
     x_skip = base.skip(params, x, cdt)
@@ -164,6 +175,8 @@ class GatedFamily(base.Family):
     x_gate = ops.matmul(gate, W_aux, cdt) + b_aux + x_skip
     rec, aux = losses.reconstruction(y, x_hat), losses.reconstruction(y, x_gate)
     parts = dict(reconstruction=rec, sparsity=sparsity, aux=aux, sparsity_coeff=coeff)
+    l0 = jnp.mean(jnp.sum(pi_gate > 0, axis=-1))  # the gate decides which latents fire
+    state = control_update(state, l0, hparams, settings, step)
     return rec + coeff * sparsity + aux, base.Output(f=f, x_hat=x_hat, state=state,
                                                      parts=parts, extras={})
 

@@ -24,6 +24,8 @@ from jsae.ops import jumprelu, sparse
 from jsae.ops import step as heaviside
 from jsae.saes import base, shared
 from jsae.saes.base import Field
+from jsae.saes.shared import (CONTROL_FIELDS, check_control, control_update, controlled_coeff,
+                              init_control)
 
 P = jax.sharding.PartitionSpec
 
@@ -80,6 +82,8 @@ class JumpReLUSettings:
     sparsity_warmup_steps: lambda rises linearly from 0 over these steps.
     compute_dtype: dtype of the encoder/decoder matmuls ('float32'/'bfloat16').
     sparse_capacity: latents per row the sparse step keeps (0: the dense step).
+    l0_control: steer lambda to the target L0 (`shared.control_update`).
+    l0_control_rate: the controller's gain.
   """
 
   ste_to_input: bool = False
@@ -90,6 +94,8 @@ class JumpReLUSettings:
   sparsity_warmup_steps: int = 0
   compute_dtype: str = "float32"
   sparse_capacity: int = 0
+  l0_control: bool = False
+  l0_control_rate: float = 0.01
 
 
 class _Latents(NamedTuple):
@@ -155,7 +161,9 @@ class JumpReLUFamily(base.Family):
           "sparsity_warmup_steps": Field(10_000, "lambda rises linearly from 0 over"
                                          " these steps"),
           "tanh_scale": Field(4.0, "c in tanh(c |f| ||d||) for sparsity='tanh'"),
-          "target_l0": Field(50.0, "T for sparsity='quadratic'", traced=True),
+          "target_l0": Field(50.0, "T for sparsity='quadratic', and the L0 loss.l0_control"
+                             " steers to", traced=True),
+          **CONTROL_FIELDS,
           "pre_act_coeff": Field(0.0, "pre-activation loss weight (Anthropic: 3e-6);"
                                  " 0 disables"),
           "pre_act_dead_only": Field(True, "apply it to dead latents only (SAELens) or"
@@ -193,6 +201,16 @@ class JumpReLUFamily(base.Family):
     for ok, field, message in checks:
       if not ok:
         raise base.FamilyConfigError(f"config.{field}: {message}")
+    if l.l0_control and l.sparsity == "quadratic":
+      raise base.FamilyConfigError(
+          "config.loss.l0_control: sparsity='quadratic' already aims at loss.target_l0 with a"
+          " fixed lambda; the controller is the other way (with 'step' or 'tanh'): use one.")
+    check_control(config)
+
+  def init_state(self, d_sae: int, settings: JumpReLUSettings):
+    """The lambda controller's state when controlled (`NoState` otherwise)."""
+    del d_sae
+    return init_control(settings.l0_control)
 
   def settings(self, config) -> JumpReLUSettings:
     s, l = config.sae, config.loss
@@ -201,17 +219,19 @@ class JumpReLUFamily(base.Family):
         tanh_scale=float(l.tanh_scale), pre_act_coeff=float(l.pre_act_coeff),
         pre_act_dead_only=bool(l.pre_act_dead_only),
         sparsity_warmup_steps=int(l.sparsity_warmup_steps),
-        compute_dtype=s.compute_dtype, sparse_capacity=self.sparse_capacity(config))
+        compute_dtype=s.compute_dtype, sparse_capacity=self.sparse_capacity(config),
+        l0_control=bool(l.l0_control), l0_control_rate=float(l.l0_control_rate))
 
   def sparse_capacity(self, config) -> int:
     """The sparse step's capacity (0: dense): the config's, or with -1 the rule's on the
-    expected L0 (known in advance only for sparsity='quadratic', its target)."""
+    expected L0 (known in advance for sparsity='quadratic' and under the controller: the
+    target)."""
     s, l = config.sae, config.loss
     if s.ste_to_input or l.pre_act_coeff > 0:
       return 0
     if s.sparse_capacity >= 0:
       return int(s.sparse_capacity)
-    expected = l.target_l0 if l.sparsity == "quadratic" else None
+    expected = l.target_l0 if l.sparsity == "quadratic" or l.l0_control else None
     return sparse.capacity_rule(s.d_sae, expected)
 
   def init_kwargs(self, config) -> dict:
@@ -258,7 +278,7 @@ class JumpReLUFamily(base.Family):
 
     Args:
       params: the family's parameters.
-      state: unused (`NoState`).
+      state: the lambda controller's `L0Control` (`NoState` without it).
       x: `[batch, d_in]` normalised inputs.
       settings: static loss hyperparameters.
       hparams: traced `sparsity_coeff`, `bandwidth`, `target_l0` (scalars).
@@ -267,7 +287,7 @@ class JumpReLUFamily(base.Family):
       target: `[batch, d_out]` what a transcoder predicts (None: x, an SAE).
     """
     eps = hparams["bandwidth"]
-    coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
+    coeff = controlled_coeff(hparams, state, settings, step)
     theta = params.theta()
     y = x if target is None else target
     terms = lambda latents: self._loss_terms(params, y, latents, theta, coeff, hparams,
@@ -275,16 +295,17 @@ class JumpReLUFamily(base.Family):
     dense = lambda: terms(self._dense_latents(params, x, theta, eps, settings))
     if settings.sparse_capacity:
       overflow, sparse_latents = self._sparse_latents(params, x, theta, eps, settings)
-      total, parts, (pre, f, x_hat, fired) = jax.lax.cond(
+      total, parts, (pre, f, x_hat, fired, l0) = jax.lax.cond(
           overflow, dense, lambda: terms(sparse_latents()))
     else:
-      total, parts, (pre, f, x_hat, fired) = dense()
+      total, parts, (pre, f, x_hat, fired, l0) = dense()
+    state = control_update(state, l0, hparams, settings, step)
     return total, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
                               extras=dict(pre=pre, theta=theta, bandwidth=eps), fired=fired)
 
   def _loss_terms(self, params, y, latents: "_Latents", theta, coeff, hparams, dead,
                   settings):
-    """(total loss, its parts, (pre, f, x_hat, fired)) of one forward (dense or sparse)
+    """(total loss, its parts, (pre, f, x_hat, fired, L0)) of one forward (dense or sparse)
     predicting `y`: the same shapes either way, so that a `lax.cond` can choose."""
     rec = losses.reconstruction(y, latents.x_hat)
     if settings.sparsity == "step":
@@ -303,7 +324,8 @@ class JumpReLUFamily(base.Family):
       pre_act = losses.pre_activation(latents.pre, theta, ops.decoder_norms(params.W_dec), mask)
       total = total + settings.pre_act_coeff * pre_act
     parts = dict(reconstruction=rec, sparsity=sparsity, pre_act=pre_act, sparsity_coeff=coeff)
-    return total, parts, (latents.pre, latents.f, latents.x_hat, latents.fired)
+    l0 = losses.step_l0(latents.gates)  # the batch's mean L0 (the gates are 0/1 forward)
+    return total, parts, (latents.pre, latents.f, latents.x_hat, latents.fired, l0)
 
   def _dense_latents(self, params, x, theta, eps, settings) -> "_Latents":
     """The forward with dense matmuls; the penalties see every latent."""

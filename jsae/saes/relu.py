@@ -17,11 +17,13 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from jsae import losses, ops
 from jsae.saes import base
-from jsae.saes.shared import LinearFamily, check_lambda_fields, lambda_fields
+from jsae.saes.shared import (LinearFamily, check_lambda_fields, control_update,
+                              controlled_coeff, init_control, lambda_fields)
 
 
 @struct.dataclass
@@ -52,10 +54,14 @@ class ReLUSettings:
   Attributes:
     sparsity_warmup_steps: lambda rises linearly from 0 over these steps.
     compute_dtype: matmul dtype.
+    l0_control: steer lambda to the target L0 (`shared.control_update`).
+    l0_control_rate: the controller's gain.
   """
 
   sparsity_warmup_steps: int = 0
   compute_dtype: str = "float32"
+  l0_control: bool = False
+  l0_control_rate: float = 0.01
 
 
 class ReLUFamily(LinearFamily):
@@ -74,8 +80,15 @@ class ReLUFamily(LinearFamily):
     check_lambda_fields(config)
 
   def settings(self, config) -> ReLUSettings:
-    return ReLUSettings(sparsity_warmup_steps=int(config.loss.sparsity_warmup_steps),
-                        compute_dtype=config.sae.compute_dtype)
+    l = config.loss
+    return ReLUSettings(sparsity_warmup_steps=int(l.sparsity_warmup_steps),
+                        compute_dtype=config.sae.compute_dtype,
+                        l0_control=bool(l.l0_control), l0_control_rate=float(l.l0_control_rate))
+
+  def init_state(self, d_sae: int, settings: ReLUSettings):
+    """The lambda controller's state when controlled (`NoState` otherwise)."""
+    del d_sae
+    return init_control(settings.l0_control)
 
   def encode(self, params: ReLUParams, x: jax.Array, *, compute_dtype="float32"
              ) -> jax.Array:
@@ -88,12 +101,13 @@ class ReLUFamily(LinearFamily):
     `target` for a transcoder)."""
     del dead
     y = x if target is None else target
-    coeff = base.warmed_coeff(hparams["sparsity_coeff"], step, settings.sparsity_warmup_steps)
+    coeff = controlled_coeff(hparams, state, settings, step)
     f = self.encode(params, x, compute_dtype=settings.compute_dtype)
     x_hat = self.predict(params, f, x, compute_dtype=settings.compute_dtype)
     rec = losses.reconstruction(y, x_hat)
     sparsity = losses.weighted_l1(f, ops.decoder_norms(params.W_dec))
     parts = dict(reconstruction=rec, sparsity=sparsity, sparsity_coeff=coeff)
+    state = control_update(state, jnp.mean(jnp.sum(f > 0, axis=-1)), hparams, settings, step)
     return rec + coeff * sparsity, base.Output(f=f, x_hat=x_hat, state=state, parts=parts,
                                                extras={})
 
