@@ -20,6 +20,8 @@ Arguments (comma-separated KEY=VALUE):
   family    a single run of one family instead of a sweep (for jsae train / harvest)
   point     with family=: the index into that family's sparsity grid (default: the middle)
   tokens    override the training budget (e.g. tokens=50000000 for a pilot)
+  targets   1: JumpReLU, Gated and ReLU sweep a target L0 (TARGET_L0S, the TopK kinds'
+            k) reached by the lambda controller (loss.l0_control), instead of lambda
   hardware  v3-8, v5e-8, v5p-8 or h100: the LM mesh (harvest, eval, browse) for that
             machine, per process (LM_MESHES); default auto, which resolves to the same
             on those machines (`jsae harvest --dry_run` shows it)
@@ -49,7 +51,11 @@ GRIDS = {
     "matryoshka": {"k": (10, 20, 40, 80, 160, 320)},
 }
 COMPARISON = ("jumprelu", "gated", "topk")
-ARGS = ("site", "layer", "width", "families", "family", "point", "tokens", "hardware")
+ARGS = ("site", "layer", "width", "families", "family", "point", "tokens", "hardware",
+        "targets")
+# targets=1: the L0s the lambda families are steered to, matching the TopK kinds' k.
+TARGET_L0S = (10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+CONTROLLED = ("jumprelu", "gated", "relu")
 # The LM's (data, model) mesh per machine: 9B's bfloat16 weights are 17.2 GiB, more than
 # a 16-GiB TPU v3 / v5e core holds, so those split them 4 ways (4.3 GiB a core, room
 # for the activations) and run two such groups side by side; v5p (95 GiB) and the H100
@@ -62,7 +68,14 @@ def tokens_for(width: int) -> int:
   return 4_000_000_000 if width <= 2**14 else 16_000_000_000 if width >= 2**20 else 8_000_000_000
 
 
-def family_config(family: str, site: str, layer: int, width: int):
+def grids(targets: bool) -> dict:
+  """Each family's swept field and values: lambda grids, or with `targets` target L0s
+  for the lambda families."""
+  return {f: ({"target_l0": TARGET_L0S} if targets and f in CONTROLLED else g)
+          for f, g in GRIDS.items()}
+
+
+def family_config(family: str, site: str, layer: int, width: int, targets: bool = False):
   """The single-run config of `family` at (site, layer, width), at the grid's middle."""
   c = default.get_config(f"family={family}")
   c.lm.model = "gemma2_9b"
@@ -95,6 +108,9 @@ def family_config(family: str, site: str, layer: int, width: int):
     c.sae.k_aux = 512  # Gao et al.'s default (JR's baseline setting is unpublished)
   for field, values in GRIDS[family].items():
     (c.sae if field in c.sae else c.loss)[field] = values[len(values) // 2]
+  if targets and family in CONTROLLED:  # lambda starts at its grid's middle, then steered
+    c.loss.l0_control = True
+    c.loss.target_l0 = TARGET_L0S[len(TARGET_L0S) // 2]
   # GS section 3.3: data parallel for 2^14, latent-parallel (Megatron) above.
   c.mesh.data, c.mesh.model = (-1, 1) if width <= 2**14 else (1, -1)
   return c
@@ -117,13 +133,14 @@ def get_config(arg: str | None = None):
   width = int(args.get("width", 2**17))
   if width < 2**14 or width > 2**20 or width & (width - 1):
     raise ValueError(f"width={width}: a power of two from 16384 to 1048576 (Gemma Scope's).")
+  targets = args.get("targets", "0") not in ("0", "")
   if "family" in args:
     family = args["family"]
     if family not in GRIDS:
       raise ValueError(f"family={family}: one of {sorted(GRIDS)}.")
-    c = family_config(family, site, layer, width)
+    c = family_config(family, site, layer, width, targets)
     if "point" in args:
-      (field, values), = GRIDS[family].items()
+      (field, values), = grids(targets)[family].items()
       point = int(args["point"])
       if not 0 <= point < len(values):
         raise ValueError(f"point={point}: {family}'s grid has {len(values)} points"
@@ -134,8 +151,9 @@ def get_config(arg: str | None = None):
     bad = sorted(set(families) - set(GRIDS))
     if bad:
       raise ValueError(f"families={'+'.join(bad)}: not in {sorted(GRIDS)}.")
-    groups = {f: sweep.group(family_config(f, site, layer, width), GRIDS[f]) for f in families}
-    c = sweep.sweep_config(family_config(families[0], site, layer, width), groups)
+    groups = {f: sweep.group(family_config(f, site, layer, width, targets), grids(targets)[f])
+              for f in families}
+    c = sweep.sweep_config(family_config(families[0], site, layer, width, targets), groups)
   if "tokens" in args:
     c.train.num_tokens = int(float(args["tokens"]))
   if "hardware" in args:

@@ -148,3 +148,16 @@ def test_a_family_without_a_coefficient_has_no_controller():
                      match=r"config.loss.l0_control is not a field of family 'topk'.*"
                            r"jumprelu/gated/relu families"):
     config_lib.validate(c)
+
+
+def test_the_comparison_configs_sweep_target_l0s_at_the_topk_kinds_k():
+  from configs import gemma2_9b, sweep_gemma3  # pylint: disable=import-outside-toplevel
+  for config, k_family in ((gemma2_9b.get_config("site=resid_post,layer=20,targets=1"), "topk"),
+                           (sweep_gemma3.get_config("targets=1"), "batchtopk")):
+    plan = {g.name: g for g in sweep.plan(config)}
+    ks = {float(m.config.sae.k) for m in plan[k_family].members}
+    for name in ("jumprelu", "gated"):
+      members = plan[name].members
+      assert all(m.config.loss.l0_control for m in members)
+      assert {m.config.loss.target_l0 for m in members} == ks
+      config_lib.validate(members[0].config)
