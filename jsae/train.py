@@ -39,7 +39,8 @@ class TrainState:
     params: the SAE family's parameter pytree.
     opt_state: optimizer state (float32, following its parameter).
     steps_since_fired: `[d_sae]` int32 steps since each latent last fired.
-    family_state: the family's own slot (BatchTopK's running threshold; `NoState()`).
+    family_state: the family's own slot (BatchTopK's running threshold, the lambda
+      controller's `L0Control`; `NoState()`).
   """
 
   step: jax.Array

@@ -12,7 +12,7 @@ import pytest
 
 from configs import tiny, tiny_gated, tiny_jumprelu, tiny_relu
 from jsae import config as config_lib
-from jsae import data, saes, sweep, train
+from jsae import data, report, runs, saes, sweep, train
 from jsae.saes import shared
 from jsae.saes.jumprelu import JumpReLUSettings
 
@@ -81,6 +81,9 @@ def test_resume_mid_run_equals_an_unbroken_run_controller_included(tmp_path):
   resumed = train.train(c, tmp_path / "resumed", progress=False)
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The exported SAE and the report say which L0 lambda was steered to.
+  assert runs.read_sae(tmp_path / "resumed").provenance["target_l0"] == 4.0
+  assert report._knob(c.to_dict()) == "target L0 4"  # pylint: disable=protected-access
   # The log holds the lambda of the last step, before its update (at most one gain away).
   line = json.loads((tmp_path / "resumed/metrics.jsonl").read_text().splitlines()[-1])
   assert line["sparsity_coeff"] == pytest.approx(
