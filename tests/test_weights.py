@@ -164,6 +164,32 @@ def test_orbax_round_trip(model, tmp_path):
     weights.load_orbax(tmp_path / "missing", cfg)
 
 
+def test_orbax_restores_each_tensor_straight_into_its_sharding(model, tmp_path):
+  """On a 2x4 LM mesh each device reads its slice of every tensor from the checkpoint
+  (the gemma layout restored split where its transposes give jsae.lm.mesh's layout)."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from jsae.lm import mesh as lm_mesh  # pylint: disable=import-outside-toplevel
+  cfg, params = model
+  ckpt = tmp_path / "ckpt"
+  ocp.PyTreeCheckpointer().save(ckpt, {"transformer": weights.params_to_gemma_tree(params, cfg)})
+  mesh = lm_mesh.make_mesh(2, 4)
+  raw = weights._restore_orbax(ckpt, cfg, mesh)["transformer"]  # pylint: disable=protected-access
+  layer = raw["layer_0"]
+  q = layer["attn"]["q_einsum"]["w"] if "q_einsum" in layer["attn"] else None
+  assert q is None or q.sharding.spec == P("model", None, None)  # [H, d, h] by heads
+  assert raw["embedder"]["input_embedding"].sharding.spec == P("model", None)
+  gating = layer["mlp"]["gating_einsum"]
+  assert "model" in tuple(gating.sharding.spec)
+  assert {s.data.shape for s in gating.addressable_shards} != {gating.shape}  # not whole
+  loaded, _ = weights.load_orbax(ckpt, cfg.name, mesh=mesh)
+  _assert_tree_equal(jax.tree.map(np.asarray, loaded), params)
+  specs = lm_mesh.param_specs(cfg, 4)
+  for a, spec in zip(jax.tree.leaves(loaded), jax.tree.leaves(specs, is_leaf=lambda s:
+                                                               isinstance(s, P))):
+    assert a.sharding.spec == spec
+
+
 def test_hf_sharded_checkpoint_and_config(model, tmp_path):
   from safetensors.numpy import save_file
   cfg, params = model

@@ -216,16 +216,19 @@ def place(params: gemma.Params, mesh: Mesh, dtype=jnp.float32) -> gemma.Params:
   """The params (host NumPy or device arrays) on `mesh` by `param_specs`: matrices in
   `dtype`, norms float32.
 
-  Each device receives only its slice, cut from the one host copy: no device ever holds
-  a whole sharded tensor.
+  From the host, each device receives only its slice, cut from the one host copy: no
+  device ever holds a whole sharded tensor. Device arrays (an Orbax restore onto the
+  mesh) are cast and laid out where they are.
   """
   specs = _specs_of(params, _sizes_of(params), mesh.shape["model"])
 
   def put(a, spec):
     want = jnp.float32 if np.ndim(a) == 1 else dtype
-    host = np.asarray(a) if not isinstance(a, jax.Array) else a
-    host = host.astype(want) if host.dtype != want else host
     sharding = NamedSharding(mesh, spec)
+    if isinstance(a, jax.Array):  # already on devices: cast and lay out there
+      return jax.device_put(a.astype(want) if a.dtype != want else a, sharding)
+    host = np.asarray(a)
+    host = host.astype(want) if host.dtype != want else host
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
   return jax.tree.map(put, params, specs, is_leaf=lambda x: hasattr(x, "shape"))

@@ -482,8 +482,9 @@ def params_from_gemma_tree(tree: Mapping[str, Any], config: GemmaConfig) -> NpPa
 
   def get(*names: str) -> tuple[str, np.ndarray]:
     for n in names:
-      if n in flat:
-        return n, np.asarray(flat[n], np.float32)
+      if n in flat:  # arrays restored onto a mesh stay there (`load_orbax(mesh=)`)
+        a = flat[n]
+        return n, a if isinstance(a, jax.Array) else np.asarray(a, np.float32)
     sample = ", ".join(sorted(flat)[:6])
     raise ValueError(
         f"gemma-layout checkpoint has no {' or '.join(repr(n) for n in names)};"
@@ -523,7 +524,8 @@ def params_from_gemma_tree(tree: Mapping[str, Any], config: GemmaConfig) -> NpPa
       lp["gate"], lp["up"] = gating[0], gating[1]
     lp["down"] = checked(*get(p + "mlp/linear", p + "mlp/linear/w"), (f, d))
     lp["post_mlp_norm"] = checked(*get(p + "post_ffw_norm/scale"), (d,))
-    params["layers"].append({k: np.ascontiguousarray(v) for k, v in lp.items()})
+    params["layers"].append({k: v if isinstance(v, jax.Array) else np.ascontiguousarray(v)
+                             for k, v in lp.items()})
   return params
 
 
@@ -566,18 +568,55 @@ def params_to_gemma_tree(params, config: GemmaConfig, *,
   return tree
 
 
-def _restore_orbax(path: Path) -> Mapping[str, Any]:
+# Where each gemma-layout tensor's split dimension lies (for `load_orbax(mesh=)`), by the
+# end of its name: q_einsum [H, d, h], qkv_einsum [3, H, d, h], kv_einsum [2, K, d, h],
+# attn_vec_einsum [H, h, d], gating_einsum [2, f, d] (Gemma 3) or [2, d, f] (Gemma 2),
+# linear [f, d], input_embedding [vocab, d]; anything else (norms) stays whole.
+_GEMMA_SPLIT_AXIS = (("embedder/input_embedding", "vocab", 0), ("attn/q_einsum/w", "heads", 0),
+                     ("attn/qkv_einsum/w", "heads", 1), ("attn/kv_einsum/w", "kv_heads", 1),
+                     ("attn/attn_vec_einsum/w", "heads", 0), ("mlp/linear", "ff", 0),
+                     ("mlp/linear/w", "ff", 0))
+
+
+def _gemma_source_spec(name: str, shape: tuple[int, ...], config: GemmaConfig, model: int):
+  """The PartitionSpec a gemma-layout tensor is restored with, so that our layout of it
+  (`params_from_gemma_tree`: transposes and slices) is `jsae.lm.mesh`'s without moving data."""
+  P = jax.sharding.PartitionSpec
+  sizes = dict(vocab=config.vocab_size, heads=config.n_heads, kv_heads=config.n_kv_heads,
+               ff=config.d_ff)
+  axis = None
+  for suffix, dim, where in _GEMMA_SPLIT_AXIS:
+    if name.endswith(suffix) and sizes[dim] % model == 0:
+      axis = where
+  if name.endswith(("mlp/gating_einsum", "mlp/gating_einsum/w")) and config.d_ff % model == 0:
+    axis = 1 if tuple(shape) == (2, config.d_ff, config.d_model) else 2
+  if axis is None or model == 1 or len(shape) <= axis:
+    return P()
+  return P(*("model" if i == axis else None for i in range(len(shape))))
+
+
+def _restore_orbax(path: Path, config: GemmaConfig | None = None, mesh=None
+                   ) -> Mapping[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f"Orbax checkpoint {str(path)!r} not found.")
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   ckptr = ocp.PyTreeCheckpointer()
   try:
-    try:  # restore as host numpy arrays, whatever sharding it was saved with
+    try:
       meta = ckptr.metadata(path)
       tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      if mesh is None:  # host numpy arrays, whatever sharding it was saved with
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      else:  # each device reads its slice of each tensor from the checkpoint itself
+        def arg(key_path, leaf):
+          name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+          spec = _gemma_source_spec(name, tuple(leaf.shape), config, mesh.shape["model"])
+          return ocp.ArrayRestoreArgs(sharding=jax.sharding.NamedSharding(mesh, spec))
+        args = jax.tree_util.tree_map_with_path(arg, tree)
       return ckptr.restore(path, restore_args=args)
     except (AttributeError, TypeError):
+      if mesh is not None:
+        raise
       return ckptr.restore(path)
   except FileNotFoundError:
     raise
@@ -594,10 +633,15 @@ def load_orbax(path_or_tree: str | os.PathLike | Mapping[str, Any],
   dict is converted directly. `config` is a GemmaConfig or registry name (the
   layout carries no hyperparameters). Official Gemma 2 checkpoints pad the
   vocabulary to 256128 rows: pass `dataclasses.replace(config, vocab_size=256128)`.
-  With `mesh` the restored host arrays go to their shardings (`to_device`).
+  With `mesh` a path is restored by Orbax with each tensor's sharding on the mesh (each
+  device reads its own slice, in the layout whose transposes give `jsae.lm.mesh`'s), and
+  the conversion runs on the devices; a dict goes to its shardings from the host.
   """
   config = gemma.get_config(config)
-  tree = path_or_tree if isinstance(path_or_tree, Mapping) else _restore_orbax(Path(path_or_tree))
+  if isinstance(path_or_tree, Mapping):
+    tree = path_or_tree
+  else:
+    tree = _restore_orbax(Path(path_or_tree), config, mesh)
   return to_device(params_from_gemma_tree(tree, config), dtype, mesh=mesh), config
 
 
