@@ -95,7 +95,7 @@ class JumpReLUSettings:
   compute_dtype: str = "float32"
   sparse_capacity: int = 0
   l0_control: bool = False
-  l0_control_rate: float = 0.01
+  l0_control_rate: float = 0.03
 
 
 class _Latents(NamedTuple):

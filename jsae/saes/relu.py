@@ -61,7 +61,7 @@ class ReLUSettings:
   sparsity_warmup_steps: int = 0
   compute_dtype: str = "float32"
   l0_control: bool = False
-  l0_control_rate: float = 0.01
+  l0_control_rate: float = 0.03
 
 
 class ReLUFamily(LinearFamily):

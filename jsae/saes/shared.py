@@ -22,7 +22,7 @@ from jsae.saes.base import Field
 CONTROL_FIELDS = {
     "l0_control": Field(False, "steer lambda to loss.target_l0 after the warm-up: integral"
                         " control of log lambda on each batch's L0"),
-    "l0_control_rate": Field(0.01, "the controller's gain: log lambda moves by rate x"
+    "l0_control_rate": Field(0.03, "the controller's gain: log lambda moves by rate x"
                              " log((L0 + 1) / (target + 1)) a step, at most rate"),
 }
 # lambda stays within sparsity_coeff x e^(+-CONTROL_BOUND): 10^-4 .. 10^4 of the start.
