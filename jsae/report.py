@@ -219,8 +219,9 @@ def _fmt(v, spec=".3g"):
 def _knob(config: dict) -> str:
   """The run's sparsity knob as its family writes it (lambda, k, ...)."""
   family = config["sae"]["family"]
-  if config.get("loss", {}).get("l0_control"):  # lambda was steered to this L0
-    return f"target L0 {_fmt(config['loss']['target_l0'])}"
+  target = saes.get(family).l0_target(config) if family in saes.names() else None
+  if target is not None:  # lambda was steered to this L0
+    return f"target L0 {_fmt(target)}"
   knob = saes.get(family).knob_value(config) if family in saes.names() else None
   return "—" if knob is None else f"{html.escape(knob[0])} {_fmt(knob[1])}"
 

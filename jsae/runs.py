@@ -216,8 +216,9 @@ def run_provenance(workdir: Path, config, meta: dict, step: int) -> dict:
   knob = family.knob_value(config)
   if knob is not None:  # the sparsity knob under its field name (sparsity_coeff, k)
     prov[family.knob.split(".")[1]] = knob[1]
-  if config.loss.get("l0_control", False):  # lambda was steered to this L0 from there
-    prov["target_l0"] = float(config.loss.target_l0)
+  target = family.l0_target(config)
+  if target is not None:  # lambda was steered to this L0 from there
+    prov["l0_target"] = target
   if config.data.source == "shards":
     prov["shards_dir"] = str(config.data.shards_dir)
     try:

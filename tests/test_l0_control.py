@@ -82,7 +82,7 @@ def test_resume_mid_run_equals_an_unbroken_run_controller_included(tmp_path):
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The exported SAE and the report say which L0 lambda was steered to.
-  assert runs.read_sae(tmp_path / "resumed").provenance["target_l0"] == 4.0
+  assert runs.read_sae(tmp_path / "resumed").provenance["l0_target"] == 4.0
   assert report._knob(c.to_dict()) == "target L0 4"  # pylint: disable=protected-access
   # The log holds the lambda of the last step, before its update (at most one gain away).
   line = json.loads((tmp_path / "resumed/metrics.jsonl").read_text().splitlines()[-1])

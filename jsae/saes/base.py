@@ -144,6 +144,14 @@ class Family:
     group, name = self.knob.split(".")
     return self.knob_symbol, config[group][name]
 
+  def l0_target(self, config) -> float | None:
+    """The L0 the lambda controller steered this run's lambda to (config or its dict), or
+    None when the family has no controller or it was off."""
+    loss = config["loss"]
+    if "l0_control" not in self.fields.get("loss", {}) or not loss.get("l0_control", False):
+      return None
+    return float(loss["target_l0"])
+
   def resumable_names(self) -> tuple[str, ...]:
     """'group.field' names that may change on resume (init-only and resumable fields)."""
     return tuple(f"{g}.{n}" for g, fs in self.fields.items()
