@@ -23,11 +23,11 @@ pytestmark = [
 def _small_demo_config(arg=None):
   c = demo.get_config(arg)
   c.text.seq_len = 512
-  c.text.max_train_tokens = 24_000
+  c.text.max_train_tokens = 16_000
   c.text.max_eval_tokens = 8_000
   c.eval.min_density_tokens = 5_000  # scaled down with the eval set (the demo uses 1e5)
   c.eval.lm_contexts = 2
-  c.sae.d_sae = 2048
+  c.sae.d_sae = 1024
   c.data.batch_size = 512
   c.train.num_tokens = 300 * 512  # L0 ~12, FVU ~0.06 by then: far inside the bars below
   c.ckpt.every_steps = 150
@@ -139,8 +139,8 @@ def test_sweep_on_the_demo_activations_then_eval_every_member(demo_run, tmp_path
 
 def _demo_flags() -> list[str]:
   """_small_demo_config's fields as CLI flags (the eval CLI rebuilds the config from them)."""
-  return ["--config.text.seq_len=512", "--config.text.max_train_tokens=24000",
+  return ["--config.text.seq_len=512", "--config.text.max_train_tokens=16000",
           "--config.text.max_eval_tokens=8000", "--config.eval.min_density_tokens=5000",
-          "--config.eval.lm_contexts=2", "--config.sae.d_sae=2048",
+          "--config.eval.lm_contexts=2", "--config.sae.d_sae=1024",
           "--config.data.batch_size=512", f"--config.train.num_tokens={300 * 512}",
           "--config.ckpt.every_steps=150"]
