@@ -6,12 +6,8 @@ import shutil
 import tempfile
 
 # Sharding tests need several devices; on CPU XLA can fake them. This must run
-# before the first `import jax` anywhere in the test session. Eigen's matmuls run on one
-# thread in each process: the two pytest-xdist workers already fill the two cores, and a
-# second thread each only contends (measured on the 2-core machine: the family-training
-# and transcoder files took 197 s against 215 s with multi-threaded Eigen).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"
-                      " --xla_cpu_multi_thread_eigen=false")
+# before the first `import jax` anywhere in the test session.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Many tests compile the same programs (the Gemma forward, the train steps) in other
