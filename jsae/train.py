@@ -140,7 +140,8 @@ def train_step(state: TrainState, batch: jax.Array, hparams: dict, *,
   scalars measured on the parameters *before* the update. With
   `with_metrics=False` (static) only the loss is returned: the other metrics are
   extra passes over `[batch, d_sae]` that the trainer needs only on logging
-  steps, so it compiles both variants.
+  steps, so it compiles both variants when a run has enough steps between its logs
+  (`loop.uses_lean_steps`).
   """
   family = saes.get(settings.family)
   x, y = split_batch(batch, settings)
