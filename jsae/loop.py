@@ -142,19 +142,25 @@ def step_events(config, done: int, num_steps: int, evaluating: bool
   return is_log, is_ckpt, is_eval
 
 
-# The trainers compile a second, lean step for the steps that neither log nor save (no
-# metrics: fewer passes over [batch, d_sae]). Compiling it pays only over enough such
-# steps: measured on the 2-core CPU machine (0.4 to 0.6 s to compile), a JumpReLU step at
-# d_in 640, 4,096 latents, batch 1,024 saves 26 ms (12%) lean, earning the compile back in
-# about 20 steps, while at configs/tiny.py's size and for TopK it saves nothing. A run with
-# fewer lean steps than this runs the metrics step throughout: one program, not two.
+# The trainers compile a second, lean step for the steps that neither log nor save: no
+# metrics, so no extra passes over the step's [batch, d_sae] latents. It pays only when
+# those passes cost something and over enough steps. Measured on the 2-core CPU machine
+# (compiling the lean step: 0.4 to 1.2 s), the lean step saves, per step:
+#   JumpReLU   512 x 256 latents (configs/tiny.py, 2^17 cells): nothing (0.80 of 0.83 ms);
+#   JumpReLU  1024 x 1024 (2^20): 1.8 ms of 7.0;  Matryoshka: 2.6 ms of 28.4;
+#   JumpReLU  1024 x 4096 at d_in 640 (2^22): 26 ms of 208 (its compile back in ~20 steps).
+# A run below either bound runs the logging step throughout: one program, not two.
 MIN_LEAN_STEPS = 50
+MIN_LEAN_CELLS = 2**19
 
 
-def uses_lean_steps(config, num_steps: int, evaluating: bool) -> bool:
-  """Whether a run of `num_steps` steps (counted from step 0, so that a resumed run
-  decides as the unbroken one) has `MIN_LEAN_STEPS` steps that neither log nor save."""
-  if config.train.log_every <= 1 or config.ckpt.every_steps <= 1:
+def uses_lean_steps(config, num_steps: int, evaluating: bool, latent_cells: int) -> bool:
+  """Whether a run compiles the lean step: its steps' metrics pass over at least
+  `MIN_LEAN_CELLS` latent cells (`Trainee.latent_cells`), and it has `MIN_LEAN_STEPS`
+  steps that neither log nor save, counted from step 0 (so that a resumed run decides as
+  the unbroken one)."""
+  if (latent_cells < MIN_LEAN_CELLS or config.train.log_every <= 1
+      or config.ckpt.every_steps <= 1):
     return False
   lean = 0
   for done in range(1, num_steps + 1):
@@ -290,6 +296,11 @@ class Trainee(abc.ABC):
   def save(self, manager, done: int) -> None:
     """Writes checkpoint `done`."""
 
+  @abc.abstractmethod
+  def latent_cells(self) -> int:
+    """The `[batch, d_sae]` latent cells of one step, over all its SAEs (what a logging
+    step's metrics pass over)."""
+
   def postfix(self) -> dict:
     """The progress bar's figures after the last `observe`."""
     return {}
@@ -323,7 +334,7 @@ def run_steps(trainee: Trainee, session: Session, config, *, start: int, num_ste
   clock = Clock(start, batch_size)
   bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, desc=desc,
              disable=not progress or jax.process_index() != 0, mininterval=1.0)
-  lean = uses_lean_steps(config, num_steps, evaluating)
+  lean = uses_lean_steps(config, num_steps, evaluating, trainee.latent_cells())
   with bar, stopping.StopRequests(session.manager) as stop:
     for step in range(start, num_steps):
       batch = sharding.global_batch(session.source.batch(step), batch_sharding, batch_size)
@@ -344,7 +355,7 @@ def run_steps(trainee: Trainee, session: Session, config, *, start: int, num_ste
   return LoopEnd(done=max(start, num_steps))
 
 
-__all__ = ["Clock", "EXPLODED_FVU", "LoopEnd", "MIN_LEAN_STEPS", "MetricsLog", "Session",
+__all__ = ["Clock", "EXPLODED_FVU", "LoopEnd", "MIN_LEAN_CELLS", "MIN_LEAN_STEPS", "MetricsLog", "Session",
            "Trainee", "health_warning", "held_out_batches", "held_out_metrics", "initial_b_dec",
            "non_finite", "norm_scales", "prepare_workdir", "run_steps", "say", "step_events",
            "step_record", "uses_lean_steps"]

@@ -272,6 +272,11 @@ def plan(config: ml_collections.ConfigDict) -> tuple[Group, ...]:
   return tuple(groups)
 
 
+def latent_cells(groups: tuple[Group, ...]) -> int:
+  """The `[batch, d_sae]` latent cells of one sweep step: every member of every group."""
+  return sum(len(g.members) * g.config.data.batch_size * g.config.sae.d_sae for g in groups)
+
+
 def plan_json(groups: tuple[Group, ...]) -> dict:
   """The plan as JSON: what defines the sweep (checked on resume)."""
   return {"groups": [
@@ -593,6 +598,9 @@ class _Groups(loop.Trainee):
     self.warnings: dict = {}  # member name -> its health warning
     self._device_metrics: dict = {}
 
+  def latent_cells(self) -> int:
+    return latent_cells(self.groups)
+
   def step(self, batch, *, with_metrics: bool) -> None:
     for g in self.groups:
       self.states[g.name], self._device_metrics[g.name] = self._step_fns[g.name][with_metrics](
@@ -827,5 +835,6 @@ def _compile(config, groups, mesh, shardings: dict, batch_sharding, source,
 
 
 __all__ = ["Group", "GroupState", "MAX_UPDATE_RATIO", "Member", "SweepResult", "check_fits",
-           "group", "group_hyperparams", "group_step", "sweep_bytes", "init_group", "member_config",
+           "group", "group_hyperparams", "group_step", "sweep_bytes", "init_group", "latent_cells",
+           "member_config",
            "member_dir", "member_state", "member_status", "member_statuses", "plan", "sweep", "sweep_config"]

@@ -321,6 +321,9 @@ class _OneSAE(loop.Trainee):
     self.warnings: list[str] = []
     self._device_metrics = None
 
+  def latent_cells(self) -> int:
+    return self.config.data.batch_size * self.config.sae.d_sae
+
   def step(self, batch, *, with_metrics: bool) -> None:
     self.state, self._device_metrics = self._step_fns(with_metrics, self.capacity.now)(
         self.state, batch, self._hparams)

@@ -96,24 +96,36 @@ def test_exact_resume_is_bit_identical(tmp_path):
   assert steps == [20, 40, 60, 80, 100, 120]  # no duplicated lines after the resume
 
 
-@pytest.mark.parametrize("steps,log_every,every_steps,evaluating,eval_every,lean", [
-    (20, 10, 10, False, 1000, False),    # 20 - {10, 20}: 18 steps without metrics
-    (60, 10, 30, False, 1000, True),     # 60 - {10, 20, ..., 60}: 54
-    (57, 10, 28, False, 1000, False),    # 57 - {10, 20, 28, 30, 40, 50, 56, 57}: 49
-    (58, 10, 28, False, 1000, True),     # 58 - {10, 20, 28, 30, 40, 50, 56, 58}: 50
-    (62, 10, 1000, False, 2, True),      # 62 - {10, ..., 60, 62}: 55
-    (62, 10, 1000, True, 2, False),      # every 2nd step evaluates, so logs: 62 - 31 = 31
-    (100, 1, 100, False, 1000, False),   # every step logs
+@pytest.mark.parametrize("steps,log_every,every_steps,evaluating,eval_every,cells,lean", [
+    (20, 10, 10, False, 1000, 2**20, False),    # 20 - {10, 20}: 18 steps without metrics
+    (60, 10, 30, False, 1000, 2**20, True),     # 60 - {10, 20, ..., 60}: 54
+    (60, 10, 30, False, 1000, 2**19 - 1, False),  # too few cells for the metrics to cost
+    (57, 10, 28, False, 1000, 2**19, False),    # 57 - {10, 20, 28, 30, 40, 50, 56, 57}: 49
+    (58, 10, 28, False, 1000, 2**19, True),     # 58 - {10, 20, 28, 30, 40, 50, 56, 58}: 50
+    (62, 10, 1000, False, 2, 2**20, True),      # 62 - {10, ..., 60, 62}: 55
+    (62, 10, 1000, True, 2, 2**20, False),      # every 2nd step evaluates, so logs: 31
+    (100, 1, 100, False, 1000, 2**20, False),   # every step logs
 ])
-def test_the_lean_step_is_compiled_only_for_runs_with_enough_steps_without_metrics(
-    steps, log_every, every_steps, evaluating, eval_every, lean):
+def test_the_lean_step_is_compiled_only_where_it_can_pay(steps, log_every, every_steps,
+                                                         evaluating, eval_every, cells, lean):
   """`loop.uses_lean_steps` against counting by hand the steps that neither log, save
-  nor evaluate (the last step does all three), with MIN_LEAN_STEPS = 50."""
+  nor evaluate (the last step does all three): at least MIN_LEAN_STEPS = 50 of them, and
+  at least MIN_LEAN_CELLS = 2^19 latent cells a step."""
   from jsae import loop  # pylint: disable=import-outside-toplevel
   c = _tiny(train__log_every=log_every, ckpt__every_steps=every_steps,
             eval__every_steps=eval_every)
-  assert loop.MIN_LEAN_STEPS == 50
-  assert loop.uses_lean_steps(c, steps, evaluating) is lean
+  assert (loop.MIN_LEAN_STEPS, loop.MIN_LEAN_CELLS) == (50, 2**19)
+  assert loop.uses_lean_steps(c, steps, evaluating, cells) is lean
+
+
+def test_a_sweeps_latent_cells_count_every_member():
+  """A sweep's step passes over every member's latents: the cells add up over groups
+  (sweep_tiny: batch 512, 256 latents, three members a family)."""
+  from configs import sweep_tiny  # pylint: disable=import-outside-toplevel
+  from jsae import sweep  # pylint: disable=import-outside-toplevel
+  groups = sweep.plan(sweep_tiny.get_config("families=topk+relu"))
+  assert [len(g.members) for g in groups] == [3, 3]
+  assert sweep.latent_cells(groups) == 6 * 512 * 256
 
 
 class _PoisonedSource(_CrashingSource):
