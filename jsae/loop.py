@@ -355,7 +355,7 @@ def run_steps(trainee: Trainee, session: Session, config, *, start: int, num_ste
   return LoopEnd(done=max(start, num_steps))
 
 
-__all__ = ["Clock", "EXPLODED_FVU", "LoopEnd", "MIN_LEAN_CELLS", "MIN_LEAN_STEPS", "MetricsLog", "Session",
-           "Trainee", "health_warning", "held_out_batches", "held_out_metrics", "initial_b_dec",
-           "non_finite", "norm_scales", "prepare_workdir", "run_steps", "say", "step_events",
-           "step_record", "uses_lean_steps"]
+__all__ = ["Clock", "EXPLODED_FVU", "LoopEnd", "MIN_LEAN_CELLS", "MIN_LEAN_STEPS",
+           "MetricsLog", "Session", "Trainee", "health_warning", "held_out_batches",
+           "held_out_metrics", "initial_b_dec", "non_finite", "norm_scales", "prepare_workdir",
+           "run_steps", "say", "step_events", "step_record", "uses_lean_steps"]

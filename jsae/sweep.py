@@ -835,6 +835,6 @@ def _compile(config, groups, mesh, shardings: dict, batch_sharding, source,
 
 
 __all__ = ["Group", "GroupState", "MAX_UPDATE_RATIO", "Member", "SweepResult", "check_fits",
-           "group", "group_hyperparams", "group_step", "sweep_bytes", "init_group", "latent_cells",
-           "member_config",
-           "member_dir", "member_state", "member_status", "member_statuses", "plan", "sweep", "sweep_config"]
+           "group", "group_hyperparams", "group_step", "init_group", "latent_cells",
+           "member_config", "member_dir", "member_state", "member_status", "member_statuses",
+           "plan", "sweep", "sweep_bytes", "sweep_config"]
