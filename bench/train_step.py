@@ -60,7 +60,7 @@ def bench_shape(d_in: int, d_sae: int, batch: int, dtype: str, repeats: int,
   x = jax.random.normal(jax.random.key(1), (batch, d_in)) / np.sqrt(d_in)
   step = jax.jit(functools.partial(train.train_step, hparams=train.hyperparams(config),
                                    settings=settings, optimizer=optimizer,
-                                   with_metrics=False))  # what the trainer runs between log steps
+                                   with_metrics=False))  # between log steps (long runs: loop.uses_lean_steps)
   # No donation here so the same state can be reused across repeats.
   step_s = _time(lambda s, b: step(s, b)[0].params.W_enc, state, x, repeats=repeats)
 

@@ -203,6 +203,7 @@ def _compiled_figures(config, costs: list[GroupCost]) -> dict:
     if c.name:
       g = next(g for g in sweep.plan(config) if g.name == c.name)
       hparams = jax.eval_shape(lambda g=g: sweep.group_hyperparams(g))
+      # The lean step: what a run of this size runs between its logs (loop.uses_lean_steps).
       fn = functools.partial(sweep.group_step, settings=settings, optim_config=c.config.optim,
                              total_steps=steps, with_metrics=False)
       args = (c.abstract, batch, hparams)

@@ -149,7 +149,10 @@ def step_events(config, done: int, num_steps: int, evaluating: bool
 #   JumpReLU   512 x 256 latents (configs/tiny.py, 2^17 cells): nothing (0.80 of 0.83 ms);
 #   JumpReLU  1024 x 1024 (2^20): 1.8 ms of 7.0;  Matryoshka: 2.6 ms of 28.4;
 #   JumpReLU  1024 x 4096 at d_in 640 (2^22): 26 ms of 208 (its compile back in ~20 steps).
-# A run below either bound runs the logging step throughout: one program, not two.
+# A run below either bound runs the logging step throughout: one program, not two. (The
+# cells are the global batch's: on N devices each does 1/N of them for the same compile,
+# so a mesh may still compile the lean step where it saves less; the bounds were measured
+# on one CPU device. A sweep decides for all its groups at once, from their total.)
 MIN_LEAN_STEPS = 50
 MIN_LEAN_CELLS = 2**19
 
@@ -160,8 +163,8 @@ def uses_lean_steps(config, num_steps: int, evaluating: bool, latent_cells: int)
   steps that neither log nor save, counted from step 0 (so that a resumed run decides as
   the unbroken one)."""
   if (latent_cells < MIN_LEAN_CELLS or config.train.log_every <= 1
-      or config.ckpt.every_steps <= 1):
-    return False
+      or config.ckpt.every_steps <= 1 or (evaluating and config.eval.every_steps <= 1)):
+    return False  # (and no scan of a long run's every step)
   lean = 0
   for done in range(1, num_steps + 1):
     is_log, is_ckpt, _ = step_events(config, done, num_steps, evaluating)

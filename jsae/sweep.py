@@ -743,7 +743,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     else:
       start, states = 0, _init_groups(groups, shardings, source, num_steps)
 
-    # -- Compile: per group, a step with and one without metrics.
+    # -- Compile: per group, a step with metrics and one without for the steps between
+    # logs (jitted, so compiled on first use: only where loop.uses_lean_steps).
     hparams, step_fns = _compile(config, groups, mesh, shardings, batch_sharding, source,
                                  num_steps)
     sweep_meta = dict(plan=plan_json(groups), norm_scale=source.norm_scale,

@@ -80,10 +80,24 @@ class _CrashingSource:
     self.inner.close()
 
 
-def test_exact_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("lean", [False, True])
+def test_exact_resume_is_bit_identical(tmp_path, monkeypatch, lean):
+  """Also when the run mixes the lean step (between logs) with the logging step: tiny's
+  2^17 latent cells are below `loop.MIN_LEAN_CELLS`, so the bound is lowered for that."""
+  from jsae import loop  # pylint: disable=import-outside-toplevel
+  if lean:
+    monkeypatch.setattr(loop, "MIN_LEAN_CELLS", 0)
+  flags, step = [], train._OneSAE.step  # pylint: disable=protected-access
+
+  def recording_step(self, batch, *, with_metrics):
+    flags.append(with_metrics)
+    return step(self, batch, with_metrics=with_metrics)
+
+  monkeypatch.setattr(train._OneSAE, "step", recording_step)  # pylint: disable=protected-access
   n = 60
   config = _tiny(train__num_tokens=2 * n * 512, ckpt__every_steps=n, train__log_every=20)
   straight = train.train(config, tmp_path / "straight", progress=False)
+  assert (False in flags) is lean and True in flags  # the lean step ran only where allowed
 
   crashing = _CrashingSource(data.make_source(config), crash_at=n + 7)
   with pytest.raises(KeyboardInterrupt):
