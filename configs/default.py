@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      " family=NAME.")
   c = ml_collections.ConfigDict()
   c.seed = 0  # seed of the SAE initialisation (data has its own seed)
+  # 'gemma_scope': the values below as written (for ~1M-step runs); 'auto' (JumpReLU)
+  # derives bandwidth, theta_0, lr and warm-ups from the data and the budget (jsae.recipe).
+  c.recipe = "gemma_scope"  # where JumpReLU's bandwidth, theta_0, lr and warm-ups come from
 
   c.sae = ml_collections.ConfigDict()
   c.sae.family = "jumprelu"  # SAE family from jsae.saes.names(); set it with :family=NAME

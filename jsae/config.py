@@ -6,7 +6,7 @@ import re
 
 import ml_collections
 
-from jsae import saes
+from jsae import recipe, saes
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   try:
     saes.get(config.sae.family).validate(config)
   except saes.FamilyConfigError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    recipe.check(config)
+  except recipe.RecipeError as e:
     raise ConfigError(str(e)) from None
   for field, choices in _CHOICES.items():
     value = _get(config, field)

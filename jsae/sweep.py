@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jsae import checkpoint, jsonio, loop, optim, resume, saes, sharding, train
+from jsae import checkpoint, jsonio, loop, optim, recipe, resume, saes, sharding, train
 from jsae import config as config_lib
 
 P = jax.sharding.PartitionSpec
@@ -723,8 +723,9 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if meta is not None:
       check_resume_plan(meta["plan"], groups, manager.directory)
 
-    # -- Data, read once per step for every group.
+    # -- Data, read once per step for every group; recipe 'auto' derived from it.
     source = session.source
+    groups = _resolve_recipes(groups, source, num_steps)
     for g in groups:
       resume.check_source(g.config, source, meta, manager.directory)
 
@@ -784,6 +785,25 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   return SweepResult(states=states, groups=groups, metrics=trainee.metrics, steps=end.done,
                      workdir=Path(str(workdir)), preempted=end.preempted, frozen=frozen,
                      unhealthy=dict(trainee.warnings))
+
+
+def _resolve_recipes(groups: tuple[Group, ...], source, num_steps: int) -> tuple[Group, ...]:
+  """The groups with recipe 'auto''s values written into every member's config, derived
+  once per group from its compiled config (its first member's seed): members share the
+  group's initial threshold, so they share the derived values too."""
+  out = []
+  for g in groups:
+    if g.config.get("recipe", "gemma_scope") != "auto":
+      out.append(g)
+      continue
+    b_dec = loop.initial_b_dec(g.config, source) if g.config.sae.init_b_dec == "mean" else None
+    resolved = train.resolve_recipe(g.config, source, num_steps, b_dec)
+    values = {k: recipe.get_field(resolved, k) for k in recipe.GEMMA_SCOPE}
+    members = tuple(dataclasses.replace(m, config=recipe.apply(m.config, values))
+                    for m in g.members)
+    out.append(dataclasses.replace(g, members=members, config=g.family.group_config(
+        [m.config for m in members])))
+  return tuple(out)
 
 
 def _abstract_groups(groups, mesh, base, num_steps) -> tuple[dict, dict]:

@@ -19,13 +19,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 from flax import struct
 
 P = jax.sharding.PartitionSpec
 
-from jsae import checkpoint, jsonio, loop, losses, optim, resume, saes, sharding
+from jsae import checkpoint, jsonio, loop, losses, optim, recipe, resume, saes, sharding
 from jsae.ops import sparse
 from jsae import config as config_lib
 
@@ -113,6 +114,39 @@ def init_params(key: jax.Array, config: ml_collections.ConfigDict):
   family = saes.get(config.sae.family)
   return family.init(key, d_in=config.sae.d_in, d_sae=config.sae.d_sae,
                      **family.init_kwargs(config))
+
+
+def initial_pre_activations(config: ml_collections.ConfigDict, source, b_dec=None
+                            ) -> np.ndarray:
+  """The fresh SAE's pre-activations on the first rows of data, `[rows, d_sae]` float32
+  in normalised units (`recipe.sample_rows` rows; `b_dec: [d_in]` the initial decoder
+  bias the encoder subtracts, None: zeros). A function of (seed, data seed)."""
+  params = init_params(jax.random.key(config.seed), config)
+  if b_dec is not None:
+    params = params.replace(b_dec=jnp.asarray(b_dec, jnp.float32))
+  want = recipe.sample_rows(config.sae.d_sae, config.data.batch_size)
+  rows, step = [], 0
+  while sum(len(r) for r in rows) < want:
+    rows.append(np.asarray(source.batch(step), np.float32)[:, :config.sae.d_in])
+    step += 1
+  x = np.concatenate(rows)[:want] / source.norm_scale
+  family = saes.get(config.sae.family)
+  return np.asarray(jax.jit(family.pre_activations)(params, x))
+
+
+def resolve_recipe(config: ml_collections.ConfigDict, source, num_steps: int, b_dec=None
+                   ) -> ml_collections.ConfigDict:
+  """`config` with recipe 'auto''s derived values written in (`config` itself for
+  'gemma_scope'); every process gets process 0's values."""
+  if config.get("recipe", "gemma_scope") != "auto":
+    return config
+  values = recipe.derive(config, initial_pre_activations(config, source, b_dec), num_steps)
+  if jax.process_count() > 1:  # every process must train the same SAE
+    from jax.experimental import multihost_utils
+    values = multihost_utils.broadcast_one_to_all(values)
+    values = {k: type(recipe.GEMMA_SCOPE[k])(v) for k, v in values.items()}
+  loop.say(recipe.describe(values))
+  return recipe.apply(config, values)
 
 
 def create_state(key: jax.Array, config: ml_collections.ConfigDict,
@@ -400,6 +434,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   num_steps = config_lib.total_steps(config)
   with loop.Session(config, workdir, source=source) as session:
     workdir, manager = session.workdir, session.manager
+    b_dec = (loop.initial_b_dec(config, session.source) if config.sae.init_b_dec == "mean"
+             else None)
+    config = resolve_recipe(config, session.source, num_steps, b_dec)
     meta, changes = _resume_point(manager, config, allow_changes, loop.say)
 
     # -- Data.
@@ -429,8 +466,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       except checkpoint.CheckpointDamagedError:
         pass
     else:
-      b_dec = (loop.initial_b_dec(config, session.source) if config.sae.init_b_dec == "mean"
-               else None)
       state = jax.jit(init, out_shardings=state_sharding)(key, b_dec=b_dec)
     start = int(state.step)
     if start >= num_steps:

@@ -1,0 +1,146 @@
+"""config.recipe='auto': its derived values against hand computations on data with a known
+distribution, what a run records, exact resume, a sweep equal to its single runs, and
+refusals of contradicting settings."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default, tiny
+from jsae import config as config_lib
+from jsae import data, recipe, sweep, train
+
+
+def _auto(**changes):
+  """configs/tiny.py's shape and data with recipe 'auto' (its hand-set values removed)."""
+  c = tiny.get_config("family=jumprelu")
+  for dotted, value in recipe.GEMMA_SCOPE.items():
+    group, name = dotted.split(".")
+    c[group][name] = value
+  c.recipe = "auto"
+  c.mesh.data = c.mesh.model = 1
+  for key, value in changes.items():
+    group, name = key.split("__")
+    c[group][name] = value
+  return c
+
+
+def test_threshold_and_bandwidth_of_a_uniform_sample_by_hand():
+  # 100,000 pre-activations evenly spread over [0, 1]: the top 20% lie above 0.8. Around
+  # 0.8 the window holds d below and min(d, 0.2) above: d + 0.2 = 0.5 at d = 0.3.
+  pre = (np.arange(100_000) + 0.5) / 100_000
+  assert recipe.INIT_FIRING == 0.2 and recipe.WINDOW == 0.5
+  theta0 = recipe.initial_threshold(pre.reshape(100, 1000))
+  assert theta0 == pytest.approx(0.8, abs=1e-4)
+  assert recipe.window_bandwidth(pre, theta0) == pytest.approx(0.6, abs=1e-4)
+
+
+def test_the_window_holds_its_share_of_a_gaussian_sample():
+  pre = np.random.default_rng(0).normal(0.0, 0.1, size=(512, 256))
+  theta0 = recipe.initial_threshold(pre)
+  eps = recipe.window_bandwidth(pre, theta0)
+  assert (pre > theta0).mean() == pytest.approx(recipe.INIT_FIRING, abs=1e-3)
+  assert (np.abs(pre - theta0) <= eps / 2).mean() == pytest.approx(recipe.WINDOW, abs=1e-3)
+  # All negative (a badly centred encoder): theta stays positive, as JumpReLU needs.
+  assert recipe.initial_threshold(-np.abs(pre)) == 1e-6
+
+
+def test_learning_rate_and_warm_ups_by_hand():
+  # 2e-3 at 256 latents and batch 512; x sqrt(256/1024) x sqrt(2048/512) = x 1.
+  assert recipe.learning_rate(1024, 2048) == pytest.approx(2e-3)
+  assert recipe.learning_rate(16384, 4096) == pytest.approx(2e-3 / 8 * np.sqrt(8))
+  c = _auto()
+  values = recipe.derive(c, np.linspace(-1, 1, 1001), num_steps=4000)
+  assert values["optim.warmup_steps"] == 50  # 1.25% of 4000
+  assert values["loss.sparsity_warmup_steps"] == 200  # 5% of 4000
+
+
+def test_a_run_records_the_derived_values_and_resumes_exactly(tmp_path):
+  c = _auto(train__num_tokens=80 * 512, ckpt__every_steps=40, train__log_every=20)
+  straight = train.train(c, tmp_path / "straight", progress=False)
+  recorded = json.loads((tmp_path / "straight/config.json").read_text())
+  source = data.make_source(c)
+  pre = train.initial_pre_activations(c, source)
+  assert pre.shape == (512, 256)  # one batch of 512 rows (under MAX_SAMPLE / d_sae)
+  # Pre-activations by hand: rows / C times the fresh encoder (zero biases).
+  x = np.asarray(source.batch(0)) / source.norm_scale
+  W_enc = np.asarray(train.init_params(jax.random.key(c.seed), c).W_enc)
+  np.testing.assert_allclose(pre, x @ W_enc, rtol=1e-4, atol=1e-5)
+  want = recipe.derive(c, pre, num_steps=80)
+  for dotted, value in want.items():
+    group, name = dotted.split(".")
+    assert recorded[group][name] == pytest.approx(value), dotted
+  assert recorded["recipe"] == "auto"
+  theta = np.asarray(straight.state.params.theta())
+  assert not np.allclose(theta, want["sae.init_threshold"])  # the thresholds trained
+
+  class Crash:
+    def __init__(self, inner, at):
+      self.inner, self.at = inner, at
+      self.d_in, self.batch_size, self.norm_scale = inner.d_in, inner.batch_size, inner.norm_scale
+
+    def batch(self, step):
+      if step == self.at:
+        raise KeyboardInterrupt("simulated preemption")
+      return self.inner.batch(step)
+
+    def close(self):
+      self.inner.close()
+
+  with pytest.raises(KeyboardInterrupt):
+    train.train(c, tmp_path / "resumed", progress=False, source=Crash(data.make_source(c), 45))
+  resumed = train.train(c, tmp_path / "resumed", progress=False)
+  for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_sweep_derives_what_its_single_runs_derive(tmp_path):
+  steps = 30
+  base = _auto(train__num_tokens=steps * 512)
+  c = sweep.sweep_config(base, {"jumprelu": sweep.group(base, {"sparsity_coeff": (0.01, 0.05)})})
+  c.mesh.data = c.mesh.model = 1
+  c.sweep.report = False
+  c.ckpt.every_steps = steps
+  result = sweep.sweep(c, tmp_path / "sweep", progress=False)
+  (g,) = result.groups
+  for m in g.members:
+    single = train.train(sweep.plan(c)[0].members[m.index].config, tmp_path / m.name,
+                         progress=False)
+    recorded = json.loads((tmp_path / m.name / "config.json").read_text())
+    member_json = json.loads((tmp_path / "sweep/members" / m.name / "config.json").read_text())
+    for dotted in recipe.GEMMA_SCOPE:
+      group, name = dotted.split(".")
+      assert member_json[group][name] == recorded[group][name], dotted
+    member = sweep.member_state(result.states[g.name], m, g.family)
+    for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(single.state)):
+      b = np.asarray(b, np.float64)  # batched matmuls round a little differently
+      np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-6 * max(np.abs(b).max(), 1))
+
+
+@pytest.mark.parametrize("field, value", [("sae__bandwidth", 0.05), ("optim__lr", 1e-3),
+                                          ("loss__sparsity_warmup_steps", 200)])
+def test_auto_refuses_a_derived_field_set_by_hand(field, value):
+  c = _auto(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=field.replace("__", r"\.")
+                     + ".*Remove them.*recipe='gemma_scope'"):
+    config_lib.validate(c)
+
+
+def test_auto_refuses_families_it_cannot_derive_and_unknown_recipes():
+  c = default.get_config("family=topk")
+  c.recipe = "auto"
+  with pytest.raises(config_lib.ConfigError, match="config.recipe: 'auto'.*'topk'"):
+    config_lib.validate(c)
+  c = default.get_config()
+  c.recipe = "fast"
+  with pytest.raises(config_lib.ConfigError, match="config.recipe: 'fast' is not one of"):
+    config_lib.validate(c)
+
+
+def test_gemma_scope_values_are_the_defaults():
+  c = default.get_config()
+  assert c.recipe == "gemma_scope"
+  for dotted, value in recipe.GEMMA_SCOPE.items():
+    assert recipe.get_field(c, dotted) == value, dotted
