@@ -12,7 +12,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  """default.py with a small LM, a short harvest and a short, wider-window training run."""
+  """default.py with a small LM, a short harvest and a short training run (recipe 'auto')."""
   c = default.get_config(arg)
   c.lm.model = "gemma3_270m"
   c.lm.site = "resid_post.6"  # a third of the way up: stops the LM after 7 of 18 blocks
@@ -30,14 +30,15 @@ def get_config(arg: str | None = None):
   c.sae.d_in = 640  # Gemma 3 270M residual width
   c.sae.d_sae = 4096
   c.sae.init_b_dec = "mean"  # Gemma's massive dimensions: start b_dec at the data mean
-  c.optim.lr = 1e-3
+  c.optim.lr = 1e-3  # every family's (a sweep's groups share it)
   c.optim.warmup_steps = 100
   c.optim.decay = "cosine"
+  if "sparsity_warmup_steps" in c.loss:
+    c.loss.sparsity_warmup_steps = 300
   if c.sae.family == "jumprelu":
-    # A few thousand steps instead of a million: a wider straight-through window
-    # and a faster learning rate, as short GDM-style runs need (see README).
-    c.sae.bandwidth = 0.02
-    c.sae.init_threshold = 0.02
+    # 600 steps instead of a million: theta_0 and the straight-through window from the
+    # data (jsae.recipe; README, "The recipe and its knobs"); lr and warm-ups as above.
+    c.recipe = "auto"
     c.loss.sparsity_coeff = 1e-3
     # 80k tokens give most of 4096 latents few chances to fire; the pre-activation
     # loss on dead latents (Anthropic / SAELens) revives them. Measured on this demo:
@@ -47,8 +48,6 @@ def get_config(arg: str | None = None):
   if "k" in c.sae:  # topk, batchtopk, matryoshka (jsae demo --config=demo:family=topk)
     c.sae.k = 12  # about the JumpReLU demo's L0; not tuned further
     c.sae.k_aux = 320  # d_in / 2
-  if "sparsity_warmup_steps" in c.loss:
-    c.loss.sparsity_warmup_steps = 300
   c.loss.dead_window_steps = 500
   c.train.num_tokens = 600 * 1024  # ~8 epochs over the harvested tokens
   c.train.log_every = 50

@@ -15,9 +15,10 @@ def get_config(arg: str | None = None):
   c.sae.d_in = 64
   c.sae.d_sae = 256
   if c.sae.family == "jumprelu":
-    c.sae.bandwidth = 0.05  # short runs need a wider window (few pre-activations near theta)
-    c.sae.init_threshold = 0.05
-    c.loss.sparsity_coeff = 0.02  # recovers the planted features: L0 ~ 5.5 of 6, best cosine ~ 0.97
+    # theta_0 and the bandwidth from the data (jsae.recipe); the lr and warm-ups below
+    # are every family's (a sweep's groups share them) and what 'auto' derives at 2M tokens.
+    c.recipe = "auto"
+    c.loss.sparsity_coeff = 0.02  # recovers the planted features: L0 ~ 5.3 of 6, best cosine ~ 0.98
   if "sparsity_warmup_steps" in c.loss:
     c.loss.sparsity_warmup_steps = 200
   c.loss.dead_window_steps = 100

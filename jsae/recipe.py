@@ -17,9 +17,10 @@ learning rate come from (`config.recipe`).
   The constants were measured on planted features and Gemma 3 270M activations
   (README, "The recipe and its knobs").
 
-`resolve` turns a config with recipe='auto' into one with those values written in (the
-run's config.json records them), given the initial pre-activations; a field the recipe
-derives that is also set by hand (differs from its Gemma Scope value) is refused.
+`derive` gives those values for a config and its initial pre-activations, and `apply`
+writes them in (the run's config.json records them). A field the recipe derives that is
+also set by hand (differs from its Gemma Scope value) wins: the recipe derives the rest,
+and the log line says which values were kept.
 """
 
 from __future__ import annotations
@@ -62,25 +63,22 @@ def get_field(config, dotted: str):
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """Raises RecipeError for an unknown recipe, a family 'auto' cannot derive, or a
-  derived field also set by hand."""
+  """Raises RecipeError for an unknown recipe, or 'auto' on a family it cannot derive."""
   name = config.get("recipe", "gemma_scope")
   if name not in RECIPES:
     raise RecipeError(f"config.recipe: {name!r} is not one of {RECIPES}.")
-  if name != "auto":
-    return
-  family = config.sae.family
-  if family not in FAMILIES:
+  if name == "auto" and config.sae.family not in FAMILIES:
     raise RecipeError(
         f"config.recipe: 'auto' derives JumpReLU's bandwidth and threshold; family"
-        f" {family!r} has neither. Set config.recipe='gemma_scope' and the fields by hand.")
-  hand = [f"config.{k}={get_field(config, k)!r} (Gemma Scope: {v!r})"
-          for k, v in GEMMA_SCOPE.items() if not math.isclose(get_field(config, k), v)]
-  if hand:
-    raise RecipeError(
-        "config.recipe: 'auto' derives " + ", ".join(GEMMA_SCOPE) + "; these are also set"
-        " by hand: " + "; ".join(hand) + ". Remove them to let the recipe choose, or set"
-        " config.recipe='gemma_scope' to train with the values as written.")
+        f" {config.sae.family!r} has neither. Set config.recipe='gemma_scope' and the"
+        " fields by hand.")
+
+
+def set_by_hand(config: ml_collections.ConfigDict) -> dict:
+  """{'group.field': value} of the fields 'auto' derives that the config sets to other
+  than their Gemma Scope value: those win over the recipe."""
+  return {k: get_field(config, k) for k, v in GEMMA_SCOPE.items()
+          if not math.isclose(get_field(config, k), v)}
 
 
 def sample_rows(d_sae: int, available: int) -> int:
@@ -109,15 +107,17 @@ def learning_rate(d_sae: int, batch_size: int) -> float:
 
 def derive(config: ml_collections.ConfigDict, pre: np.ndarray, num_steps: int) -> dict:
   """{'group.field': value} of 'auto' for this config, its initial pre-activations `pre`
-  (`[rows, d_sae]`, normalised units) and its steps."""
+  (`[rows, d_sae]`, normalised units) and its steps; fields `set_by_hand` keep their
+  values."""
   theta0 = initial_threshold(pre)
-  return {
+  values = {
       "sae.init_threshold": theta0,
       "sae.bandwidth": window_bandwidth(pre, theta0),
       "optim.lr": learning_rate(config.sae.d_sae, config.data.batch_size),
       "optim.warmup_steps": int(round(LR_WARMUP * num_steps)),
       "loss.sparsity_warmup_steps": int(round(SPARSITY_WARMUP * num_steps)),
   }
+  return {**values, **set_by_hand(config)}
 
 
 def apply(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
@@ -129,10 +129,19 @@ def apply(config: ml_collections.ConfigDict, values: dict) -> ml_collections.Con
   return out
 
 
-def describe(values: dict) -> str:
-  """One line for the log: what 'auto' chose."""
-  return (f"recipe auto: theta_0 {values['sae.init_threshold']:.4g} ({INIT_FIRING:.0%} of the"
-          f" initial pre-activations fire), bandwidth {values['sae.bandwidth']:.4g} (the window"
-          f" holds {WINDOW:.0%}), lr {values['optim.lr']:.3g}, warm-ups"
-          f" {values['optim.warmup_steps']} (lr) and {values['loss.sparsity_warmup_steps']}"
-          " (lambda) steps")
+def describe(values: dict, hand: dict) -> str:
+  """One line for the log: what 'auto' chose, and which values set by hand it kept."""
+  derived = {
+      "sae.init_threshold": f"theta_0 {values['sae.init_threshold']:.4g} ({INIT_FIRING:.0%}"
+                            " of the initial pre-activations fire)",
+      "sae.bandwidth": f"bandwidth {values['sae.bandwidth']:.4g} (the window holds"
+                       f" {WINDOW:.0%})",
+      "optim.lr": f"lr {values['optim.lr']:.3g}",
+      "optim.warmup_steps": f"lr warm-up {values['optim.warmup_steps']} steps",
+      "loss.sparsity_warmup_steps": f"lambda warm-up {values['loss.sparsity_warmup_steps']}"
+                                    " steps",
+  }
+  line = "recipe auto: " + ", ".join(v for k, v in derived.items() if k not in hand)
+  if hand:
+    line += "; set by hand, kept: " + ", ".join(f"{k}={v!r}" for k, v in hand.items())
+  return line

@@ -63,8 +63,8 @@ def group(family_config: ml_collections.ConfigDict, values: dict, *, mode: str =
 
   Args:
     family_config: a full config of the group's family (e.g.
-      `tiny.get_config('family=topk')`); its own sae./loss. fields and its
-      family's optim defaults are kept, the shared fields come from the sweep.
+      `tiny.get_config('family=topk')`); its own sae./loss. fields, its family's
+      optim defaults and its recipe are kept, the shared fields come from the sweep.
     values: {field: sequence} of swept values: the family's traced fields (bare
       names: 'sparsity_coeff', 'k', ...), 'seed' and 'lr'. Every sweepable field
       is in the group's `swept`, an empty tuple for those not swept (the group's
@@ -76,6 +76,7 @@ def group(family_config: ml_collections.ConfigDict, values: dict, *, mode: str =
   family = saes.get(family_config.sae.family)
   g = ml_collections.ConfigDict()
   g.family = family.name  # the group's SAE family
+  g.recipe = family_config.get("recipe", "gemma_scope")  # its config's recipe (jsae.recipe)
   g.mode = mode  # 'grid' (cartesian product of values) or 'zip' (i-th of each)
   for name in ("sae", "loss"):
     g[name] = ml_collections.ConfigDict(
@@ -206,6 +207,7 @@ def member_config(config: ml_collections.ConfigDict, group_name: str, values: di
   del c["sweep"]
   c = ml_collections.ConfigDict(c)
   c.sae.family = g.family
+  c.recipe = g.get("recipe", c.get("recipe", "gemma_scope"))
   saes.base.configure(c, g.family)
   for name in ("sae", "loss", "optim"):
     for k, v in g[name].items():
@@ -718,14 +720,13 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   num_steps = config_lib.total_steps(base)
   with loop.Session(base, workdir, source=source) as session:
     workdir, manager = session.workdir, session.manager
+    # -- Data, read once per step for every group; recipe 'auto' derived from it.
+    source = session.source
+    groups = _resolve_recipes(groups, source, num_steps)
     _, meta = checkpoint.newest_intact(
         manager, functools.partial(checkpoint.read_meta, manager), say=loop.say)
     if meta is not None:
       check_resume_plan(meta["plan"], groups, manager.directory)
-
-    # -- Data, read once per step for every group; recipe 'auto' derived from it.
-    source = session.source
-    groups = _resolve_recipes(groups, source, num_steps)
     for g in groups:
       resume.check_source(g.config, source, meta, manager.directory)
 
@@ -789,18 +790,17 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 def _resolve_recipes(groups: tuple[Group, ...], source, num_steps: int) -> tuple[Group, ...]:
   """The groups with recipe 'auto''s values written into every member's config, derived
-  once per group from its compiled config (its first member's seed): members share the
-  group's initial threshold, so they share the derived values too."""
+  once per group from its compiled config (its first member's seed: members share the
+  group's initial threshold); a member's own values set by hand (a swept lr) win."""
   out = []
   for g in groups:
     if g.config.get("recipe", "gemma_scope") != "auto":
       out.append(g)
       continue
     b_dec = loop.initial_b_dec(g.config, source) if g.config.sae.init_b_dec == "mean" else None
-    resolved = train.resolve_recipe(g.config, source, num_steps, b_dec)
-    values = {k: recipe.get_field(resolved, k) for k in recipe.GEMMA_SCOPE}
-    members = tuple(dataclasses.replace(m, config=recipe.apply(m.config, values))
-                    for m in g.members)
+    values = train.recipe_values(g.config, source, num_steps, b_dec)
+    members = tuple(dataclasses.replace(m, config=recipe.apply(
+        m.config, {**values, **recipe.set_by_hand(m.config)})) for m in g.members)
     out.append(dataclasses.replace(g, members=members, config=g.family.group_config(
         [m.config for m in members])))
   return tuple(out)

@@ -134,19 +134,25 @@ def initial_pre_activations(config: ml_collections.ConfigDict, source, b_dec=Non
   return np.asarray(jax.jit(family.pre_activations)(params, x))
 
 
-def resolve_recipe(config: ml_collections.ConfigDict, source, num_steps: int, b_dec=None
-                   ) -> ml_collections.ConfigDict:
-  """`config` with recipe 'auto''s derived values written in (`config` itself for
-  'gemma_scope'); every process gets process 0's values."""
-  if config.get("recipe", "gemma_scope") != "auto":
-    return config
+def recipe_values(config: ml_collections.ConfigDict, source, num_steps: int, b_dec=None
+                  ) -> dict:
+  """recipe 'auto''s {'group.field': value} for `config` (`recipe.derive`), the same on
+  every process (process 0's), announced in the log."""
   values = recipe.derive(config, initial_pre_activations(config, source, b_dec), num_steps)
   if jax.process_count() > 1:  # every process must train the same SAE
     from jax.experimental import multihost_utils
     values = multihost_utils.broadcast_one_to_all(values)
     values = {k: type(recipe.GEMMA_SCOPE[k])(v) for k, v in values.items()}
-  loop.say(recipe.describe(values))
-  return recipe.apply(config, values)
+  loop.say(recipe.describe(values, recipe.set_by_hand(config)))
+  return values
+
+
+def resolve_recipe(config: ml_collections.ConfigDict, source, num_steps: int, b_dec=None
+                   ) -> ml_collections.ConfigDict:
+  """`config` with recipe 'auto''s values written in (`config` itself for 'gemma_scope')."""
+  if config.get("recipe", "gemma_scope") != "auto":
+    return config
+  return recipe.apply(config, recipe_values(config, source, num_steps, b_dec))
 
 
 def create_state(key: jax.Array, config: ml_collections.ConfigDict,

@@ -1,6 +1,6 @@
 """config.recipe='auto': its derived values against hand computations on data with a known
-distribution, what a run records, exact resume, a sweep equal to its single runs, and
-refusals of contradicting settings."""
+distribution, what a run records, exact resume, a sweep equal to its single runs, values
+set by hand winning over the recipe, and refusals of what it cannot do."""
 
 import json
 
@@ -99,7 +99,8 @@ def test_a_run_records_the_derived_values_and_resumes_exactly(tmp_path):
 def test_a_sweep_derives_what_its_single_runs_derive(tmp_path):
   steps = 30
   base = _auto(train__num_tokens=steps * 512)
-  c = sweep.sweep_config(base, {"jumprelu": sweep.group(base, {"sparsity_coeff": (0.01, 0.05)})})
+  c = sweep.sweep_config(base, {"jumprelu": sweep.group(
+      base, {"sparsity_coeff": (0.01, 0.05), "lr": (7e-5, 1e-3)}, mode="zip")})
   c.mesh.data = c.mesh.model = 1
   c.sweep.report = False
   c.ckpt.every_steps = steps
@@ -113,6 +114,9 @@ def test_a_sweep_derives_what_its_single_runs_derive(tmp_path):
     for dotted in recipe.GEMMA_SCOPE:
       group, name = dotted.split(".")
       assert member_json[group][name] == recorded[group][name], dotted
+    # The swept lr: 7e-5 is Gemma Scope's, so the recipe derives it; 1e-3 is kept.
+    assert member_json["optim"]["lr"] == (1e-3 if m.values["lr"] == 1e-3 else
+                                          pytest.approx(recipe.learning_rate(256, 512)))
     member = sweep.member_state(result.states[g.name], m, g.family)
     for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(single.state)):
       b = np.asarray(b, np.float64)  # batched matmuls round a little differently
@@ -121,11 +125,17 @@ def test_a_sweep_derives_what_its_single_runs_derive(tmp_path):
 
 @pytest.mark.parametrize("field, value", [("sae__bandwidth", 0.05), ("optim__lr", 1e-3),
                                           ("loss__sparsity_warmup_steps", 200)])
-def test_auto_refuses_a_derived_field_set_by_hand(field, value):
+def test_a_derived_field_set_by_hand_wins_and_the_log_says_so(field, value, capsys):
   c = _auto(**{field: value})
-  with pytest.raises(config_lib.ConfigError, match=field.replace("__", r"\.")
-                     + ".*Remove them.*recipe='gemma_scope'"):
-    config_lib.validate(c)
+  config_lib.validate(c)
+  source = data.make_source(c)
+  resolved = train.resolve_recipe(c, source, num_steps=400)
+  dotted = field.replace("__", ".")
+  assert recipe.get_field(resolved, dotted) == value
+  auto = recipe.derive(_auto(), train.initial_pre_activations(c, source), num_steps=400)
+  for other in set(recipe.GEMMA_SCOPE) - {dotted}:  # the rest is still derived
+    assert recipe.get_field(resolved, other) == pytest.approx(auto[other]), other
+  assert f"set by hand, kept: {dotted}={value!r}" in capsys.readouterr().out
 
 
 def test_auto_refuses_families_it_cannot_derive_and_unknown_recipes():

@@ -51,8 +51,9 @@ def test_recovers_planted_features(tmp_path):
 @pytest.mark.parametrize("threshold_param", ["raw", "log"])
 def test_threshold_moves_at_adam_step_size(tmp_path, threshold_param):
   """Raw theta travels ~lr per step under Adam; log theta only ~theta*lr (the known freeze)."""
-  config = _tiny(sae__threshold_param=threshold_param, optim__lr=7e-5, optim__warmup_steps=0,
-                 sae__init_threshold=0.05, train__num_tokens=100 * 512,
+  config = _tiny(recipe="gemma_scope", sae__threshold_param=threshold_param, optim__lr=7e-5,
+                 optim__warmup_steps=0,
+                 sae__init_threshold=0.05, sae__bandwidth=0.05, train__num_tokens=100 * 512,
                  loss__sparsity_warmup_steps=0, ckpt__every_steps=100)
   result = train.train(config, tmp_path, progress=False)
   moved = np.abs(np.asarray(result.state.params.theta()) - 0.05)
