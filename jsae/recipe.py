@@ -1,21 +1,19 @@
-"""Training recipes: where a JumpReLU run's bandwidth, initial threshold, warm-ups and
-learning rate come from (`config.recipe`).
+"""Training recipes: where a run's initial threshold, bandwidth, warm-ups and learning rate
+come from (`config.recipe`).
 
   'gemma_scope'  the config's values as written. The defaults are Gemma Scope's
-                 (theta_0 = eps = 0.001, lr 7e-5, warm-ups of 1,000 and 10,000 steps),
-                 written for runs of about a million steps.
+                 (JumpReLU theta_0 = eps = 0.001, lr 7e-5, warm-ups of 1,000 and 10,000
+                 steps), written for runs of about a million steps.
   'auto'         derived from the data at init and from the budget, for the short runs
                  (10^2 to 10^5 steps) where Gemma Scope's values barely move:
-    theta_0      the (1 - INIT_FIRING) quantile of the initial pre-activations pi(x), so
-                 that INIT_FIRING of them fire at step 0;
-    bandwidth    eps = 2 x the WINDOW quantile of |pi - theta_0|: the straight-through
-                 window [theta_0 - eps/2, theta_0 + eps/2] holds WINDOW of them;
-    warm-ups     LR_WARMUP and SPARSITY_WARMUP of the run's steps;
+    the family's own fields (`Family.auto_fields`, from the fresh encoder's
+                 pre-activations on the first batch; JumpReLU: theta_0 so that 20% of
+                 them fire, the bandwidth so that the straight-through window holds
+                 half of them, lambda's warm-up at 5% of the run);
     lr           LR_REF x sqrt(D_SAE_REF / d_sae) x sqrt(batch / BATCH_REF): Adam's
                  step for wider dictionaries falls as 1/sqrt(width) (Gao et al. 2024),
-                 and grows as sqrt(batch) with the gradient's lower noise.
-  The constants were measured on planted features and Gemma 3 270M activations
-  (README, "The recipe and its knobs").
+                 and grows as sqrt(batch) with the gradient's lower noise;
+    lr warm-up   LR_WARMUP of the run's steps.
 
 `derive` gives those values for a config and its initial pre-activations, and `apply`
 writes them in (the run's config.json records them). A field the recipe derives that is
@@ -31,23 +29,14 @@ import math
 import ml_collections
 import numpy as np
 
+from jsae import saes
+
 RECIPES = ("gemma_scope", "auto")
-FAMILIES = ("jumprelu",)  # the families 'auto' knows how to derive
 
-INIT_FIRING = 0.2  # share of the initial pre-activations above theta_0
-WINDOW = 0.5  # share of them inside the initial straight-through window
 LR_WARMUP = 0.0125  # lr warm-up, as a share of the run's steps
-SPARSITY_WARMUP = 0.05  # lambda warm-up, as a share of the run's steps
 LR_REF, D_SAE_REF, BATCH_REF = 2e-3, 256, 512  # lr measured best at this width and batch
-
-# The fields 'auto' derives, with the Gemma Scope values it expects to find there.
-GEMMA_SCOPE = {
-    "sae.init_threshold": 0.001,
-    "sae.bandwidth": 0.001,
-    "optim.lr": 7e-5,
-    "optim.warmup_steps": 1000,
-    "loss.sparsity_warmup_steps": 10_000,
-}
+# The fields 'auto' derives for every family, with their Gemma Scope values.
+COMMON_FIELDS = {"optim.lr": 7e-5, "optim.warmup_steps": 1000}
 # Rows of pre-activations read at most (their count times d_sae caps the sample).
 MAX_SAMPLE = 1 << 22
 
@@ -62,22 +51,29 @@ def get_field(config, dotted: str):
   return config[group][name]
 
 
+def auto_fields(family_name: str) -> dict:
+  """{'group.field': Gemma Scope value} of what 'auto' derives for the family."""
+  return {**saes.get(family_name).auto_fields, **COMMON_FIELDS}
+
+
 def check(config: ml_collections.ConfigDict) -> None:
-  """Raises RecipeError for an unknown recipe, or 'auto' on a family it cannot derive."""
+  """Raises RecipeError for an unknown recipe, or 'auto' on a family without one."""
   name = config.get("recipe", "gemma_scope")
   if name not in RECIPES:
     raise RecipeError(f"config.recipe: {name!r} is not one of {RECIPES}.")
-  if name == "auto" and config.sae.family not in FAMILIES:
+  family = saes.get(config.sae.family)
+  if name == "auto" and not family.auto_fields:
+    able = [n for n in saes.names() if saes.get(n).auto_fields]
     raise RecipeError(
-        f"config.recipe: 'auto' derives JumpReLU's bandwidth and threshold; family"
-        f" {config.sae.family!r} has neither. Set config.recipe='gemma_scope' and the"
-        " fields by hand.")
+        f"config.recipe: 'auto' derives a threshold and a straight-through window, which"
+        f" family {family.name!r} does not have (families with a recipe 'auto':"
+        f" {', '.join(able)}). Set config.recipe='gemma_scope' and the fields by hand.")
 
 
 def set_by_hand(config: ml_collections.ConfigDict) -> dict:
   """{'group.field': value} of the fields 'auto' derives that the config sets to other
   than their Gemma Scope value: those win over the recipe."""
-  return {k: get_field(config, k) for k, v in GEMMA_SCOPE.items()
+  return {k: get_field(config, k) for k, v in auto_fields(config.sae.family).items()
           if not math.isclose(get_field(config, k), v)}
 
 
@@ -85,19 +81,6 @@ def sample_rows(d_sae: int, available: int) -> int:
   """Rows of pre-activations to sample: all `available`, capped so that rows x d_sae <=
   MAX_SAMPLE (at least 16)."""
   return int(min(available, max(16, MAX_SAMPLE // d_sae)))
-
-
-def initial_threshold(pre: np.ndarray) -> float:
-  """theta_0: the (1 - INIT_FIRING) quantile of `pre` (any shape), at least 1e-6 (theta
-  must be positive)."""
-  return max(float(np.quantile(np.asarray(pre, np.float64), 1 - INIT_FIRING)), 1e-6)
-
-
-def window_bandwidth(pre: np.ndarray, theta0: float) -> float:
-  """eps such that [theta0 - eps/2, theta0 + eps/2] holds WINDOW of `pre`: twice the
-  WINDOW quantile of |pre - theta0| (at least 1e-6)."""
-  spread = np.abs(np.asarray(pre, np.float64) - theta0)
-  return max(2 * float(np.quantile(spread, WINDOW)), 1e-6)
 
 
 def learning_rate(d_sae: int, batch_size: int) -> float:
@@ -109,13 +92,10 @@ def derive(config: ml_collections.ConfigDict, pre: np.ndarray, num_steps: int) -
   """{'group.field': value} of 'auto' for this config, its initial pre-activations `pre`
   (`[rows, d_sae]`, normalised units) and its steps; fields `set_by_hand` keep their
   values."""
-  theta0 = initial_threshold(pre)
   values = {
-      "sae.init_threshold": theta0,
-      "sae.bandwidth": window_bandwidth(pre, theta0),
+      **saes.get(config.sae.family).auto_values(pre, num_steps),
       "optim.lr": learning_rate(config.sae.d_sae, config.data.batch_size),
       "optim.warmup_steps": int(round(LR_WARMUP * num_steps)),
-      "loss.sparsity_warmup_steps": int(round(SPARSITY_WARMUP * num_steps)),
   }
   return {**values, **set_by_hand(config)}
 
@@ -130,18 +110,9 @@ def apply(config: ml_collections.ConfigDict, values: dict) -> ml_collections.Con
 
 
 def describe(values: dict, hand: dict) -> str:
-  """One line for the log: what 'auto' chose, and which values set by hand it kept."""
-  derived = {
-      "sae.init_threshold": f"theta_0 {values['sae.init_threshold']:.4g} ({INIT_FIRING:.0%}"
-                            " of the initial pre-activations fire)",
-      "sae.bandwidth": f"bandwidth {values['sae.bandwidth']:.4g} (the window holds"
-                       f" {WINDOW:.0%})",
-      "optim.lr": f"lr {values['optim.lr']:.3g}",
-      "optim.warmup_steps": f"lr warm-up {values['optim.warmup_steps']} steps",
-      "loss.sparsity_warmup_steps": f"lambda warm-up {values['loss.sparsity_warmup_steps']}"
-                                    " steps",
-  }
-  line = "recipe auto: " + ", ".join(v for k, v in derived.items() if k not in hand)
+  """One line for the log: what 'auto' derived, and which values set by hand it kept."""
+  line = "recipe auto: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                     if k not in hand)
   if hand:
     line += "; set by hand, kept: " + ", ".join(f"{k}={v!r}" for k, v in hand.items())
   return line

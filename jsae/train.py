@@ -142,7 +142,8 @@ def recipe_values(config: ml_collections.ConfigDict, source, num_steps: int, b_d
   if jax.process_count() > 1:  # every process must train the same SAE
     from jax.experimental import multihost_utils
     values = multihost_utils.broadcast_one_to_all(values)
-    values = {k: type(recipe.GEMMA_SCOPE[k])(v) for k, v in values.items()}
+    kinds = recipe.auto_fields(config.sae.family)
+    values = {k: type(kinds[k])(v) for k, v in values.items()}
   loop.say(recipe.describe(values, recipe.set_by_hand(config)))
   return values
 

@@ -11,12 +11,15 @@ import pytest
 from configs import default, tiny
 from jsae import config as config_lib
 from jsae import data, recipe, sweep, train
+from jsae.saes import jumprelu
+
+AUTO_FIELDS = recipe.auto_fields("jumprelu")
 
 
 def _auto(**changes):
   """configs/tiny.py's shape and data with recipe 'auto' (its hand-set values removed)."""
   c = tiny.get_config("family=jumprelu")
-  for dotted, value in recipe.GEMMA_SCOPE.items():
+  for dotted, value in AUTO_FIELDS.items():
     group, name = dotted.split(".")
     c[group][name] = value
   c.recipe = "auto"
@@ -31,20 +34,21 @@ def test_threshold_and_bandwidth_of_a_uniform_sample_by_hand():
   # 100,000 pre-activations evenly spread over [0, 1]: the top 20% lie above 0.8. Around
   # 0.8 the window holds d below and min(d, 0.2) above: d + 0.2 = 0.5 at d = 0.3.
   pre = (np.arange(100_000) + 0.5) / 100_000
-  assert recipe.INIT_FIRING == 0.2 and recipe.WINDOW == 0.5
-  theta0 = recipe.initial_threshold(pre.reshape(100, 1000))
+  assert jumprelu.AUTO_FIRING == 0.2 and jumprelu.AUTO_WINDOW == 0.5
+  theta0 = jumprelu.auto_threshold(pre.reshape(100, 1000))
   assert theta0 == pytest.approx(0.8, abs=1e-4)
-  assert recipe.window_bandwidth(pre, theta0) == pytest.approx(0.6, abs=1e-4)
+  assert jumprelu.auto_bandwidth(pre, theta0) == pytest.approx(0.6, abs=1e-4)
 
 
 def test_the_window_holds_its_share_of_a_gaussian_sample():
   pre = np.random.default_rng(0).normal(0.0, 0.1, size=(512, 256))
-  theta0 = recipe.initial_threshold(pre)
-  eps = recipe.window_bandwidth(pre, theta0)
-  assert (pre > theta0).mean() == pytest.approx(recipe.INIT_FIRING, abs=1e-3)
-  assert (np.abs(pre - theta0) <= eps / 2).mean() == pytest.approx(recipe.WINDOW, abs=1e-3)
+  theta0 = jumprelu.auto_threshold(pre)
+  eps = jumprelu.auto_bandwidth(pre, theta0)
+  assert (pre > theta0).mean() == pytest.approx(jumprelu.AUTO_FIRING, abs=1e-3)
+  assert (np.abs(pre - theta0) <= eps / 2).mean() == pytest.approx(jumprelu.AUTO_WINDOW,
+                                                                   abs=1e-3)
   # All negative (a badly centred encoder): theta stays positive, as JumpReLU needs.
-  assert recipe.initial_threshold(-np.abs(pre)) == 1e-6
+  assert jumprelu.auto_threshold(-np.abs(pre)) == 1e-6
 
 
 def test_learning_rate_and_warm_ups_by_hand():
@@ -111,7 +115,7 @@ def test_a_sweep_derives_what_its_single_runs_derive(tmp_path):
                          progress=False)
     recorded = json.loads((tmp_path / m.name / "config.json").read_text())
     member_json = json.loads((tmp_path / "sweep/members" / m.name / "config.json").read_text())
-    for dotted in recipe.GEMMA_SCOPE:
+    for dotted in AUTO_FIELDS:
       group, name = dotted.split(".")
       assert member_json[group][name] == recorded[group][name], dotted
     # The swept lr: 7e-5 is Gemma Scope's, so the recipe derives it; 1e-3 is kept.
@@ -133,7 +137,7 @@ def test_a_derived_field_set_by_hand_wins_and_the_log_says_so(field, value, caps
   dotted = field.replace("__", ".")
   assert recipe.get_field(resolved, dotted) == value
   auto = recipe.derive(_auto(), train.initial_pre_activations(c, source), num_steps=400)
-  for other in set(recipe.GEMMA_SCOPE) - {dotted}:  # the rest is still derived
+  for other in set(AUTO_FIELDS) - {dotted}:  # the rest is still derived
     assert recipe.get_field(resolved, other) == pytest.approx(auto[other]), other
   assert f"set by hand, kept: {dotted}={value!r}" in capsys.readouterr().out
 
@@ -141,7 +145,7 @@ def test_a_derived_field_set_by_hand_wins_and_the_log_says_so(field, value, caps
 def test_auto_refuses_families_it_cannot_derive_and_unknown_recipes():
   c = default.get_config("family=topk")
   c.recipe = "auto"
-  with pytest.raises(config_lib.ConfigError, match="config.recipe: 'auto'.*'topk'"):
+  with pytest.raises(config_lib.ConfigError, match="config.recipe: 'auto'.*'topk'.*jumprelu"):
     config_lib.validate(c)
   c = default.get_config()
   c.recipe = "fast"
@@ -152,5 +156,5 @@ def test_auto_refuses_families_it_cannot_derive_and_unknown_recipes():
 def test_gemma_scope_values_are_the_defaults():
   c = default.get_config()
   assert c.recipe == "gemma_scope"
-  for dotted, value in recipe.GEMMA_SCOPE.items():
+  for dotted, value in AUTO_FIELDS.items():
     assert recipe.get_field(c, dotted) == value, dotted

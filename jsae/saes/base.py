@@ -26,6 +26,8 @@ know nothing of any family's specifics:
   fold(params, state, norm_scale)      training form -> (inference family, params)
                                        in raw LM units; `canonical` the saved layout
   encode / decode                      the training-form forward (functional API)
+  auto_fields / auto_values(pre, n)    what config.recipe='auto' derives for the
+                                       family from its fresh pre-activations (jsae.recipe)
 
 A transcoder is any family with another target (`d_out`, `target`, and with
 `skip` an affine `W_skip [d_in, d_out]` in its params, None for SAEs).
@@ -134,6 +136,9 @@ class Family:
   knob_symbol: str = ""
   # Inference families: whether `fold_decoder_norms` keeps which latents are active.
   folds_decoder_norms: bool = True
+  # recipe 'auto': {'group.field': Gemma Scope default} of the fields `auto_values`
+  # derives ({}: the family has no recipe of its own).
+  auto_fields: dict[str, Any] = {}
 
   # -- config
 
@@ -220,6 +225,11 @@ class Family:
     """`init`'s keyword options (beyond d_in, d_sae) from a config: the shared ones
     (`shape_kwargs`) and the family's own."""
     return shape_kwargs(config)
+
+  def auto_values(self, pre, num_steps: int) -> dict[str, Any]:
+    """{'group.field': value} of `auto_fields` from the fresh SAE's pre-activations `pre`
+    (`[rows, d_sae]`, numpy, normalised units) and the run's steps."""
+    raise NotImplementedError(f"family {self.name!r} has no recipe 'auto'")
 
   def group_config(self, configs: list):
     """The config one compiled step of a sweep group runs with, from its members'

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jsae import losses, ops
@@ -28,6 +29,13 @@ from jsae.saes.shared import (CONTROL_FIELDS, check_control, control_update, con
                               init_control)
 
 P = jax.sharding.PartitionSpec
+
+# recipe 'auto' (jsae.recipe): theta_0 and the straight-through window from the fresh
+# encoder's pre-activations, lambda's warm-up from the budget (measured: README, "The
+# recipe and its knobs").
+AUTO_FIRING = 0.2  # share of the initial pre-activations above theta_0
+AUTO_WINDOW = 0.5  # share of them inside the initial window [theta_0 - eps/2, theta_0 + eps/2]
+AUTO_SPARSITY_WARMUP = 0.05  # lambda's warm-up, as a share of the run's steps
 
 
 @struct.dataclass
@@ -119,6 +127,19 @@ def candidate_floor(theta: jax.Array, bandwidth) -> jax.Array:
   return theta - bandwidth / 2 - bandwidth / 64
 
 
+def auto_threshold(pre) -> float:
+  """theta_0: the (1 - AUTO_FIRING) quantile of `pre` (numpy, any shape), at least 1e-6
+  (theta must be positive)."""
+  return max(float(np.quantile(np.asarray(pre, np.float64), 1 - AUTO_FIRING)), 1e-6)
+
+
+def auto_bandwidth(pre, theta0: float) -> float:
+  """eps such that [theta0 - eps/2, theta0 + eps/2] holds AUTO_WINDOW of `pre`: twice the
+  AUTO_WINDOW quantile of |pre - theta0| (at least 1e-6)."""
+  spread = np.abs(np.asarray(pre, np.float64) - theta0)
+  return max(2 * float(np.quantile(spread, AUTO_WINDOW)), 1e-6)
+
+
 def raw_threshold(params: JumpReLUParams) -> JumpReLUParams:
   """The same SAE with a raw float32 threshold theta (converts a log threshold)."""
   return params.replace(threshold=params.theta().astype(jnp.float32), log_threshold=False)
@@ -138,6 +159,8 @@ class JumpReLUFamily(base.Family):
   param_spec_table = {**base.LINEAR_SPECS, "threshold": P("model")}
   config_defaults = {"optim.decoder_unit_norm": True}
   knob, knob_symbol = "loss.sparsity_coeff", "λ"
+  auto_fields = {"sae.init_threshold": 0.001, "sae.bandwidth": 0.001,
+                 "loss.sparsity_warmup_steps": 10_000}
   fields = {
       "sae": {
           "threshold_param": Field("raw", "'raw' theta or 'log' theta (GDM; log freezes"
@@ -239,6 +262,13 @@ class JumpReLUFamily(base.Family):
     s = config.sae
     return dict(super().init_kwargs(config), init_threshold=s.init_threshold,
                 log_threshold=s.threshold_param == "log")
+
+  def auto_values(self, pre, num_steps: int) -> dict:
+    """theta_0 (`auto_threshold`), the bandwidth (`auto_bandwidth`) and lambda's warm-up
+    (AUTO_SPARSITY_WARMUP of the steps)."""
+    theta0 = auto_threshold(pre)
+    return {"sae.init_threshold": theta0, "sae.bandwidth": auto_bandwidth(pre, theta0),
+            "loss.sparsity_warmup_steps": int(round(AUTO_SPARSITY_WARMUP * num_steps))}
 
   # -- training
 
