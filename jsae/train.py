@@ -125,10 +125,13 @@ def initial_pre_activations(config: ml_collections.ConfigDict, source, b_dec=Non
   if b_dec is not None:
     params = params.replace(b_dec=jnp.asarray(b_dec, jnp.float32))
   want = recipe.sample_rows(config.sae.d_sae, config.data.batch_size)
-  rows, step = [], 0
-  while sum(len(r) for r in rows) < want:
-    rows.append(np.asarray(source.batch(step), np.float32)[:, :config.sae.d_in])
-    step += 1
+  rows = []
+  for step in range(-(-want // config.data.batch_size)):
+    local = np.asarray(source.batch(step), np.float32)[:, :config.sae.d_in]
+    if jax.process_count() > 1:  # the global batch, in process order, as one process reads it
+      from jax.experimental import multihost_utils
+      local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, local.shape[-1])
+    rows.append(local)
   x = np.concatenate(rows)[:want] / source.norm_scale
   family = saes.get(config.sae.family)
   return np.asarray(jax.jit(family.pre_activations)(params, x))
@@ -136,14 +139,9 @@ def initial_pre_activations(config: ml_collections.ConfigDict, source, b_dec=Non
 
 def recipe_values(config: ml_collections.ConfigDict, source, num_steps: int, b_dec=None
                   ) -> dict:
-  """recipe 'auto''s {'group.field': value} for `config` (`recipe.derive`), the same on
-  every process (process 0's), announced in the log."""
+  """recipe 'auto''s {'group.field': value} for `config` (`recipe.derive`), announced in
+  the log; every process derives them from the same global rows."""
   values = recipe.derive(config, initial_pre_activations(config, source, b_dec), num_steps)
-  if jax.process_count() > 1:  # every process must train the same SAE
-    from jax.experimental import multihost_utils
-    values = multihost_utils.broadcast_one_to_all(values)
-    kinds = recipe.auto_fields(config.sae.family)
-    values = {k: type(kinds[k])(v) for k, v in values.items()}
   loop.say(recipe.describe(values, recipe.set_by_hand(config)))
   return values
 
