@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny, tiny_gated, tiny_jumprelu, tiny_relu
+from crashing_source import CrashingSource
 from jsae import config as config_lib
 from jsae import data, report, runs, saes, sweep, train
 from jsae.saes import shared
@@ -55,20 +56,6 @@ def test_the_update_and_the_coefficient_by_hand():
                     saes.base.NoState)
 
 
-class _Crash:
-  def __init__(self, inner, at):
-    self.inner, self.at = inner, at
-    self.d_in, self.batch_size, self.norm_scale = inner.d_in, inner.batch_size, inner.norm_scale
-
-  def batch(self, step):
-    if step == self.at:
-      raise KeyboardInterrupt("simulated preemption")
-    return self.inner.batch(step)
-
-  def close(self):
-    self.inner.close()
-
-
 def test_resume_mid_run_equals_an_unbroken_run_controller_included(tmp_path):
   n = 40
   c = _controlled("jumprelu", 4.0, train__num_tokens=2 * n * 512, ckpt__every_steps=n,
@@ -77,7 +64,7 @@ def test_resume_mid_run_equals_an_unbroken_run_controller_included(tmp_path):
   assert abs(float(straight.state.family_state.log_scale)) > 0.05  # the controller moved
   with pytest.raises(KeyboardInterrupt):
     train.train(c, tmp_path / "resumed", progress=False,
-                source=_Crash(data.make_source(c), n + 5))
+                source=CrashingSource(data.make_source(c), n + 5))
   resumed = train.train(c, tmp_path / "resumed", progress=False)
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

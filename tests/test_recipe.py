@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default, tiny
+from crashing_source import CrashingSource
 from jsae import config as config_lib
 from jsae import data, recipe, sweep, train
 from jsae.saes import jumprelu
@@ -80,21 +81,9 @@ def test_a_run_records_the_derived_values_and_resumes_exactly(tmp_path):
   theta = np.asarray(straight.state.params.theta())
   assert not np.allclose(theta, want["sae.init_threshold"])  # the thresholds trained
 
-  class Crash:
-    def __init__(self, inner, at):
-      self.inner, self.at = inner, at
-      self.d_in, self.batch_size, self.norm_scale = inner.d_in, inner.batch_size, inner.norm_scale
-
-    def batch(self, step):
-      if step == self.at:
-        raise KeyboardInterrupt("simulated preemption")
-      return self.inner.batch(step)
-
-    def close(self):
-      self.inner.close()
-
   with pytest.raises(KeyboardInterrupt):
-    train.train(c, tmp_path / "resumed", progress=False, source=Crash(data.make_source(c), 45))
+    train.train(c, tmp_path / "resumed", progress=False,
+                source=CrashingSource(data.make_source(c), 45))
   resumed = train.train(c, tmp_path / "resumed", progress=False)
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default, tiny
+from crashing_source import CrashingSource
 from jsae import config as config_lib
 from jsae import data, train
 
@@ -65,22 +66,6 @@ def test_threshold_moves_at_adam_step_size(tmp_path, threshold_param):
     assert travel < 0.1
 
 
-class _CrashingSource:
-  """Wraps a source and raises at one step, as a preempted job would stop."""
-
-  def __init__(self, inner, crash_at):
-    self.inner, self.crash_at = inner, crash_at
-    self.d_in, self.batch_size, self.norm_scale = inner.d_in, inner.batch_size, inner.norm_scale
-
-  def batch(self, step):
-    if step == self.crash_at:
-      raise KeyboardInterrupt("simulated preemption")
-    return self.inner.batch(step)
-
-  def close(self):
-    self.inner.close()
-
-
 @pytest.mark.parametrize("lean", [False, True])
 def test_exact_resume_is_bit_identical(tmp_path, monkeypatch, lean):
   """Also when the run mixes the lean step (between logs) with the logging step: tiny's
@@ -100,7 +85,7 @@ def test_exact_resume_is_bit_identical(tmp_path, monkeypatch, lean):
   straight = train.train(config, tmp_path / "straight", progress=False)
   assert (False in flags) is lean and True in flags  # the lean step ran only where allowed
 
-  crashing = _CrashingSource(data.make_source(config), crash_at=n + 7)
+  crashing = CrashingSource(data.make_source(config), crash_at=n + 7)
   with pytest.raises(KeyboardInterrupt):
     train.train(config, tmp_path / "resumed", progress=False, source=crashing)
   resumed = train.train(config, tmp_path / "resumed", progress=False)
@@ -143,7 +128,7 @@ def test_a_sweeps_latent_cells_count_every_member():
   assert sweep.latent_cells(groups) == 6 * 512 * 256
 
 
-class _PoisonedSource(_CrashingSource):
+class _PoisonedSource(CrashingSource):
   def batch(self, step):
     rows = np.asarray(self.inner.batch(step))
     return rows * np.nan if step >= self.crash_at else rows
