@@ -52,8 +52,15 @@ def get_field(config, dotted: str):
 
 
 def auto_fields(family_name: str) -> dict:
-  """{'group.field': Gemma Scope value} of what 'auto' derives for the family."""
-  return {**saes.get(family_name).auto_fields, **COMMON_FIELDS}
+  """{'group.field': Gemma Scope value} of what 'auto' derives for the family (its own
+  fields' defaults, and COMMON_FIELDS)."""
+  family = saes.get(family_name)
+  defaults = saes.base.field_defaults(family_name)
+  own = {}
+  for dotted in family.auto_fields:
+    group, name = dotted.split(".")
+    own[dotted] = defaults[group][name]
+  return {**own, **COMMON_FIELDS}
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -136,9 +136,9 @@ class Family:
   knob_symbol: str = ""
   # Inference families: whether `fold_decoder_norms` keeps which latents are active.
   folds_decoder_norms: bool = True
-  # recipe 'auto': {'group.field': Gemma Scope default} of the fields `auto_values`
-  # derives ({}: the family has no recipe of its own).
-  auto_fields: dict[str, Any] = {}
+  # recipe 'auto': the 'group.field' names of the family's fields `auto_values` derives
+  # (empty: the family has no recipe of its own).
+  auto_fields: tuple[str, ...] = ()
 
   # -- config
 

@@ -159,8 +159,7 @@ class JumpReLUFamily(base.Family):
   param_spec_table = {**base.LINEAR_SPECS, "threshold": P("model")}
   config_defaults = {"optim.decoder_unit_norm": True}
   knob, knob_symbol = "loss.sparsity_coeff", "λ"
-  auto_fields = {"sae.init_threshold": 0.001, "sae.bandwidth": 0.001,
-                 "loss.sparsity_warmup_steps": 10_000}
+  auto_fields = ("sae.init_threshold", "sae.bandwidth", "loss.sparsity_warmup_steps")
   fields = {
       "sae": {
           "threshold_param": Field("raw", "'raw' theta or 'log' theta (GDM; log freezes"
